@@ -1,0 +1,41 @@
+"""Model registry: every entry point builds a model by name through `build_model`.
+
+Models register themselves with the `register_model` decorator. Every registered model accepts at least
+`num_classes`, `in_channels` and `deep_supervision` keyword arguments and honours the output contract:
+`forward(x)` returns a dict with `cls` (B, num_classes) logits, `seg` (B, 1, H, W) logits at the input
+resolution and, in training mode with deep supervision on, `aux` (list of segmentation logits).
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Dict
+
+import torch.nn as nn
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator that registers a model class or factory function under `name`."""
+
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name '{name}' is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build the registered model `name` with the given constructor keyword arguments."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KeyError(f"unknown model '{name}'.{hint} Known models: {', '.join(list_models())}")
+    return _REGISTRY[name](**kwargs)

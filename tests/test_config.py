@@ -1,0 +1,64 @@
+"""Config schema: YAML loading, typed overrides and the errors a user meets."""
+from pathlib import Path
+
+import pytest
+
+from utils.config import Config, ConfigError, config_from_dict, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_yaml_merge(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment:\n  name: x\ntrain:\n  epochs: 3\nloss:\n  seg:\n    focal: 0.5\n")
+    cfg = load_config(path)
+    assert cfg.experiment.name == "x" and cfg.train.epochs == 3 and cfg.loss.seg.focal == 0.5
+    assert cfg.data.batch_size == Config().data.batch_size  # untouched keys keep their defaults
+
+
+def test_overrides_are_typed():
+    cfg = config_from_dict({}, ["train.epochs=5", "optim.lr=3e-4", "data.root=/data/brisc2025",
+                                "loss.seg.dice=1", "loss.aux_weights=[0.5,0.25]", "train.ema=true"])
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.loss.seg.dice == 1.0 and isinstance(cfg.loss.seg.dice, float)  # int accepted for a float key
+    assert cfg.loss.aux_weights == [0.5, 0.25] and cfg.train.ema is True
+    assert cfg.data.root == "/data/brisc2025"
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'.*Did you mean 'train.epochs'"):
+        config_from_dict({}, ["train.epoch=5"])
+    with pytest.raises(ConfigError, match=r"'optimizer'.*Did you mean 'optim'"):
+        config_from_dict({"optimizer": {"lr": 1}})
+
+
+def test_wrong_type_and_value_say_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"'train.epochs'.*expected int"):
+        config_from_dict({}, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match=r"'data.cache'.*allowed values: none, ram, disk"):
+        config_from_dict({}, ["data.cache=gpu"])
+    with pytest.raises(ConfigError, match=r"'loss.class_weights'"):
+        config_from_dict({}, ["loss.class_weights=[1,2]"])
+    with pytest.raises(ConfigError, match="mapping"):
+        config_from_dict({"train": 3})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    cfg = config_from_dict({}, ["train.epochs=7", "loss.class_weights=balanced"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    load_config(path)

@@ -1,0 +1,141 @@
+"""Checkpoints: atomic writes, safe loading (`weights_only=True`) and clear architecture checks.
+
+A checkpoint is a plain dict:
+    format_version, model_name, config (dict), model (state dict), ema (state dict or None),
+    optimizer, scheduler, scaler (state dicts or None), epoch (completed epochs), best_metric, best_epoch,
+    rng (python / numpy / torch / cuda states), num_params
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.config import Config, ConfigError, config_from_dict
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def capture_rng_state() -> dict:
+    """RNG states as types that `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
+    """Load a checkpoint file safely, with an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle, ...
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"'{path}' is not an EfficientMTNet framework checkpoint (no 'model'/'config' entries)")
+    return ckpt
+
+
+def config_of(ckpt: dict, path: Union[str, Path] = "<checkpoint>") -> Config:
+    try:
+        return config_from_dict(ckpt["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"the config stored in '{path}' does not fit this version: {exc}") from exc
+
+
+def load_weights(model: nn.Module, state_dict: dict, source: str, model_name: Optional[str] = None) -> None:
+    """Strictly load `state_dict`, explaining an architecture mismatch instead of dumping key lists."""
+    target = unwrap_model(model)
+    own = target.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong_shape:
+        saved = f" (saved from model '{model_name}')" if model_name else ""
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing tensors, e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(f"{len(wrong_shape)} shape mismatches, e.g. {k}: {tuple(state_dict[k].shape)} vs "
+                           f"{tuple(own[k].shape)}")
+        raise CheckpointError(
+            f"checkpoint '{source}'{saved} does not match the {type(target).__name__} architecture built here: "
+            f"{'; '.join(details)}. Build the model with the config stored in the checkpoint (test.py does this).")
+    target.load_state_dict(state_dict, strict=True)
+
+
+def load_model_from_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                               use_ema: bool = True) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model from the config stored in a checkpoint and load its weights (EMA ones when present).
+
+    Returns (model in eval mode on `device`, config, raw checkpoint dict).
+    """
+    from model import build_model  # local import: utils must stay importable without model/
+
+    ckpt = read_checkpoint(path)
+    cfg = config_of(ckpt, path)
+    model = build_model(cfg.model.name, **model_kwargs(cfg))
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    load_weights(model, weights, str(path), ckpt.get("model_name"))
+    return model.to(device).eval(), cfg, ckpt
+
+
+def model_kwargs(cfg: Config) -> dict:
+    """Constructor arguments of the configured model."""
+    kwargs = {
+        "num_classes": cfg.model.num_classes,
+        "in_channels": cfg.data.in_channels,
+        "deep_supervision": cfg.model.deep_supervision,
+    }
+    if cfg.model.pretrained:
+        kwargs["pretrained"] = cfg.model.pretrained
+    kwargs.update(cfg.model.kwargs)
+    return kwargs

@@ -1,0 +1,102 @@
+"""Run directories: `<work_dir>/<experiment name>/<timestamp>/` with config, split, checkpoints, history, logs."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+RUN_FILES = ("config.yaml", "split.json", "last.pth", "best.pth", "history.json", "history.csv", "train.log")
+
+
+def new_run_dir(work_dir: Union[str, Path], name: str) -> Path:
+    """A fresh, timestamped run directory (a suffix keeps two runs started in the same second apart)."""
+    base = Path(work_dir) / name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = base / stamp
+    suffix = 1
+    while run_dir.exists():
+        run_dir = base / f"{stamp}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    # `<work_dir>/<name>/latest` always points at the newest run, so commands can name it without a timestamp.
+    latest = base / "latest"
+    tmp_link = base / f".latest.tmp{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(run_dir.name)
+    os.replace(tmp_link, latest)
+    return run_dir
+
+
+def find_latest_run(work_dir: Union[str, Path], name: str) -> Optional[Path]:
+    """The most recent run of experiment `name` that has a `last.pth`, or None."""
+    base = Path(work_dir) / name
+    if not base.is_dir():
+        return None
+    candidates = sorted((p for p in base.iterdir() if not p.is_symlink() and (p / "last.pth").is_file()),
+                        key=lambda p: p.name)
+    return candidates[-1] if candidates else None
+
+
+def resolve_resume(resume: str, work_dir: Union[str, Path], name: str) -> Optional[Path]:
+    """`--resume auto|RUN_DIR|CHECKPOINT` -> the checkpoint to resume from (None: start a new run)."""
+    if resume == "auto":
+        latest = find_latest_run(work_dir, name)
+        return latest / "last.pth" if latest else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "last.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at '{path}' (give a run directory, a .pth file "
+                                f"or 'auto')")
+    return path
+
+
+def write_json_atomic(obj: object, path: Union[str, Path]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def write_history(history: list[dict], run_dir: Path) -> None:
+    """`history.json` (list of per-epoch dicts) and the same as `history.csv`."""
+    write_json_atomic(history, run_dir / "history.json")
+    keys: list[str] = []
+    for row in history:
+        keys.extend(k for k in row if k not in keys)
+    tmp = run_dir / f".history.csv.tmp{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, run_dir / "history.csv")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "history.json"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def setup_logger(run_dir: Optional[Path], is_main: bool = True, name: str = "efficient_mtnet") -> logging.Logger:
+    """Console + `train.log` logger on the main process; silent on other ranks."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if run_dir is not None and is_main:
+        file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(file_handler)
+    return logger

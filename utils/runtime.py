@@ -1,0 +1,76 @@
+"""Device selection, seeding, mixed precision and DataLoader worker set-up."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import ContextManager, Optional
+
+import numpy as np
+import torch
+
+from utils.config import TrainConfig
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA when present (the local rank's GPU under torchrun), else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={name!r} but no CUDA GPU is visible; use train.device=cpu or auto")
+        if name == "cuda":
+            return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; in deterministic mode also ask cuDNN/torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: derive every RNG of the worker (augmentations included) from its torch seed."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32 if info is not None else torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    dataset = info.dataset if info is not None else None
+    reseed_augmentations(dataset, seed)
+
+
+def reseed_augmentations(dataset: object, seed: int) -> None:
+    """Albumentations keeps its own generator: reseed it so augmentations follow the run's seed."""
+    while dataset is not None and hasattr(dataset, "dataset"):  # torch Subset and similar wrappers
+        dataset = dataset.dataset
+    transform = getattr(dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def amp_dtype(train_cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for this run, or None when mixed precision is off."""
+    mode = train_cfg.amp
+    if mode == "auto":
+        mode = "fp16" if device.type == "cuda" else "none"
+    if mode == "none":
+        return None
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; on a CPU use train.amp=bf16 or none")
+    return torch.float16 if mode == "fp16" else torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
