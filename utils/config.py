@@ -31,7 +31,7 @@ class ExperimentConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training augmentations; each `p_*` is the probability of one albumentations transform."""
+    """Training augmentations; each `p_*` is the probability of one albumentations transform (0: off)."""
 
     p_hflip: float = 0.5
     p_vflip: float = 0.0
@@ -41,6 +41,8 @@ class AugmentConfig:
     shift_limit: float = 0.0625  # fraction of the image size
     scale_limit: float = 0.1
     p_elastic: float = 0.0
+    elastic_alpha: float = 100.0  # displacement strength, pixels at the training size
+    elastic_sigma: float = 8.0  # smoothness of the displacement field, pixels
     p_brightness_contrast: float = 0.3
     brightness_limit: float = 0.2
     contrast_limit: float = 0.2
@@ -49,8 +51,10 @@ class AugmentConfig:
     p_noise: float = 0.1
     noise_std: list = field(default_factory=lambda: [0.01, 0.04])  # fraction of the intensity range
     p_blur: float = 0.0
+    blur_sigma: list = field(default_factory=lambda: [0.3, 1.0])  # Gaussian blur sigma range, pixels
     p_random_resized_crop: float = 0.0
-    crop_scale: list = field(default_factory=lambda: [0.8, 1.0])
+    crop_scale: list = field(default_factory=lambda: [0.8, 1.0])  # area fraction kept
+    crop_ratio: list = field(default_factory=lambda: [0.9, 1.1])  # aspect ratio range of the crop
 
 
 @dataclass
@@ -99,16 +103,20 @@ class SegLossConfig:
     focal_gamma: float = 2.0
     tversky_alpha: float = 0.3  # weight of false positives
     tversky_beta: float = 0.7  # weight of false negatives
-    smooth: float = 1.0
+    smooth: float = 1.0  # Dice / Tversky smoothing (> 0): keeps empty masks finite
+    dice_per_image: bool = True  # Dice / Tversky per image, averaged (True) or over the whole batch (False)
 
 
 @dataclass
 class LossConfig:
+    """total = cls_weight * CE + seg_weight * seg(main) + sum_i aux_weights[i] * seg(aux_i); 0 switches a task off."""
+
     cls_weight: float = 1.0
     seg_weight: float = 1.0
     label_smoothing: float = 0.0
     # None (unweighted), "balanced" (inverse training frequency) or one weight per class
     class_weights: Union[None, str, list] = None
+    # one weight per deep-supervision output, in the order of outputs["aux"]; more outputs than weights is an error
     aux_weights: list = field(default_factory=lambda: [0.4, 0.2])
     seg: SegLossConfig = field(default_factory=SegLossConfig)
 
