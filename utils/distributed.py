@@ -67,6 +67,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) so all ranks evaluate the saved model."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 class ShardSampler(Sampler[int]):
     """Evaluation sampler that gives rank r the indices r, r + W, r + 2W, ...
 

@@ -40,17 +40,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: derive every RNG of the worker (augmentations included) from its torch seed."""
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32 if info is not None else torch.initial_seed() % 2**32
+    """DataLoader `worker_init_fn`: seed Python and NumPy from the worker's torch seed (which the loader derives
+    from its generator; the augmentation pipeline follows that seed by itself)."""
+    seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    dataset = info.dataset if info is not None else None
-    reseed_augmentations(dataset, seed)
 
 
 def reseed_augmentations(dataset: object, seed: int) -> None:
-    """Albumentations keeps its own generator: reseed it so augmentations follow the run's seed."""
+    """Restart the dataset's augmentation stream (used when the loader runs in the main process)."""
     while dataset is not None and hasattr(dataset, "dataset"):  # torch Subset and similar wrappers
         dataset = dataset.dataset
     transform = getattr(dataset, "transform", None)

@@ -1,0 +1,303 @@
+"""Compare EfficientMTNet with the comparison models: parameters, MACs / FLOPs, latency, throughput, memory.
+
+    python benchmark.py                                   # every registered model, CPU or the GPU, 256x256
+    python benchmark.py --models efficient_mtnet unet segformer --device cpu --threads 2 --batch-sizes 1
+    python benchmark.py --device cuda --batch-sizes 1 32 --precision fp16 --channels-last --compile
+    python benchmark.py --metrics "runs/*/*/test_test/metrics.json" --out results/
+
+Every model is built by name from the registry (random weights, 4 classes, 3 input channels) and measured in
+eval mode, so deep-supervision heads are neither run nor timed. Per model:
+
+- params: exact count; MACs by thop (with rules for attention / NMF matrix products) and FLOPs = 2 x MACs;
+  FLOPs by torch.utils.flop_counter.FlopCounterMode as a cross-check; all per image at batch 1, fp32;
+- latency: median wall time of one forward pass of a batch after warm-up, with device synchronisation;
+  throughput = batch / median latency; peak CUDA memory (max_memory_allocated; n/a on a CPU);
+- efficiency ratio = (1 / params) normalised so the smallest model is 1.000; speed ratio = throughput
+  normalised so the fastest model at the same batch size and precision is 1.000;
+- with --metrics: accuracy, two-class mIoU, tumour Dice and macro F1 from test.py's metrics.json files.
+
+Writes a Markdown table to stdout and benchmark.csv, benchmark.json, radar.png to --out; the environment
+(device name, torch version, threads, precision, batch size) is stored with the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# metrics.json key -> column label; values are fractions and are shown as percentages
+METRIC_COLUMNS = {"accuracy": "Acc %", "miou_2class": "mIoU % (2-class)", "dice": "Dice %", "f1_macro": "F1 %"}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=None, help="registry names (default: every registered model)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--image-size", type=int, default=256, help="square input side in pixels")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes to time")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=sorted(PRECISIONS),
+                        help="fp32, or autocast to fp16 / bf16")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and input")
+    parser.add_argument("--compile", action="store_true", help="time the torch.compile'd model (compile in warm-up)")
+    parser.add_argument("--metrics", nargs="+", default=None, metavar="GLOB",
+                        help="test.py metrics.json files or glob patterns to join (accuracy, mIoU, Dice, F1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes before timing")
+    parser.add_argument("--repeats", type=int, default=20, help="timed forward passes (the median is reported)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    parser.add_argument("--num-classes", type=int, default=4)
+    args = parser.parse_args(argv)
+    if args.image_size < 32:
+        parser.error(f"--image-size must be >= 32, got {args.image_size}")
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--batch-sizes and --repeats must be >= 1 and --warmup >= 0")
+    if args.compile:
+        args.warmup = max(args.warmup, 2)  # compilation happens in the first passes, never in a timed one
+    return args
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One row per (precision, batch size) for the model `name`."""
+    from model import build_model
+    from utils.flops import (count_parameters, flop_counter_flops, latency_summary, peak_memory_mb,
+                             reset_peak_memory, thop_macs, time_forward)
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=args.num_classes, in_channels=3, deep_supervision=True).eval()
+    with torch.no_grad():
+        if "aux" in model(torch.randn(1, 3, 64, 64)):
+            raise RuntimeError(f"model '{name}' returns deep-supervision outputs in eval mode; they would be timed")
+    size = args.image_size
+    probe = torch.randn(1, 3, size, size)
+    base = {
+        "model": name,
+        "params": count_parameters(model),
+        "gmacs_thop": thop_macs(model, probe) / 1e9,
+        "gflops_flopcounter": flop_counter_flops(model, probe) / 1e9,
+    }
+    base["gflops_thop"] = 2 * base["gmacs_thop"]
+
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    runner = torch.compile(model) if args.compile else model
+    rows = []
+    for precision in args.precision:
+        for batch in args.batch_sizes:
+            x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+            row = dict(base, image_size=size, batch_size=batch, precision=precision,
+                       channels_last=args.channels_last, compiled=args.compile)
+            reset_peak_memory(device)
+            try:
+                times = time_forward(runner, x, args.warmup, args.repeats, PRECISIONS[precision])
+            except torch.OutOfMemoryError:
+                row.update(latency_ms=None, throughput_img_s=None, peak_memory_mb=None, note="out of memory")
+                torch.cuda.empty_cache()
+            else:
+                row.update(latency_summary(times, batch), peak_memory_mb=peak_memory_mb(device))
+            rows.append(row)
+            print(f"  {name:22s} batch {batch:3d} {precision}: "
+                  f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s",
+                  file=sys.stderr)
+    del runner, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Efficiency ratio (fewest params = 1) and speed ratio (fastest in the same batch size and precision = 1)."""
+    fewest = min(r["params"] for r in rows)
+    least_compute = min(r["gmacs_thop"] for r in rows)
+    for r in rows:
+        r["efficiency_ratio"] = fewest / r["params"]
+        r["compute_ratio"] = least_compute / r["gmacs_thop"] if r["gmacs_thop"] > 0 else None
+        group = [g["throughput_img_s"] for g in rows if (g["batch_size"], g["precision"]) ==
+                 (r["batch_size"], r["precision"]) and g.get("throughput_img_s")]
+        r["speed_ratio"] = r["throughput_img_s"] / max(group) if r.get("throughput_img_s") else None
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def load_metrics(patterns: list[str]) -> dict[str, dict[str, float]]:
+    """{registry name: {metric: value}} from test.py metrics.json files (later files win for the same model)."""
+    paths: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern, recursive=True)) or ([pattern] if Path(pattern).is_file() else [])
+        if not matched:
+            print(f"warning: --metrics {pattern!r} matches no file", file=sys.stderr)
+        paths += matched
+    if not paths:
+        raise SystemExit("error: no metrics.json file found for --metrics; check the paths or quote the glob")
+    found: dict[str, dict[str, float]] = {}
+    for path in sorted(set(paths), key=lambda p: Path(p).stat().st_mtime):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"warning: skipping {path}: not readable JSON ({exc})", file=sys.stderr)
+            continue
+        name = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(name, str):
+            print(f"warning: skipping {path}: no 'model' key naming the registry model", file=sys.stderr)
+            continue
+        if name in found:
+            print(f"warning: several metrics files for '{name}'; using the newest, {path}", file=sys.stderr)
+        found[name] = {k: float(data[k]) for k in METRIC_COLUMNS
+                       if isinstance(data.get(k), (int, float)) and math.isfinite(data[k])}
+        found[name]["metrics_file"] = path  # type: ignore[assignment]
+    return found
+
+
+def join_metrics(rows: list[dict], metrics: dict[str, dict[str, float]]) -> None:
+    names = {r["model"] for r in rows}
+    for name in sorted(set(metrics) - names):
+        print(f"warning: metrics for '{name}' ignored: the model is not in this benchmark", file=sys.stderr)
+    for r in rows:
+        r.update(metrics.get(r["model"], {}))
+
+
+# --------------------------------------------------------------------------------------------- reporting
+def _fmt(value: object, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+
+def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
+    header = ["Model", "Params (M)", "GMACs (thop)", "GFLOPs (2xMACs)", "GFLOPs (FlopCounterMode)", "Batch",
+              "Precision", "Latency ms (median)", "Throughput img/s", "Peak mem MiB", "Efficiency ratio",
+              "Speed ratio"]
+    if with_metrics:
+        header += list(METRIC_COLUMNS.values())
+    setting = [f"Benchmark on {env['device']}: {env['device_name']}", f"torch {env['torch']}",
+               f"{env['torch_threads']} CPU threads", f"input {env['image_size']}x{env['image_size']}",
+               f"precision {', '.join(env['precision'])}"]
+    setting += ["channels_last"] * bool(env["channels_last"]) + ["torch.compile"] * bool(env["compiled"])
+    if env.get("load_average_1min") is not None:
+        setting.append(f"load average {env['load_average_1min']} at start")
+    lines = [
+        " | ".join(setting),
+        "MACs / FLOPs per image (batch 1, fp32); latency per batch, median of "
+        f"{env['repeats']} runs after {env['warmup']} warm-up runs.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    for r in rows:
+        cells = [r["model"], _fmt(r["params"] / 1e6, 3), _fmt(r["gmacs_thop"], 3), _fmt(r["gflops_thop"], 3),
+                 _fmt(r["gflops_flopcounter"], 3), str(r["batch_size"]), r["precision"],
+                 _fmt(r.get("latency_ms"), 2), _fmt(r.get("throughput_img_s"), 1), _fmt(r.get("peak_memory_mb"), 1),
+                 _fmt(r["efficiency_ratio"], 3), _fmt(r.get("speed_ratio"), 3)]
+        if with_metrics:
+            cells += [_fmt(100 * r[k], 2) if k in r else "n/a" for k in METRIC_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], env: dict, path: Path) -> None:
+    env_cols = {f"env_{k}": v for k, v in env.items() if not isinstance(v, (list, dict))}
+    records = [dict(r, **env_cols) for r in rows]
+    fields: list[str] = []
+    for record in records:
+        fields += [k for k in record if k not in fields]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def draw_radar(rows: list[dict], path: Path, with_metrics: bool) -> None:
+    """One polygon per model on 0..1 axes: the test metrics (with --metrics) and the efficiency figures.
+
+    Speed uses the first batch size and precision of the run.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    first = (rows[0]["batch_size"], rows[0]["precision"])
+    shown = [r for r in rows if (r["batch_size"], r["precision"]) == first]
+    axes = [(k, label.replace(" %", "")) for k, label in METRIC_COLUMNS.items()] if with_metrics else []
+    axes += [("efficiency_ratio", "Efficiency\n(1/params)"), ("compute_ratio", "Compute\n(1/GMACs)"),
+             ("speed_ratio", f"Speed\n(img/s, batch {first[0]})")]
+    angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(7.5, 7.5), subplot_kw={"polar": True})
+    for r in shown:
+        values = [r.get(k) or 0.0 for k, _ in axes]
+        ax.plot(angles + angles[:1], values + values[:1], linewidth=1.8, label=r["model"])
+        ax.fill(angles + angles[:1], values + values[:1], alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels([label for _, label in axes])
+    ax.set_ylim(0, 1.0)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+    title = "Test metrics and efficiency" if with_metrics else "Efficiency"
+    ax.set_title(f"{title}: 1.0 = best in the table ({shown[0]['precision']}, {shown[0]['image_size']} px)", pad=24)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.32, 1.1), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from model import list_models
+    from utils.flops import environment
+    from utils.runs import write_json_atomic
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    names = args.models or list_models()
+    unknown = [n for n in names if n not in list_models()]
+    if unknown:
+        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and "fp16" in args.precision:
+        print("warning: fp16 autocast on a CPU is slow and not representative; bf16 is the CPU's mixed precision",
+              file=sys.stderr)
+    metrics = load_metrics(args.metrics) if args.metrics else {}
+
+    env = environment(device)
+    env.update(image_size=args.image_size, batch_sizes=args.batch_sizes, precision=args.precision,
+               channels_last=args.channels_last, compiled=args.compile, warmup=args.warmup, repeats=args.repeats)
+    busy = env.get("load_average_1min")
+    if device.type == "cpu" and busy is not None and busy + torch.get_num_threads() > (env["cpu_count"] or 1) + 0.5:
+        print(f"warning: load average {busy} with {torch.get_num_threads()} threads on {env['cpu_count']} cores: "
+              "CPU timings will be slowed by other processes (try --threads 1 or a quiet machine)", file=sys.stderr)
+    rows: list[dict] = []
+    for name in names:
+        rows += measure_model(name, args, device)
+    add_ratios(rows)
+    join_metrics(rows, metrics)
+    with_metrics = bool(metrics)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(markdown_table(rows, env, with_metrics))
+    write_csv(rows, env, args.out / "benchmark.csv")
+    write_json_atomic({"environment": env, "rows": rows}, args.out / "benchmark.json")
+    draw_radar(rows, args.out / "radar.png", with_metrics)
+    print(f"\nwrote {args.out / 'benchmark.csv'}, {args.out / 'benchmark.json'}, {args.out / 'radar.png'}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""BRISC 2025 data: indexing, decoding, transforms, caching, splits and a synthetic BRISC-layout generator."""
+from .brisc import BriscDataset
+from .errors import DataError
+from .factory import build_eval_dataset, build_train_val, ensure_data_root
+from .naming import CLASS_NAMES, parse_name
+from .splits import load_split, make_split, save_split
+
+__all__ = [
+    "CLASS_NAMES",
+    "BriscDataset",
+    "DataError",
+    "build_eval_dataset",
+    "build_train_val",
+    "ensure_data_root",
+    "load_split",
+    "make_split",
+    "parse_name",
+    "save_split",
+]

@@ -1,0 +1,260 @@
+"""Integrity report of a BRISC-layout dataset; exit status 1 when errors were found.
+
+    python -m datasets.check ROOT [--examples 5] [--workers 4]
+
+Errors: missing folders, bad file names and unknown codes, class folder/code disagreements, unreadable
+images or masks, masks of another size than their image, empty masks of tumour images.
+Warnings: tumour images without a mask, masks without an image or of no-tumour images, segmentation images
+that differ from their classification image, names of another split, and duplicated content (the same
+decoded pixels) within a split or across train and test.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .decode import MASK_THRESHOLD, read_grey
+from .errors import DataError
+from .index import IMAGE_SUFFIXES, classification_dir, list_files, masks_dir
+from .naming import CLASS_NAMES, NO_TUMOR, BriscNameError, parse_name
+
+
+@dataclass
+class Report:
+    """Findings grouped by kind: a count and the first few examples of each."""
+
+    examples: int = 5
+    errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    warnings: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    info: list[str] = field(default_factory=list)
+
+    def error(self, kind: str, detail: str) -> None:
+        self.errors[kind].append(detail)
+
+    def warn(self, kind: str, detail: str) -> None:
+        self.warnings[kind].append(detail)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def render(self) -> str:
+        lines = list(self.info)
+        for title, group in (("errors", self.errors), ("warnings", self.warnings)):
+            total = sum(len(v) for v in group.values())
+            lines.append(f"{title}: {total}")
+            for kind, details in group.items():
+                lines.append(f"  {kind}: {len(details)}")
+                lines.extend(f"    {d}" for d in details[: self.examples])
+                if len(details) > self.examples:
+                    lines.append(f"    ... and {len(details) - self.examples} more")
+        lines.append("result: OK" if self.ok else f"result: {sum(len(v) for v in self.errors.values())} error(s)")
+        return "\n".join(lines)
+
+
+@dataclass
+class ImageFacts:
+    path: Path
+    shape: Optional[tuple[int, int]] = None  # (height, width); None when unreadable
+    channels: int = 0
+    digest: str = ""  # hash of the decoded pixels
+    problem: str = ""
+
+
+def _inspect_image(path: Path) -> ImageFacts:
+    facts = ImageFacts(path)
+    try:
+        grey = read_grey(path)
+    except DataError as exc:
+        facts.problem = str(exc)
+        return facts
+    facts.shape = grey.shape
+    facts.digest = hashlib.blake2b(grey.tobytes(), digest_size=16).hexdigest()
+    facts.channels = _jpeg_channels(path)
+    return facts
+
+
+def _jpeg_channels(path: Path) -> int:
+    """Components of a JPEG from its start-of-frame header (0 when not found), without decoding."""
+    with open(path, "rb") as handle:
+        data = handle.read(65536)
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return 0
+        marker = data[i + 1]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return data[i + 9]
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return 0
+
+
+def _inspect_mask(path: Path) -> tuple[Optional[tuple[int, int]], int, str]:
+    """(shape, foreground pixels after the threshold, problem)."""
+    try:
+        mask = read_grey(path, what="mask")
+    except DataError as exc:
+        return None, 0, str(exc)
+    return mask.shape, int(np.count_nonzero(mask >= MASK_THRESHOLD)), ""
+
+
+def check_split(root: Path, split: str, report: Report, pool: ThreadPoolExecutor) -> dict[str, list[str]]:
+    """Check one split; returns {pixel digest: [image paths]} for the duplicate search."""
+    cls_dir = classification_dir(root, split)
+    labels: dict[str, int] = {}
+    paths: list[Path] = []
+    for label, class_name in enumerate(CLASS_NAMES):
+        folder = cls_dir / class_name
+        if not folder.is_dir():
+            report.error("missing class folder", str(folder))
+            continue
+        files = list_files(folder, IMAGE_SUFFIXES)
+        if not files:
+            report.error("empty class folder", str(folder))
+        for path in files:
+            try:
+                name = parse_name(path)
+            except BriscNameError as exc:
+                report.error("bad file name or unknown code", str(exc))
+                continue
+            if name.label != label:
+                report.error("folder/code disagreement", f"{path} (code '{name.code}' is {name.class_name})")
+            if name.split != split:
+                report.warn("name of another split", str(path))
+            labels[name.stem] = label
+            paths.append(path)
+
+    facts = {f.path.stem: f for f in pool.map(_inspect_image, paths)}
+    for f in facts.values():
+        if f.problem:
+            report.error("unreadable image", f.problem)
+
+    mask_folder = masks_dir(root, split)
+    mask_paths = list_files(mask_folder, (".png",)) if mask_folder.is_dir() else []
+    if not mask_folder.is_dir():
+        report.warn("missing masks folder", str(mask_folder))
+    masked: set[str] = set()
+    for path, (shape, foreground, problem) in zip(mask_paths, pool.map(_inspect_mask, mask_paths)):
+        stem = path.stem
+        masked.add(stem)
+        if problem:
+            report.error("unreadable mask", problem)
+            continue
+        if stem not in labels:
+            report.warn("mask without a classification image", str(path))
+            continue
+        image = facts[stem]
+        if image.shape is not None and shape != image.shape:
+            report.error("mask/image size mismatch",
+                         f"{path} is {shape[1]}x{shape[0]}, image {image.shape[1]}x{image.shape[0]}")
+        if labels[stem] == NO_TUMOR:
+            report.warn("mask of a no-tumour image (ignored by the loader)", str(path))
+        elif foreground == 0:
+            report.error("empty tumour mask", f"{path} (nothing >= {MASK_THRESHOLD})")
+    for stem, label in sorted(labels.items()):
+        if label != NO_TUMOR and stem not in masked:
+            report.warn("tumour image without a mask", str(facts[stem].path))
+
+    _summarise_split(split, labels, facts, len(mask_paths), report)
+    _check_segmentation_images(root, split, facts, report)
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    for f in facts.values():
+        if f.digest:
+            by_digest[f.digest].append(str(f.path))
+    for group in by_digest.values():
+        if len(group) > 1:
+            report.warn(f"duplicate content within {split}", " == ".join(Path(p).name for p in group))
+    return by_digest
+
+
+def _check_segmentation_images(root: Path, split: str, facts: dict[str, ImageFacts], report: Report) -> None:
+    """The segmentation images should be the classification images (copies, links, or link placeholders:
+    small text files holding the relative link target, as a checkout without symlink support leaves them)."""
+    folder = root / "segmentation_task" / split / "images"
+    if not folder.is_dir():
+        return
+    placeholders = 0
+    for path in list_files(folder, IMAGE_SUFFIXES):
+        twin = facts.get(path.stem)
+        if twin is None:
+            report.warn("segmentation image without a classification image", str(path))
+            continue
+        data = path.read_bytes()
+        if len(data) < 1024 and _resolves_to(path, data, twin.path):
+            placeholders += 1
+        elif data != twin.path.read_bytes():
+            report.warn("segmentation image differs from its classification image", str(path))
+    if placeholders:
+        report.info.append(f"  segmentation_task/{split}/images: {placeholders} link placeholder file(s) "
+                           "pointing to their classification image (the loader never reads these)")
+
+
+def _resolves_to(path: Path, data: bytes, target: Path) -> bool:
+    try:
+        return (path.parent / data.decode("utf-8").strip()).resolve() == target.resolve()
+    except (UnicodeDecodeError, OSError, ValueError):
+        return False
+
+
+def _summarise_split(split: str, labels: dict[str, int], facts: dict[str, ImageFacts], n_masks: int,
+                     report: Report) -> None:
+    counts = Counter(labels.values())
+    classes = ", ".join(f"{name} {counts.get(i, 0)}" for i, name in enumerate(CLASS_NAMES))
+    sizes = Counter(f.shape for f in facts.values() if f.shape is not None)
+    common = ", ".join(f"{w}x{h} {n}" for (h, w), n in sizes.most_common(3))
+    channels = Counter(f.channels for f in facts.values() if f.shape is not None)
+    layout = ", ".join(f"{c}-channel {n}" if c else f"unknown {n}" for c, n in sorted(channels.items()))
+    report.info.append(f"split {split}: {len(labels)} images ({classes}); {n_masks} masks")
+    report.info.append(f"  sizes: {len(sizes)} distinct, most common {common}; {layout}")
+
+
+def check_dataset(root: Union[str, Path], examples: int = 5, workers: int = 4) -> Report:
+    """Run every check on `root` (all splits found under classification_task)."""
+    root = Path(root)
+    report = Report(examples=examples)
+    report.info.append(f"BRISC integrity report for {root}")
+    cls_root = root / "classification_task"
+    if not cls_root.is_dir():
+        report.error("missing folder", f"{cls_root} (is '{root}' a BRISC 2025 root?)")
+        return report
+    splits = sorted(p.name for p in cls_root.iterdir() if p.is_dir())
+    for expected in ("train", "test"):
+        if expected not in splits:
+            report.error("missing split folder", str(cls_root / expected))
+    digests: dict[str, dict[str, list[str]]] = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for split in splits:
+            digests[split] = check_split(root, split, report, pool)
+    if "train" in digests and "test" in digests:
+        shared = sorted(set(digests["train"]) & set(digests["test"]))
+        for digest in shared:
+            pair = digests["train"][digest][:1] + digests["test"][digest][:1]
+            report.warn("same content in train and test", " == ".join(Path(p).name for p in pair))
+        report.info.append(f"train/test duplicates (identical decoded pixels): {len(shared)}")
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Integrity report of a BRISC 2025-layout dataset.")
+    parser.add_argument("root", help="folder holding classification_task/ and segmentation_task/")
+    parser.add_argument("--examples", type=int, default=5, help="examples listed per kind of finding")
+    parser.add_argument("--workers", type=int, default=4, help="decoding threads")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    report = check_dataset(args.root, examples=args.examples, workers=args.workers)
+    print(report.render())
+    print(f"checked in {time.perf_counter() - start:.1f} s")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

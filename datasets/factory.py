@@ -1,0 +1,97 @@
+"""Datasets from a `DataConfig`: the data root (generated when synthetic), the train/val split, the test split."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from utils.config import DataConfig
+
+from .brisc import BriscDataset
+from .errors import GET_DATA_HINT, DataError
+from .index import index_split
+from .splits import load_split, make_split, save_split
+
+EVAL_SPLITS = ("train", "val", "test")
+
+
+def ensure_data_root(data_cfg: DataConfig) -> Path:
+    """The dataset root; generated once (atomically) when it is missing and `data.synthetic` is true."""
+    root = Path(data_cfg.root)
+    if root.is_dir():
+        return root
+    if root.exists():
+        raise DataError(f"data.root '{root}' exists but is not a folder")
+    if not data_cfg.synthetic:
+        raise DataError(f"data.root '{root}' does not exist (set data.synthetic=true to generate demo data there).\n"
+                        f"{GET_DATA_HINT}")
+    from .synthetic import generate  # imported here so `python -m datasets.synthetic` runs without a warning
+
+    try:
+        generate(root, data_cfg.synthetic_train, data_cfg.synthetic_test, data_cfg.synthetic_seed)
+    except FileExistsError:
+        pass  # another process generated it meanwhile: the rename is atomic, so it is complete
+    return root
+
+
+def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: bool = False,
+             stems: Optional[list[str]] = None, verbose: bool = True) -> BriscDataset:
+    return BriscDataset(
+        root,
+        split,
+        image_size=data_cfg.image_size,
+        train=train,
+        in_channels=data_cfg.in_channels,
+        stems=stems,
+        augment=data_cfg.augment,
+        mean=data_cfg.mean,
+        std=data_cfg.std,
+        cache=data_cfg.cache,
+        cache_dir=data_cfg.cache_dir,
+        verbose=verbose,
+        name=name,
+    )
+
+
+def _resolve_split(data_cfg: DataConfig, root: Path, split_path: Path) -> dict:
+    """The run's split: `split_path` if it exists (resume, test.py), else `data.split_file` copied there,
+    else a new stratified split of the train folder saved there."""
+    if split_path.is_file():
+        return load_split(split_path)
+    if data_cfg.split_file:
+        split = load_split(data_cfg.split_file)
+        split_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_cfg.split_file, split_path)
+        return split
+    samples = index_split(root, "train")
+    split = make_split([s.stem for s in samples], [s.label for s in samples], data_cfg.val_fraction, data_cfg.split_seed)
+    save_split(split, split_path)
+    return split
+
+
+def build_train_val(data_cfg: DataConfig, split_path: Path, verbose: bool = True) -> tuple[BriscDataset, BriscDataset]:
+    """(train with augmentations, val) from the on-disk train folder and the run's split file."""
+    root = ensure_data_root(data_cfg)
+    split = _resolve_split(data_cfg, root, Path(split_path))
+    if not split["val"]:
+        raise DataError(f"split '{split_path}' has no validation images; use data.val_fraction > 0")
+    train = _dataset(data_cfg, root, "train", "train", train=True, stems=split["train"], verbose=verbose)
+    val = _dataset(data_cfg, root, "train", "val", stems=split["val"], verbose=verbose)
+    return train, val
+
+
+def build_eval_dataset(data_cfg: DataConfig, split: str, split_path: Optional[Path] = None,
+                       verbose: bool = True) -> BriscDataset:
+    """An evaluation dataset (no augmentation): "test" is the on-disk test folder; "val" is the validation
+    part of the split file; "train" is its train part (the whole train folder without a split file)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
+    root = ensure_data_root(data_cfg)
+    if split == "test":
+        return _dataset(data_cfg, root, "test", "test", verbose=verbose)
+    if split_path is None or not Path(split_path).is_file():
+        if split == "val":
+            raise DataError(f"split 'val' needs the run's split file (got {split_path}); it is written by train.py")
+        return _dataset(data_cfg, root, "train", "train", verbose=verbose)
+    stems = load_split(split_path)[split]
+    return _dataset(data_cfg, root, "train", split, stems=stems, verbose=verbose)

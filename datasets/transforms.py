@@ -1,0 +1,164 @@
+"""Joint image/mask transforms (albumentations) and the conversion to normalised tensors.
+
+Images arrive as one uint8 greyscale channel at the training size (see `decode.py`), so augmentations run
+on a single small channel; the channel is replicated to `in_channels` only at the end, fused with the
+normalisation. Masks follow every geometric transform with nearest-neighbour sampling and stay 0/255.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from utils.config import AugmentConfig, DataConfig
+
+from .decode import MASK_THRESHOLD, read_grey, resize_image
+
+
+def _sym(limit: float) -> tuple[float, float]:
+    return (-float(limit), float(limit))
+
+
+def train_pipeline(image_size: int, aug: AugmentConfig) -> A.Compose:
+    """Training augmentations; each transform fires with its own probability (0 leaves it out)."""
+    steps = [
+        (aug.p_hflip, lambda p: A.HorizontalFlip(p=p)),
+        (aug.p_vflip, lambda p: A.VerticalFlip(p=p)),
+        (
+            aug.p_random_resized_crop,
+            lambda p: A.RandomResizedCrop(
+                size=(image_size, image_size), scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio), p=p
+            ),
+        ),
+        (aug.p_rotate, lambda p: A.Affine(rotate=_sym(aug.rotate_limit), border_mode=cv2.BORDER_CONSTANT, p=p)),
+        (
+            aug.p_shift_scale,
+            lambda p: A.Affine(
+                translate_percent=_sym(aug.shift_limit),
+                scale=(1.0 - aug.scale_limit, 1.0 + aug.scale_limit),
+                border_mode=cv2.BORDER_CONSTANT,
+                p=p,
+            ),
+        ),
+        (
+            aug.p_elastic,
+            lambda p: A.ElasticTransform(
+                alpha=aug.elastic_alpha, sigma=aug.elastic_sigma, approximate=True, border_mode=cv2.BORDER_CONSTANT, p=p
+            ),
+        ),
+        (
+            aug.p_brightness_contrast,
+            lambda p: A.RandomBrightnessContrast(
+                brightness_limit=_sym(aug.brightness_limit), contrast_limit=_sym(aug.contrast_limit), p=p
+            ),
+        ),
+        (aug.p_gamma, lambda p: A.RandomGamma(gamma_limit=tuple(aug.gamma_limit), p=p)),
+        (aug.p_blur, lambda p: A.GaussianBlur(sigma_limit=tuple(aug.blur_sigma), p=p)),
+        (aug.p_noise, lambda p: A.GaussNoise(std_range=tuple(aug.noise_std), p=p)),
+    ]
+    transforms = [make(p) for p, make in steps if p > 0]
+    # The cached image is already at the training size; the resize only matters for other inputs.
+    return A.Compose([A.Resize(image_size, image_size), *transforms])
+
+
+def eval_pipeline(image_size: int) -> A.Compose:
+    return A.Compose([A.Resize(image_size, image_size)])
+
+
+def channel_stats(mean: Sequence[float], std: Sequence[float], in_channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std for `in_channels`; one channel uses the average of the given values."""
+    if len(mean) != len(std) or len(mean) == 0:
+        raise ValueError(f"mean {list(mean)} and std {list(std)} must be non-empty and of the same length")
+    if len(mean) == in_channels:
+        return [float(m) for m in mean], [float(s) for s in std]
+    if in_channels == 1:
+        return [float(np.mean(mean))], [float(np.mean(std))]
+    if len(mean) == 1:
+        return [float(mean[0])] * in_channels, [float(std[0])] * in_channels
+    raise ValueError(f"{len(mean)} mean/std values do not fit in_channels={in_channels} (give 1 or {in_channels})")
+
+
+class SampleTransform:
+    """(grey uint8 HxW image, 0/255 uint8 HxW mask) -> (float CxHxW normalised image, float 1xHxW {0,1} mask)."""
+
+    def __init__(
+        self,
+        pipeline: A.Compose,
+        in_channels: int = 3,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        self.pipeline = pipeline
+        mean, std = channel_stats(mean, std, in_channels)
+        # normalised = pixel * scale + offset, with pixel in 0..255
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
+        self.offset = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
+        self._seed: Optional[int] = None
+
+    def _follow_torch_seed(self) -> None:
+        """Seed the augmentations from torch's seed of this process, whenever that changes.
+
+        Forked DataLoader workers inherit the pipeline's random state, so without this every worker, in
+        every epoch, would draw the same augmentations. Torch gives each worker a distinct seed per epoch
+        (and the main process the one from `torch.manual_seed`), which makes augmentations reproducible too.
+        """
+        seed = self._torch_seed()
+        if seed != self._seed:
+            self._seed = seed
+            self._seed_pipeline(seed)
+
+    @staticmethod
+    def _torch_seed() -> int:
+        info = get_worker_info()
+        return info.seed if info is not None else torch.initial_seed()
+
+    def _seed_pipeline(self, seed: int) -> None:
+        seed %= 2**32
+        # One shared stream for all transforms (seeding each with the same value would correlate them).
+        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def set_random_seed(self, seed: int) -> None:
+        """Restart the augmentation stream from `seed` (the trainer does this every epoch when it loads data
+        in the main process, so a resumed run draws the same augmentations as an uninterrupted one)."""
+        self._seed_pipeline(seed)
+        self._seed = self._torch_seed()
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        self._follow_torch_seed()
+        out = self.pipeline(image=image, mask=mask)
+        grey = torch.from_numpy(np.ascontiguousarray(out["image"])).unsqueeze(0).float()
+        image_t = torch.addcmul(self.offset, grey, self.scale)  # broadcasts the grey channel to C channels
+        mask_t = torch.from_numpy(np.ascontiguousarray(out["mask"]) >= MASK_THRESHOLD).unsqueeze(0).float()
+        return image_t, mask_t
+
+
+def build_transform(
+    image_size: int,
+    train: bool,
+    augment: Optional[AugmentConfig] = None,
+    in_channels: int = 3,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> SampleTransform:
+    """The training (augmenting) or evaluation (resize + normalise) transform."""
+    pipeline = train_pipeline(image_size, augment or AugmentConfig()) if train else eval_pipeline(image_size)
+    return SampleTransform(pipeline, in_channels=in_channels, mean=mean, std=std)
+
+
+def load_image_for_inference(path: Union[str, Path], data_cfg: DataConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Any image file as the model's normalised (C, S, S) input, decoded and resized as in training;
+    also returns its original (width, height) to map a predicted mask back onto it."""
+    grey = read_grey(Path(path))
+    transform = build_transform(data_cfg.image_size, train=False, in_channels=data_cfg.in_channels,
+                                mean=data_cfg.mean, std=data_cfg.std)
+    empty = np.zeros((data_cfg.image_size, data_cfg.image_size), np.uint8)
+    image, _ = transform(resize_image(grey, data_cfg.image_size), empty)
+    return image, (grey.shape[1], grey.shape[0])

@@ -1,0 +1,18 @@
+"""Shared fixtures: a tiny generated BRISC-layout dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, run_entry
+
+
+@pytest.fixture(scope="session")
+def tiny_brisc(tmp_path_factory) -> Path:
+    """A generated BRISC-layout dataset: 48 train and 16 test classification images."""
+    root = tmp_path_factory.mktemp("data") / "brisc"
+    proc = run_entry(["-m", "datasets.synthetic", "--out", str(root), "--train", "48", "--test", "16", "--seed", "3"],
+                     cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return root

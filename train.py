@@ -1,0 +1,57 @@
+"""Train a model from a YAML experiment file.
+
+    python train.py --config configs/demo.yaml
+    python train.py --config configs/efficient_mtnet_brisc.yaml --opts train.epochs=50 data.root=/data/brisc2025
+    python train.py --config configs/demo.yaml --resume auto
+    torchrun --nproc_per_node=4 train.py --config configs/efficient_mtnet_brisc.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from datasets.errors import DataError
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError, load_config
+from utils.runs import resolve_resume
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML experiment file (see configs/)")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.epochs=5 data.root=/data/brisc2025")
+    parser.add_argument("--resume", default=None, metavar="auto|RUN_DIR|CHECKPOINT",
+                        help="continue a run: 'auto' picks the latest run of this experiment")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.opts)
+        resume = None
+        if args.resume:
+            resume = resolve_resume(args.resume, cfg.experiment.work_dir, cfg.experiment.name)
+            if resume is None:
+                print(f"--resume auto: no earlier run of '{cfg.experiment.name}' in {cfg.experiment.work_dir}; "
+                      "starting a new one")
+        from utils.engine import NonFiniteLossError  # heavy imports after the config is known to be valid
+        from utils.trainer import train
+
+        try:
+            run_dir = train(cfg, resume, show_progress=not args.no_progress)
+        except NonFiniteLossError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run directory: {run_dir}")
+    print(f"evaluate with: python test.py --checkpoint {run_dir / 'best.pth'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

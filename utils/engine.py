@@ -1,0 +1,194 @@
+"""The training step loop and the evaluation loop shared by train.py and test.py."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils.metrics import MultiTaskMetrics
+from utils.runtime import autocast
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def move_batch(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """Tensors of a batch to `device` (non-blocking from pinned memory); ids stay a list."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+            if key == "image" and channels_last:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+@dataclass
+class EpochResult:
+    terms: dict  # mean of every loss term over the epoch
+    accuracy: float  # training classification accuracy (on augmented images)
+    images: int
+    seconds: float
+    data_seconds: float  # time spent waiting for the loader
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
+class TrainContext:
+    """Everything the step loop needs besides the model and the data."""
+
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: object  # utils.optim.LRSchedule
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    grad_clip: float = 0.0
+    grad_accum_steps: int = 1
+    channels_last: bool = False
+    ema: Optional[nn.Module] = None
+    log_every: int = 20
+    show_progress: bool = True
+    on_log: Optional[Callable[[int, dict], None]] = None  # (global step, {name: value}) for TensorBoard
+    global_step: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, ctx: TrainContext, epoch: int,
+                    time_left: Optional[Callable[[], float]] = None) -> EpochResult:
+    """One pass over `loader`. Loss terms are summed on the device and read back only at log steps."""
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+    images = 0
+    data_time = 0.0
+    start = tick = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not ctx.show_progress,
+               mininterval=1.0)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    steps_in_epoch = len(loader)
+    for step, batch in enumerate(bar, start=1):
+        data_time += time.perf_counter() - tick
+        batch = move_batch(batch, ctx.device, ctx.channels_last)
+        accumulate = step % ctx.grad_accum_steps != 0 and step != steps_in_epoch
+        sync_ctx = model.no_sync() if accumulate and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast(ctx.device, ctx.amp_dtype):
+                outputs = model(batch["image"])
+            total, terms = ctx.loss_fn(outputs, batch)
+            scaled = total / ctx.grad_accum_steps
+            if ctx.scaler is not None:
+                ctx.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if not accumulate:
+            _optimizer_step(model, ctx)
+
+        batch_size = batch["label"].shape[0]
+        images += batch_size
+        for name, value in terms.items():
+            value = value.detach().float() * batch_size
+            sums[name] = sums[name] + value if name in sums else value
+        correct += (outputs["cls"].detach().argmax(1) == batch["label"]).sum()
+
+        if step % ctx.log_every == 0 or step == steps_in_epoch:
+            loss_now = float(total.detach())
+            if not math.isfinite(loss_now):
+                raise NonFiniteLossError(
+                    f"the training loss became {loss_now} at epoch {epoch}, step {step}; terms: "
+                    + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                    + ". Lower optim.lr, enable train.grad_clip, or check the data; the last good checkpoint is kept.")
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{ctx.schedule.lr:.2e}", img_s=f"{images / elapsed:.1f}")
+            if ctx.on_log is not None:
+                ctx.on_log(ctx.global_step, {f"train_step/{k}": float(v) for k, v in terms.items()}
+                           | {"train_step/lr": ctx.schedule.lr})
+        if time_left is not None and time_left() <= 0:
+            break  # the wall-clock budget is spent: end the epoch early, the trainer stops cleanly
+        tick = time.perf_counter()
+    bar.close()
+    seconds = time.perf_counter() - start
+    means = {name: float(value) / max(images, 1) for name, value in sums.items()}
+    return EpochResult(means, float(correct) / max(images, 1), images, seconds, data_time)
+
+
+def _optimizer_step(model: nn.Module, ctx: TrainContext) -> None:
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
+    if ctx.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.schedule.step_batch()
+    if ctx.ema is not None:
+        ctx.ema.update_parameters(model)
+    ctx.global_step += 1
+
+
+def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> dict:
+    """Eval-mode forward; with `tta`, average the probabilities of the image and its horizontal flip.
+
+    The averaged probabilities are returned as logits again (log-softmax for `cls`, logit for `seg`), so every
+    consumer of the output contract works unchanged.
+    """
+    outputs = model(images)
+    if not tta:
+        return outputs
+    flipped = model(torch.flip(images, dims=[3]))
+    cls_prob = (F.softmax(outputs["cls"].float(), 1) + F.softmax(flipped["cls"].float(), 1)) / 2
+    seg_prob = (torch.sigmoid(outputs["seg"].float()) + torch.sigmoid(torch.flip(flipped["seg"].float(), dims=[3]))) / 2
+    return {"cls": torch.log(cls_prob.clamp_min(1e-12)), "seg": torch.logit(seg_prob, eps=1e-6)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, device: torch.device,
+             loss_fn: Optional[nn.Module] = None, amp_dtype: Optional[torch.dtype] = None, tta: bool = False,
+             channels_last: bool = False, show_progress: bool = True, desc: str = "eval",
+             distributed: bool = False) -> dict:
+    """Run the model over `loader` and return the metric dict (plus `loss` when a loss function is given).
+
+    In a distributed run each rank sees its own shard and counts are summed across ranks before `compute()`.
+    """
+    model.eval()
+    metrics.reset()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress,
+                      mininterval=1.0):
+        batch = move_batch(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            outputs = predict(model, batch["image"], tta=tta)
+        outputs = {key: value.float() for key, value in outputs.items() if torch.is_tensor(value)}
+        if loss_fn is not None:
+            total, _ = loss_fn(outputs, batch)
+            loss_sum += total.double() * batch["label"].shape[0]
+        count += batch["label"].shape[0]
+        metrics.update(outputs, batch)
+    if distributed:
+        import torch.distributed as dist
+
+        metrics.sync()
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+    results = metrics.compute()
+    if loss_fn is not None:
+        results["loss"] = float(loss_sum / count.clamp_min(1))
+    results["combined"] = 0.5 * (results["accuracy"] + results["dice"])
+    return results
