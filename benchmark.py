@@ -280,8 +280,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                channels_last=args.channels_last, compiled=args.compile, warmup=args.warmup, repeats=args.repeats)
     busy = env.get("load_average_1min")
     if device.type == "cpu" and busy is not None and busy + torch.get_num_threads() > (env["cpu_count"] or 1) + 0.5:
+        advice = "a quiet machine" if torch.get_num_threads() == 1 else "--threads 1 or a quiet machine"
         print(f"warning: load average {busy} with {torch.get_num_threads()} threads on {env['cpu_count']} cores: "
-              "CPU timings will be slowed by other processes (try --threads 1 or a quiet machine)", file=sys.stderr)
+              f"CPU timings will be slowed by other processes (use {advice})", file=sys.stderr)
     rows: list[dict] = []
     for name in names:
         rows += measure_model(name, args, device)

@@ -11,7 +11,7 @@ Every setting is a constructor keyword (and so a `model.kwargs` entry of the con
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .blocks import ConvBNAct, DepthwiseSeparableConv, InvertedResidual, make_divisible
 from .hamburger import Hamburger
+from .pretrained import init_pretrained, wants_imagenet
 from .registry import register_model
 
 # One row per encoder stage (strides 4, 8, 16, 32; each stage's first block halves the resolution):
@@ -94,13 +95,15 @@ class EfficientMTNet(nn.Module):
         ham_channels, ham_rank, ham_train_steps, ham_eval_steps, ham_inv_t: the Hamburger's NMF settings.
         decoder_channels: FPN width.
         cls_hidden: hidden width of the classification MLP.
+        pretrained: a local weights file for the encoder (a state_dict of `model.encoder`, or a whole-model
+            checkpoint of this architecture, e.g. a previous run's best.pth); no ImageNet weights exist.
     """
 
     def __init__(self, num_classes: int = 4, in_channels: int = 3, deep_supervision: bool = True,
                  width_mult: float = 1.0, dropout: float = 0.2, stem_channels: int = 16,
                  stages: Sequence[Sequence[float]] = DEFAULT_STAGES, ham_channels: int = 64, ham_rank: int = 16,
                  ham_train_steps: int = 6, ham_eval_steps: int = 7, ham_inv_t: float = 1.0,
-                 decoder_channels: int = 48, cls_hidden: int = 128) -> None:
+                 decoder_channels: int = 48, cls_hidden: int = 128, pretrained: Optional[str] = None) -> None:
         super().__init__()
         if len(stages) != 4 or any(len(row) != 4 for row in stages):
             raise ValueError("EfficientMTNet 'stages' needs four rows (expansion, channels, blocks, se_ratio) for "
@@ -137,6 +140,8 @@ class EfficientMTNet(nn.Module):
         self.cls_head = nn.Sequential(nn.Linear(channels[-1], hidden), nn.ReLU(), nn.Dropout(dropout),
                                       nn.Linear(hidden, num_classes))
         self._init_weights()
+        wants_imagenet(pretrained, "efficient_mtnet", available=False)  # validates the value before loading
+        init_pretrained(self, pretrained, "efficient_mtnet")
 
     def _init_weights(self) -> None:
         for module in self.modules():

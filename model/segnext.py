@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from .baselines import MultiTaskBaseline, classification_head, init_pretrained, wants_imagenet
+from .baselines import MultiTaskBaseline, classification_head
+from .pretrained import init_pretrained, wants_imagenet
 from .hamburger import Hamburger
 from .registry import register_model
 

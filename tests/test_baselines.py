@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from model import build_model, list_models
-from model.baselines import PretrainedWeightsError, UNet, pad_to_multiple
+from model.baselines import UNet, pad_to_multiple
+from model.pretrained import PretrainedWeightsError
 from model.freeze import set_encoder_frozen
 from model.segnext import MSCAN
 from tests.helpers import REPO
