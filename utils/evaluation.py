@@ -3,7 +3,6 @@ or predict on a folder of unlabelled images."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

@@ -5,9 +5,10 @@ shows progress and writes files; validation counts are summed over ranks).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -239,8 +240,11 @@ class Trainer:
         self.log.info(f"model {cfg.model.name}: {self.num_params:,} parameters; device {self.device}"
                       f"{f' x{self.dist.world_size} processes' if self.dist.enabled else ''}; "
                       f"amp {self.amp_dtype or 'off'}; train {len(self.train_ds)} / val {len(self.val_ds)} images")
-        if self.dist.is_main and self.resume_path is None:
-            save_config(cfg, self.run_dir / "config.yaml")
+        if self.dist.is_main:
+            if self.resume_path is None:
+                save_config(cfg, self.run_dir / "config.yaml")
+            with open(self.run_dir / "command.txt", "a", encoding="utf-8") as handle:  # each start or resume
+                handle.write(" ".join(shlex.quote(a) for a in ["python", *sys.argv]) + "\n")
         epoch_seconds: list[float] = []
         stop_reason = "finished the configured epochs"
         try:
