@@ -130,6 +130,8 @@ def check_split(root: Path, split: str, report: Report, pool: ThreadPoolExecutor
                 report.error("folder/code disagreement", f"{path} (code '{name.code}' is {name.class_name})")
             if name.split != split:
                 report.warn("name of another split", str(path))
+            if name.code == "nt":
+                report.warn("alias code 'nt' (the release writes 'no')", str(path))
             labels[name.stem] = label
             paths.append(path)
 

@@ -386,6 +386,16 @@ def test_checker_passes_generated_data(data_root, capsys):
     assert "result: OK" in capsys.readouterr().out
 
 
+def test_nt_alias_is_read_and_flagged(data_copy):
+    path = _files(data_copy, "train", "no_tumor")[0]
+    path.rename(path.with_name(path.name.replace("_no_", "_nt_")))
+    stem = path.stem.replace("_no_", "_nt_")
+    ds = BriscDataset(data_copy, "train", image_size=32, verbose=False)
+    assert ds.labels[ds.stems.index(stem)] == 2
+    report = check_dataset(data_copy)
+    assert report.ok and len(report.warnings["alias code 'nt' (the release writes 'no')"]) == 1
+
+
 def test_checker_reports_a_broken_copy(data_copy, capsys):
     train = index_split(data_copy, "train")
     gl = [s for s in train if s.label == 0]

@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -29,6 +28,7 @@ from utils.checkpoint import (atomic_save, capture_rng_state, config_of, load_we
 from utils.config import Config, config_to_dict, save_config
 from utils.distributed import (DistInfo, ShardSampler, barrier, broadcast_buffers, broadcast_flag, cleanup_distributed,
                                init_distributed)
+from utils.ema import build_ema
 from utils.engine import EpochResult, NonFiniteLossError, TrainContext, evaluate, train_one_epoch
 from utils.metrics import MultiTaskMetrics
 from utils.optim import LRSchedule, build_optimizer
@@ -101,8 +101,7 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, cfg.sched, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
         self.amp_dtype = select_amp_dtype(cfg.train, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-                    if cfg.train.ema else None)
+        self.ema = build_ema(self.model, cfg.train.ema_decay) if cfg.train.ema else None
 
         self.epoch = 0  # completed epochs
         self.best_metric: Optional[float] = None
