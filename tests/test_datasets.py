@@ -21,7 +21,7 @@ from datasets.index import index_split
 from datasets.naming import BriscNameError, format_name, parse_name
 from datasets.splits import load_split, make_split, save_split
 from datasets.synthetic import class_counts, generate
-from datasets.transforms import SampleTransform, build_transform, channel_stats, train_pipeline
+from datasets.transforms import build_transform, channel_stats, train_pipeline
 from utils.config import AugmentConfig, DataConfig
 
 REAL_ROOT = Path(__file__).resolve().parents[2] / "shared/data/brisc2025"
