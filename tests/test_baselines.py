@@ -110,12 +110,28 @@ def test_parameter_counts(name, millions):
 
 
 def test_baseline_configs_load_and_name_their_model():
-    paths = sorted((REPO / "configs" / "baselines").glob("*.yaml"))
+    paths = sorted(p for p in (REPO / "configs" / "baselines").glob("*.yaml") if not p.stem.endswith("_cpu"))
     assert {p.stem for p in paths} == set(BASELINES)
     for path in paths:
         cfg = load_config(path)
         assert cfg.model.name == path.stem and cfg.data.image_size == 256
         assert cfg.experiment.name == f"baseline_{path.stem}"
+
+
+def test_cpu_baseline_configs_share_the_efficient_mtnet_cpu_recipe():
+    """Like-for-like: the CPU comparison runs differ from configs/brisc_cpu.yaml only in the model."""
+    from utils.config import config_to_dict
+
+    reference = config_to_dict(load_config(REPO / "configs" / "brisc_cpu.yaml"))
+    paths = sorted((REPO / "configs" / "baselines").glob("*_cpu.yaml"))
+    assert {p.stem for p in paths} == {"mobilenetv2_unet_cpu", "segformer_cpu"}
+    for path in paths:
+        cfg = config_to_dict(load_config(path))
+        assert cfg["model"]["name"] == path.stem[: -len("_cpu")]
+        for section in ("data", "optim", "sched", "train", "eval"):
+            assert cfg[section] == reference[section], section
+        assert {k: v for k, v in cfg["loss"].items() if k != "aux_weights"} == \
+            {k: v for k, v in reference["loss"].items() if k != "aux_weights"}
 
 
 # --------------------------------------------------------------------------------------------- pretrained weights
