@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from utils.evaluation import TestOptions, predict_folder, run_test
+    from evaluation.folder import predict_folder
+    from evaluation.report import TestOptions, run_test
 
     try:
         if args.input is not None:

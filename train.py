@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             if resume is None:
                 print(f"--resume auto: no earlier run of '{cfg.experiment.name}' in {cfg.experiment.work_dir}; "
                       "starting a new one")
-        from utils.engine import NonFiniteLossError  # heavy imports after the config is known to be valid
-        from utils.trainer import train
+        from engine.loops import NonFiniteLossError  # heavy imports after the config is known to be valid
+        from engine.trainer import train
 
         try:
             run_dir = train(cfg, resume, show_progress=not args.no_progress)

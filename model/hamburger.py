@@ -104,6 +104,13 @@ class NMF2D(nn.Module):
         generator = torch.Generator().manual_seed(seed)  # a private generator: global RNG state is untouched
         self.register_buffer("bases", random_bases(1, channels, rank, generator=generator))
 
+    def matmul_macs(self, input_shape: torch.Size) -> int:
+        """Multiply-accumulates of the decomposition's matrix products (FLOP counters cannot see them)."""
+        from utils.flops import nmf_macs
+
+        b, c, h, w = input_shape
+        return nmf_macs(c, h * w, self.rank, self.train_steps if self.training else self.eval_steps, b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         in_dtype = x.dtype

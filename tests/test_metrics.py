@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn import metrics as skm
 
-from utils.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
+from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 
 torch.set_num_threads(1)
 

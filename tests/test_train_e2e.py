@@ -103,7 +103,8 @@ def test_config_errors_are_clear(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     from model import build_model
-    from utils.checkpoint import CheckpointError, atomic_save, load_model_from_checkpoint
+    from model.loading import load_model_from_checkpoint
+    from utils.checkpoint import CheckpointError, atomic_save
     from utils.config import Config, config_to_dict
 
     cfg = Config()

@@ -13,10 +13,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from model import build_model, list_models, register_model
-from utils import visualize as V
+from datasets.naming import CLASS_NAMES
+from visualization import __main__ as cli
+from visualization import architecture, cases, common, confusion, curves, gradcam
 from utils.checkpoint import atomic_save
 from utils.config import Config, config_to_dict
-from utils.gradcam import gradcam_heatmaps, resolve_target_layer
+from visualization.gradcam import gradcam_heatmaps, resolve_target_layer
 
 torch.set_num_threads(1)
 
@@ -119,7 +121,7 @@ def test_case_grid(tmp_path):
     truth = _disc_masks(3, 48, (20, 20), 10)
     truth[1] = 0  # an empty ground truth must not break the outline drawing
     pred = _disc_masks(3, 48, (24, 22), 9)
-    path = V.save_case_grid(images, truth, pred, [f"brisc_{i}\nDice 0.{i}" for i in range(3)],
+    path = cases.save_case_grid(images, truth, pred, [f"brisc_{i}\nDice 0.{i}" for i in range(3)],
                             tmp_path / "sub" / "cases.png", suptitle="worst cases")
     assert path == tmp_path / "sub" / "cases.png"
     pixels = assert_sane_png(path)
@@ -128,27 +130,27 @@ def test_case_grid(tmp_path):
     assert red.sum() > 50  # the prediction outline is drawn
 
     with pytest.raises(ValueError, match="titles"):
-        V.save_case_grid(images, truth, pred, ["only one"], tmp_path / "bad.png")
+        cases.save_case_grid(images, truth, pred, ["only one"], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="masks_pred"):
-        V.save_case_grid(images, truth, pred[:2], ["a", "b", "c"], tmp_path / "bad.png")
+        cases.save_case_grid(images, truth, pred[:2], ["a", "b", "c"], tmp_path / "bad.png")
     with pytest.raises(ValueError, match=r"size \(24, 24\) do not match images of size \(48, 48\)"):
-        V.save_case_grid(images, truth, pred[:, :, ::2, ::2], ["a", "b", "c"], tmp_path / "bad.png")
+        cases.save_case_grid(images, truth, pred[:, :, ::2, ::2], ["a", "b", "c"], tmp_path / "bad.png")
 
 
 def test_confusion_matrix(tmp_path):
     cm = [[50, 2, 0, 1], [3, 40, 1, 0], [0, 0, 60, 0], [1, 0, 0, 70]]
-    fig = V.confusion_matrix_figure(cm, V.CLASS_NAMES)
+    fig = confusion.confusion_matrix_figure(cm, CLASS_NAMES)
     assert isinstance(fig, Figure)
     title = fig.axes[0].get_title()
     assert "228 images" in title and f"{220 / 228:.2%}" in title
     texts = {t.get_text() for t in fig.axes[0].texts}
     assert {"50", "40", "60", "70", "0"} <= texts
-    normalised = V.confusion_matrix_figure(cm, V.CLASS_NAMES, normalize=True)
+    normalised = confusion.confusion_matrix_figure(cm, CLASS_NAMES, normalize=True)
     assert f"{50 / 53:.1%}\n(50)" in {t.get_text() for t in normalised.axes[0].texts}
 
-    assert_sane_png(V.save_confusion_matrix(np.array(cm), V.CLASS_NAMES, tmp_path / "cm.png", normalize=True))
+    assert_sane_png(confusion.save_confusion_matrix(np.array(cm), CLASS_NAMES, tmp_path / "cm.png", normalize=True))
     with pytest.raises(ValueError, match="does not fit 3 class names"):
-        V.confusion_matrix_figure(cm, ["a", "b", "c"])
+        confusion.confusion_matrix_figure(cm, ["a", "b", "c"])
 
 
 # --------------------------------------------------------------------------------------------- curves
@@ -164,26 +166,26 @@ def _history(epochs: int = 6) -> list[dict]:
 def test_loss_terms_are_told_from_other_training_figures():
     keys = ["train/total", "train/cls", "train/seg", "train/seg_dice", "train/aux_1", "train/accuracy",
             "train/images_per_s", "val/loss", "lr", "time_s"]
-    assert [k for k in keys if V._is_loss_term(k)] == ["train/total", "train/cls", "train/seg", "train/seg_dice",
+    assert [k for k in keys if curves._is_loss_term(k)] == ["train/total", "train/cls", "train/seg", "train/seg_dice",
                                                         "train/aux_1"]
 
 
 def test_training_curves(tmp_path):
     history = _history(5)
     history[1]["val/dice"] = None  # a missing value is skipped, not plotted as zero
-    assert V._series(history, "val/dice") == ([1, 3, 4, 5], [history[i]["val/dice"] for i in (0, 2, 3, 4)])
+    assert curves._series(history, "val/dice") == ([1, 3, 4, 5], [history[i]["val/dice"] for i in (0, 2, 3, 4)])
     run = tmp_path / "run"
     run.mkdir()
     (run / "history.json").write_text(json.dumps(history))
-    assert V._load_history(run) == (history, f"{tmp_path.name}/run") and V._load_history(history) == (history, "")
-    path = V.main(["curves", "--run", str(run)])
+    assert curves._load_history(run) == (history, f"{tmp_path.name}/run") and curves._load_history(history) == (history, "")
+    path = cli.main(["curves", "--run", str(run)])
     assert path == run / "curves.png"
     assert_sane_png(path, min_width=800)
 
     with pytest.raises(FileNotFoundError, match="history.json"):
-        V.plot_training_curves(tmp_path / "nowhere", tmp_path / "x.png")
+        curves.plot_training_curves(tmp_path / "nowhere", tmp_path / "x.png")
     with pytest.raises(ValueError, match="empty"):
-        V.plot_training_curves([], tmp_path / "x.png")
+        curves.plot_training_curves([], tmp_path / "x.png")
 
 
 # --------------------------------------------------------------------------------------------- Grad-CAM
@@ -228,7 +230,7 @@ def test_gradcam_targets_and_layers():
     with pytest.raises(ValueError, match="outside 0..3"):
         gradcam_heatmaps(model, images, target_classes=[0, 1, 7])
 
-    overlays = V.gradcam_overlays(model, images)
+    overlays = gradcam.gradcam_overlays(model, images)
     assert len(overlays) == 3
     assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in overlays)
 
@@ -236,9 +238,9 @@ def test_gradcam_targets_and_layers():
 def test_write_gradcam_figures(tmp_path):
     torch.manual_seed(0)
     dataset = ListDataset(per_class=3, labels=(0, 2, 3))  # no meningioma image: that figure is skipped
-    assert V.dataset_labels(dataset) == [0, 0, 0, 2, 2, 2, 3, 3, 3]
-    assert V.dataset_ids(torch.utils.data.Subset(dataset, [4, 0])) == ["case_2_1", "case_0_0"]
-    paths = V.write_gradcam_figures(TinyNet(), dataset, tmp_path / "gradcam", per_class=2, device="cpu")
+    assert common.dataset_labels(dataset) == [0, 0, 0, 2, 2, 2, 3, 3, 3]
+    assert common.dataset_ids(torch.utils.data.Subset(dataset, [4, 0])) == ["case_2_1", "case_0_0"]
+    paths = gradcam.write_gradcam_figures(TinyNet(), dataset, tmp_path / "gradcam", per_class=2, device="cpu")
     assert [p.name for p in paths] == ["gradcam_glioma.png", "gradcam_no_tumor.png", "gradcam_pituitary.png"]
     for path in paths:
         assert_sane_png(path, min_width=300, min_height=300)
@@ -246,14 +248,14 @@ def test_write_gradcam_figures(tmp_path):
 
 def test_select_cases_covers_every_class_deterministically():
     labels = [0] * 10 + [1] * 3 + [2] * 1 + [3] * 6
-    cases = V.select_cases(labels, 7)
-    assert cases == V.select_cases(labels, 7)
-    assert len(cases) == len(set(cases)) == 7
-    assert sorted({labels[i] for i in cases}) == [0, 1, 2, 3]
-    assert [labels[i] for i in cases] == sorted(labels[i] for i in cases)  # grouped by class
-    assert len(V.select_cases(labels, 100)) == len(labels)
-    assert V.spread_indices(list(range(10)), 3) == [0, 4, 9]
-    assert V.spread_indices([7, 8], 5) == [7, 8]
+    chosen = cases.select_cases(labels, 7)
+    assert chosen == cases.select_cases(labels, 7)
+    assert len(chosen) == len(set(chosen)) == 7
+    assert sorted({labels[i] for i in chosen}) == [0, 1, 2, 3]
+    assert [labels[i] for i in chosen] == sorted(labels[i] for i in chosen)  # grouped by class
+    assert len(cases.select_cases(labels, 100)) == len(labels)
+    assert common.spread_indices(list(range(10)), 3) == [0, 4, 9]
+    assert common.spread_indices([7, 8], 5) == [7, 8]
 
 
 # --------------------------------------------------------------------------------------------- checkpoint comparison
@@ -275,14 +277,14 @@ def test_compare_command(tiny_brisc, tmp_path):
     first = _tiny_checkpoint(tmp_path / "runs" / "a", image_size=48, seed=0)
     second = _tiny_checkpoint(tmp_path / "runs" / "b", image_size=64, seed=1)
     out = tmp_path / "figs" / "comparison.png"
-    path = V.main(["compare", "--checkpoints", str(first), str(second), "--data-root", str(tiny_brisc),
+    path = cli.main(["compare", "--checkpoints", str(first), str(second), "--data-root", str(tiny_brisc),
                    "--num", "5", "--out", str(out), "--labels", "small", "large"])
     assert path == out
     pixels = assert_sane_png(out, min_width=600, min_height=600)
     assert pixels.shape[0] > pixels.shape[1]  # five rows of four columns
 
     with pytest.raises(SystemExit):
-        V.main(["compare", "--checkpoints", str(first), "--labels", "a", "b"])
+        cli.main(["compare", "--checkpoints", str(first), "--labels", "a", "b"])
 
 
 # --------------------------------------------------------------------------------------------- architecture
@@ -290,7 +292,7 @@ def test_compare_command(tiny_brisc, tmp_path):
 def test_architecture_figure_reads_the_model(tmp_path):
     model = build_model("efficient_mtnet").train()
     running_mean = model.encoder_stages()[0][1].running_mean.clone()
-    info = V.describe_architecture(model, image_size=64)
+    info = architecture.describe_architecture(model, image_size=64)
     assert [s.stride for s in info.stages] == [2, 4, 8, 16, 32]
     last_convs = [[m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1] for stage in model.encoder_stages()]
     assert [s.channels for s in info.stages] == [conv.out_channels for conv in last_convs]
@@ -302,7 +304,7 @@ def test_architecture_figure_reads_the_model(tmp_path):
     # The probe ran on a copy: the caller's batch-norm statistics and mode are untouched.
     assert torch.equal(model.encoder_stages()[0][1].running_mean, running_mean) and model.training
 
-    path = V.draw_architecture(tmp_path / "architecture.png", model=model, image_size=64)
+    path = architecture.draw_architecture(tmp_path / "architecture.png", model=model, image_size=64)
     assert_sane_png(path, min_width=1500, min_height=900)
     with pytest.raises(ValueError, match="has no context, decoder"):
-        V.describe_architecture(TinyNet())
+        architecture.describe_architecture(TinyNet())

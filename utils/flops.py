@@ -67,12 +67,6 @@ def _mit_attention(module: nn.Module, inputs: tuple, output: object) -> int:
     return attention_macs(n, keys, c, b)
 
 
-def _nmf2d(module: nn.Module, inputs: tuple, output: object) -> int:
-    b, c, h, w = inputs[0].shape
-    steps = module.train_steps if module.training else module.eval_steps
-    return nmf_macs(c, h * w, module.rank, steps, b)
-
-
 def _matmul_modules() -> dict[type, Callable[[nn.Module, tuple, object], int]]:
     """Module classes with matrix products in their forward code, and each one's MAC formula."""
     rules: dict[type, Callable[[nn.Module, tuple, object], int]] = {}
@@ -82,10 +76,11 @@ def _matmul_modules() -> dict[type, Callable[[nn.Module, tuple, object], int]]:
     with contextlib.suppress(ImportError):
         from segmentation_models_pytorch.encoders.mix_transformer import Attention as MiTAttention
         rules[MiTAttention] = _mit_attention
-    with contextlib.suppress(ImportError):
-        from model.hamburger import NMF2D
-        rules[NMF2D] = _nmf2d
     return rules
+
+
+def _own_formula(module: nn.Module, inputs: tuple, output: object) -> int:
+    return int(module.matmul_macs(inputs[0].shape))
 
 
 # --------------------------------------------------------------------------------------------- thop
@@ -131,6 +126,8 @@ def thop_rules(model: nn.Module) -> dict[type, MacRule]:
     register_hooks, count_normalization = thop_profile.register_hooks, thop_profile.count_normalization
 
     formulas = _matmul_modules()
+    # A module of the project that does its own matrix products states their count (`matmul_macs(input_shape)`).
+    formulas.update({type(m): _own_formula for m in model.modules() if callable(getattr(m, "matmul_macs", None))})
     composite = set(formulas)
     rules: dict[type, MacRule] = {nn.GroupNorm: count_normalization}
     for kind in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):

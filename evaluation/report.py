@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 from datasets import CLASS_NAMES
 from datasets.factory import build_eval_dataset
 from losses import MultiTaskLoss
-from utils.checkpoint import load_model_from_checkpoint
+from model.loading import load_model_from_checkpoint
 from utils.config import Config
-from utils.engine import evaluate, move_batch, predict
-from utils.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
+from evaluation.inference import evaluate, move_batch, predict
+from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 from utils.runs import write_json_atomic
 from utils.runtime import select_device
 
@@ -106,7 +106,9 @@ def summary_table(results: dict) -> str:
 
 def run_test(opts: TestOptions) -> dict:
     """Evaluate `opts.checkpoint` on a split; write metrics.json, reports and figures; return the metrics."""
-    from utils.visualize import save_case_grid, save_confusion_matrix, write_gradcam_figures
+    from visualization.cases import save_case_grid
+    from visualization.confusion import save_confusion_matrix
+    from visualization.gradcam import write_gradcam_figures
 
     device = select_device(opts.device)
     model, cfg, ckpt = load_model_from_checkpoint(opts.checkpoint, device, use_ema=opts.use_ema)
@@ -191,44 +193,3 @@ def _write_case_grids(model, dataset, records, cfg, device, threshold, tta, out_
         titles = [f"{r['id']}  Dice {r['dice']:.3f}" for r in chosen]
         save_case_grid(images, torch.stack([s["mask"] for s in samples]), preds, titles, out_dir / name,
                        mean=cfg.data.mean, std=cfg.data.std)
-
-
-@torch.no_grad()
-def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], device_name: str = "auto",
-                   threshold: Optional[float] = None, tta: bool = False, use_ema: bool = True) -> Path:
-    """Classify and segment every image in `input_dir`; write `<stem>_mask.png` files and `predictions.csv`."""
-    import cv2
-
-    from datasets.transforms import load_image_for_inference
-
-    device = select_device(device_name)
-    model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
-    threshold = cfg.eval.threshold if threshold is None else threshold
-    input_dir = Path(input_dir)
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"--input '{input_dir}' is not a folder of images")
-    files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".tif",
-                                                                         ".tiff"})
-    if not files:
-        raise FileNotFoundError(f"--input '{input_dir}' holds no .jpg/.png/.bmp/.tif images")
-    out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "predictions"
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for path in files:
-        image, original_size = load_image_for_inference(path, cfg.data)
-        outputs = predict(model, image.unsqueeze(0).to(device), tta=tta)
-        probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu()
-        mask = (torch.sigmoid(outputs["seg"].float())[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
-        mask = cv2.resize(mask, original_size, interpolation=cv2.INTER_NEAREST)  # back to (width, height)
-        cv2.imwrite(str(out_dir / "masks" / f"{path.stem}_mask.png"), mask)
-        row = {"file": path.name, "predicted_class": CLASS_NAMES[int(probs.argmax())],
-               "tumour_pixels": int((mask > 0).sum())}
-        row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
-        rows.append(row)
-    with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"{len(rows)} images: masks in {out_dir / 'masks'}, classes and probabilities in "
-          f"{out_dir / 'predictions.csv'}")
-    return out_dir

@@ -1,7 +1,7 @@
 """The README's results table, regenerated from runs: `test.py` outputs plus measured size, compute and latency.
 
-    python -m utils.results runs/brisc_cpu/latest runs/mobilenetv2_unet_cpu/latest --split val
-    python -m utils.results runs/*/latest --split val --readme README.md     # rewrite the README's table
+    python -m evaluation.results runs/brisc_cpu/latest runs/mobilenetv2_unet_cpu/latest --split val
+    python -m evaluation.results runs/*/latest --split val --readme README.md     # rewrite the README's table
 
 Each run directory must hold `config.yaml`, `history.json` and `test_<split>/metrics.json` (written by
 `python test.py --checkpoint RUN/best.pth --split <split>`). Nothing in the table is typed by hand.
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from model import build_model
-from utils.checkpoint import model_kwargs
+from model.loading import model_kwargs
 from utils.config import load_config
 from utils.flops import latency_summary, thop_macs, time_forward
 
@@ -106,7 +106,7 @@ def render(rows: list[dict], split: str, threads: int) -> str:
         notes.append(f"- {r['name']}: `{r['command'] or 'python train.py --config ...'}` then "
                      f"`python test.py --checkpoint {r['run']}/best.pth --split {split}`")
     notes.append("")
-    notes.append("Regenerate: `python -m utils.results " + " ".join(r["run"] for r in rows)
+    notes.append("Regenerate: `python -m evaluation.results " + " ".join(r["run"] for r in rows)
                  + f" --split {split} --readme README.md`")
     return "\n".join(lines + per_class + notes)
 

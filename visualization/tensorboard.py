@@ -5,30 +5,13 @@ import torch
 import torch.nn as nn
 
 from utils.config import Config
-
-
-def denormalize(images: torch.Tensor, mean: list, std: list) -> torch.Tensor:
-    """Normalised (B, C, H, W) images back to [0, 1], replicated to 3 channels for display."""
-    channels = images.shape[1]
-    mean_t = torch.tensor(mean[:channels] if channels == len(mean) else [sum(mean) / len(mean)] * channels)
-    std_t = torch.tensor(std[:channels] if channels == len(std) else [sum(std) / len(std)] * channels)
-    out = images.float().cpu() * std_t.view(1, -1, 1, 1) + mean_t.view(1, -1, 1, 1)
-    out = out.clamp(0, 1)
-    return out.repeat(1, 3, 1, 1) if channels == 1 else out
-
-
-def overlay(images: torch.Tensor, masks: torch.Tensor, colour: tuple[float, float, float], alpha: float = 0.45
-            ) -> torch.Tensor:
-    """Paint binary (B, 1, H, W) masks over [0, 1] RGB images."""
-    tint = torch.tensor(colour).view(1, 3, 1, 1)
-    masks = masks.float().cpu()
-    return images * (1 - alpha * masks) + tint * alpha * masks
+from visualization.common import denormalize, overlay
 
 
 def log_confusion_matrix(writer, cm: list, class_names: list[str], epoch: int) -> None:
     import matplotlib.pyplot as plt
 
-    from utils.visualize import confusion_matrix_figure
+    from visualization.confusion import confusion_matrix_figure
 
     fig = confusion_matrix_figure(cm, class_names)
     writer.add_figure("val/confusion_matrix", fig, epoch)

@@ -23,15 +23,17 @@ from datasets.factory import build_train_val
 from losses import MultiTaskLoss
 from model import build_model
 from model.freeze import set_encoder_frozen
-from utils.checkpoint import (atomic_save, capture_rng_state, config_of, load_weights, model_kwargs,
+from model.loading import load_weights, model_kwargs
+from utils.checkpoint import (atomic_save, capture_rng_state, config_of,
                               read_checkpoint, restore_rng_state, unwrap_model)
 from utils.config import Config, config_to_dict, save_config
-from utils.distributed import (DistInfo, ShardSampler, barrier, broadcast_buffers, broadcast_flag, cleanup_distributed,
+from engine.distributed import (DistInfo, ShardSampler, barrier, broadcast_buffers, broadcast_flag, cleanup_distributed,
                                init_distributed)
-from utils.ema import build_ema
-from utils.engine import EpochResult, NonFiniteLossError, TrainContext, evaluate, train_one_epoch
-from utils.metrics import MultiTaskMetrics
-from utils.optim import LRSchedule, build_optimizer
+from engine.ema import build_ema
+from engine.loops import EpochResult, NonFiniteLossError, TrainContext, train_one_epoch
+from evaluation.inference import evaluate
+from evaluation.metrics import MultiTaskMetrics
+from engine.optim import LRSchedule, build_optimizer
 from utils.runs import new_run_dir, read_history, setup_logger, write_history, write_json_atomic
 from utils.runtime import amp_dtype as select_amp_dtype
 from utils.runtime import reseed_augmentations, seed_everything, seed_worker, select_device
@@ -354,7 +356,7 @@ class Trainer:
         w.flush()
 
     def _log_figures(self, epoch: int, val: dict) -> None:
-        from utils.tb_figures import log_confusion_matrix, log_overlays
+        from visualization.tensorboard import log_confusion_matrix, log_overlays
 
         eval_model = self.ema.module if self.ema is not None else self.model
         log_confusion_matrix(self.writer, val["confusion_matrix"], CLASS_NAMES, epoch)

@@ -1,0 +1,78 @@
+"""The inference loop shared by training-time validation and test.py: batches to the device, eval-mode
+forward (optionally with flip test-time augmentation), metrics accumulated on the device."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from evaluation.metrics import MultiTaskMetrics
+from utils.runtime import autocast
+
+
+def move_batch(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """Tensors of a batch to `device` (non-blocking from pinned memory); ids stay a list."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+            if key == "image" and channels_last:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> dict:
+    """Eval-mode forward; with `tta`, average the probabilities of the image and its horizontal flip.
+
+    The averaged probabilities are returned as logits again (log-softmax for `cls`, logit for `seg`), so every
+    consumer of the output contract works unchanged.
+    """
+    outputs = model(images)
+    if not tta:
+        return outputs
+    flipped = model(torch.flip(images, dims=[3]))
+    cls_prob = (F.softmax(outputs["cls"].float(), 1) + F.softmax(flipped["cls"].float(), 1)) / 2
+    seg_prob = (torch.sigmoid(outputs["seg"].float()) + torch.sigmoid(torch.flip(flipped["seg"].float(), dims=[3]))) / 2
+    return {"cls": torch.log(cls_prob.clamp_min(1e-12)), "seg": torch.logit(seg_prob, eps=1e-6)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, device: torch.device,
+             loss_fn: Optional[nn.Module] = None, amp_dtype: Optional[torch.dtype] = None, tta: bool = False,
+             channels_last: bool = False, show_progress: bool = True, desc: str = "eval",
+             distributed: bool = False) -> dict:
+    """Run the model over `loader` and return the metric dict (plus `loss` when a loss function is given).
+
+    In a distributed run each rank sees its own shard and counts are summed across ranks before `compute()`.
+    """
+    model.eval()
+    metrics.reset()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress,
+                      mininterval=1.0):
+        batch = move_batch(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            outputs = predict(model, batch["image"], tta=tta)
+        outputs = {key: value.float() for key, value in outputs.items() if torch.is_tensor(value)}
+        if loss_fn is not None:
+            total, _ = loss_fn(outputs, batch)
+            loss_sum += total.double() * batch["label"].shape[0]
+        count += batch["label"].shape[0]
+        metrics.update(outputs, batch)
+    if distributed:
+        import torch.distributed as dist
+
+        metrics.sync()
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+    results = metrics.compute()
+    if loss_fn is not None:
+        results["loss"] = float(loss_sum / count.clamp_min(1))
+    results["combined"] = 0.5 * (results["accuracy"] + results["dice"])
+    return results

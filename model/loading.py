@@ -1,0 +1,65 @@
+"""Building a registry model from a saved checkpoint: constructor arguments from its config, strict weight
+loading with an architecture check that explains a mismatch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from utils.checkpoint import CheckpointError, config_of, read_checkpoint, unwrap_model
+from utils.config import Config
+
+from .registry import build_model
+
+
+def load_weights(model: nn.Module, state_dict: dict, source: str, model_name: Optional[str] = None) -> None:
+    """Strictly load `state_dict`, explaining an architecture mismatch instead of dumping key lists."""
+    target = unwrap_model(model)
+    own = target.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong_shape:
+        saved = f" (saved from model '{model_name}')" if model_name else ""
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing tensors, e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(f"{len(wrong_shape)} shape mismatches, e.g. {k}: {tuple(state_dict[k].shape)} vs "
+                           f"{tuple(own[k].shape)}")
+        raise CheckpointError(
+            f"checkpoint '{source}'{saved} does not match the {type(target).__name__} architecture built here: "
+            f"{'; '.join(details)}. Build the model with the config stored in the checkpoint (test.py does this).")
+    target.load_state_dict(state_dict, strict=True)
+
+
+def load_model_from_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                               use_ema: bool = True) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model from the config stored in a checkpoint and load its weights (EMA ones when present).
+
+    Returns (model in eval mode on `device`, config, raw checkpoint dict).
+    """
+    ckpt = read_checkpoint(path)
+    cfg = config_of(ckpt, path)
+    model = build_model(cfg.model.name, **model_kwargs(cfg))
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    load_weights(model, weights, str(path), ckpt.get("model_name"))
+    return model.to(device).eval(), cfg, ckpt
+
+
+def model_kwargs(cfg: Config) -> dict:
+    """Constructor arguments of the configured model."""
+    kwargs = {
+        "num_classes": cfg.model.num_classes,
+        "in_channels": cfg.data.in_channels,
+        "deep_supervision": cfg.model.deep_supervision,
+    }
+    if cfg.model.pretrained:
+        kwargs["pretrained"] = cfg.model.pretrained
+    kwargs.update(cfg.model.kwargs)
+    return kwargs
