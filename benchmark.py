@@ -32,6 +32,10 @@ from typing import Optional
 
 import torch
 
+from utils.cli import add_debug_flag, int_at_least, non_negative_int, positive_int, run_main
+from utils.errors import UserError
+from utils.runtime import select_device
+
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # metrics.json key -> column label; values are fractions and are shown as percentages
 METRIC_COLUMNS = {"accuracy": "Acc %", "miou_2class": "mIoU % (2-class)", "dice": "Dice %", "f1_macro": "F1 %"}
@@ -41,8 +45,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="registry names (default: every registered model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--image-size", type=int, default=256, help="square input side in pixels")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes to time")
+    parser.add_argument("--image-size", type=int_at_least(32), default=256, help="square input side in pixels")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1], help="batch sizes to time")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=sorted(PRECISIONS),
                         help="fp32, or autocast to fp16 / bf16")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and input")
@@ -50,26 +54,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", default=None, metavar="GLOB",
                         help="test.py metrics.json files or glob patterns to join (accuracy, mIoU, Dice, F1)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes before timing")
-    parser.add_argument("--repeats", type=int, default=20, help="timed forward passes (the median is reported)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
-    parser.add_argument("--num-classes", type=int, default=4)
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed forward passes before timing")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed forward passes (the median is reported)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: leave the default)")
+    parser.add_argument("--num-classes", type=int_at_least(2), default=4)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.image_size < 32:
-        parser.error(f"--image-size must be >= 32, got {args.image_size}")
-    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--batch-sizes and --repeats must be >= 1 and --warmup >= 0")
     if args.compile:
         args.warmup = max(args.warmup, 2)  # compilation happens in the first passes, never in a timed one
     return args
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -143,7 +136,7 @@ def load_metrics(patterns: list[str]) -> dict[str, dict[str, float]]:
             print(f"warning: --metrics {pattern!r} matches no file", file=sys.stderr)
         paths += matched
     if not paths:
-        raise SystemExit("error: no metrics.json file found for --metrics; check the paths or quote the glob")
+        raise UserError("no metrics.json file found for --metrics; check the paths or quote the glob")
     found: dict[str, dict[str, float]] = {}
     for path in sorted(set(paths), key=lambda p: Path(p).stat().st_mtime):
         try:
@@ -258,18 +251,16 @@ def draw_radar(rows: list[dict], path: Path, with_metrics: bool) -> None:
 # --------------------------------------------------------------------------------------------- entry point
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from model import list_models
+    from model import check_model_name, list_models
     from utils.flops import environment
     from utils.runs import write_json_atomic
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = select_device(args.device, key="--device")
     names = args.models or list_models()
-    unknown = [n for n in names if n not in list_models()]
-    if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}", file=sys.stderr)
-        return 2
+    for name in names:
+        check_model_name(name, key="--models")
     if device.type == "cpu" and "fp16" in args.precision:
         print("warning: fp16 autocast on a CPU is slow and not representative; bf16 is the CPU's mixed precision",
               file=sys.stderr)
@@ -301,4 +292,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

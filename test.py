@@ -11,54 +11,55 @@ import argparse
 import sys
 from pathlib import Path
 
-from datasets.errors import DataError
-from utils.checkpoint import CheckpointError
-from utils.config import ConfigError
+from utils.checkpoint import resolve_checkpoint_arg
+from utils.cli import add_debug_flag, non_negative_int, open_unit_float, positive_int, run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="best.pth / last.pth of a run")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="best.pth / last.pth of a run (a run folder: its best.pth)")
     parser.add_argument("--split", default="test", choices=["test", "val", "train"],
                         help="test: the release's test split; val: the run's validation split (split.json)")
     parser.add_argument("--data-root", default=None, help="dataset root, if not the one the run trained on")
     parser.add_argument("--tta", action="store_true", help="average the prediction with its horizontal flip")
-    parser.add_argument("--threshold", type=float, default=None, help="segmentation threshold (default: config)")
+    parser.add_argument("--threshold", type=open_unit_float, default=None,
+                        help="segmentation threshold, between 0 and 1 (default: config)")
     parser.add_argument("--tune-threshold", action="store_true",
                         help="choose the threshold with the best Dice on the validation split, then evaluate")
     parser.add_argument("--input", type=Path, default=None, help="predict on a folder of unlabelled images")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: inside the run directory)")
-    parser.add_argument("--gradcam", type=int, default=0, metavar="N", help="Grad-CAM overlays for N images per class")
+    parser.add_argument("--gradcam", type=non_negative_int, default=0, metavar="N",
+                        help="Grad-CAM overlays for N images per class")
     parser.add_argument("--gradcam-layer", default=None, metavar="NAME",
                         help="Grad-CAM target layer as a dotted module name (default: the last encoder stage)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help=">= 1 (default: config)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=None, help=">= 0 (default: config)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
     parser.add_argument("--no-progress", action="store_true")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate or predict; a mistake in the input raises a `UserError` (printed by `run_main`)."""
     args = parse_args(argv)
     from evaluation.folder import predict_folder
     from evaluation.report import TestOptions, run_test
 
-    try:
-        if args.input is not None:
-            predict_folder(args.checkpoint, args.input, args.out, args.device, args.threshold, args.tta,
-                           use_ema=not args.no_ema)
-            return 0
-        run_test(TestOptions(
-            checkpoint=args.checkpoint, split=args.split, data_root=args.data_root, tta=args.tta,
-            threshold=args.threshold, tune_threshold=args.tune_threshold, out_dir=args.out, device=args.device,
-            batch_size=args.batch_size, num_workers=args.num_workers, use_ema=not args.no_ema,
-            gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress))
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    checkpoint = resolve_checkpoint_arg(args.checkpoint)
+    if args.input is not None:
+        failed = predict_folder(checkpoint, args.input, args.out, args.device, args.threshold, args.tta,
+                                use_ema=not args.no_ema)
+        return 1 if failed else 0
+    run_test(TestOptions(
+        checkpoint=checkpoint, split=args.split, data_root=args.data_root, tta=args.tta,
+        threshold=args.threshold, tune_threshold=args.tune_threshold, out_dir=args.out, device=args.device,
+        batch_size=args.batch_size, num_workers=args.num_workers, use_ema=not args.no_ema,
+        gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

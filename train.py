@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datasets.errors import DataError
-from utils.checkpoint import CheckpointError
-from utils.config import ConfigError, load_config
+from utils.cli import add_debug_flag, run_main
+from utils.config import load_config
 from utils.runs import resolve_resume
 
 
@@ -24,34 +23,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, metavar="auto|RUN_DIR|CHECKPOINT",
                         help="continue a run: 'auto' picks the latest run of this experiment")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; a mistake in the config, data or checkpoint raises a `UserError` (printed by `run_main`)."""
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.opts)
-        resume = None
-        if args.resume:
-            resume = resolve_resume(args.resume, cfg.experiment.work_dir, cfg.experiment.name)
-            if resume is None:
-                print(f"--resume auto: no earlier run of '{cfg.experiment.name}' in {cfg.experiment.work_dir}; "
-                      "starting a new one")
-        from engine.loops import NonFiniteLossError  # heavy imports after the config is known to be valid
-        from engine.trainer import train
+    cfg = load_config(args.config, args.opts)
+    resume = None
+    if args.resume:
+        resume = resolve_resume(args.resume, cfg.experiment.work_dir, cfg.experiment.name)
+        if resume is None:
+            print(f"--resume auto: no earlier run of '{cfg.experiment.name}' in {cfg.experiment.work_dir}; "
+                  "starting a new one")
+    from engine.loops import NonFiniteLossError  # heavy imports after the config is known to be valid
+    from engine.trainer import train
+    from model import check_model_name
+    from utils.runtime import amp_dtype, select_device
 
-        try:
-            run_dir = train(cfg, resume, show_progress=not args.no_progress)
-        except NonFiniteLossError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 3
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
+    # Values that need the model registry or the machine, checked before anything is written.
+    check_model_name(cfg.model.name)
+    amp_dtype(cfg.train, select_device(cfg.train.device))
+    try:
+        run_dir = train(cfg, resume, show_progress=not args.no_progress)
+    except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 3
     print(f"run directory: {run_dir}")
     print(f"evaluate with: python test.py --checkpoint {run_dir / 'best.pth'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -2,11 +2,12 @@
 
     python -m datasets.check ROOT [--examples 5] [--workers 4]
 
-Errors: missing folders, bad file names and unknown codes, class folder/code disagreements, unreadable
-images or masks, masks of another size than their image, empty masks of tumour images.
-Warnings: tumour images without a mask, masks without an image or of no-tumour images, segmentation images
-that differ from their classification image, names of another split, and duplicated content (the same
-decoded pixels) within a split or across train and test.
+Errors: missing folders, folders of unknown classes, bad file names and unknown codes, class folder/code
+disagreements, unreadable images or masks, images below the minimum size (32 px a side), masks of another
+size than their image, empty masks of tumour images.
+Warnings: 16-bit images (scaled to 8 bits by their own range), tumour images without a mask, masks without an
+image or of no-tumour images, segmentation images that differ from their classification image, names of
+another split, and duplicated content (the same decoded pixels) within a split or across train and test.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .decode import MASK_THRESHOLD, read_grey
+from utils.cli import add_debug_flag, non_negative_int, positive_int, run_main
+
+from .decode import MASK_THRESHOLD, MIN_IMAGE_SIDE, ImageTooSmallError, decode_grey, read_grey
 from .errors import DataError
-from .index import IMAGE_SUFFIXES, classification_dir, list_files, masks_dir
+from .index import IMAGE_SUFFIXES, classification_dir, list_files, masks_dir, unknown_class_folders
 from .naming import CLASS_NAMES, NO_TUMOR, BriscNameError, parse_name
 
 
@@ -67,15 +70,17 @@ class ImageFacts:
     shape: Optional[tuple[int, int]] = None  # (height, width); None when unreadable
     channels: int = 0
     digest: str = ""  # hash of the decoded pixels
+    depth: int = 8  # bits per pixel in the file
     problem: str = ""
+    too_small: bool = False
 
 
 def _inspect_image(path: Path) -> ImageFacts:
     facts = ImageFacts(path)
     try:
-        grey = read_grey(path)
+        grey, facts.depth = decode_grey(path)
     except DataError as exc:
-        facts.problem = str(exc)
+        facts.problem, facts.too_small = str(exc), isinstance(exc, ImageTooSmallError)
         return facts
     facts.shape = grey.shape
     facts.digest = hashlib.blake2b(grey.tobytes(), digest_size=16).hexdigest()
@@ -112,6 +117,9 @@ def check_split(root: Path, split: str, report: Report, pool: ThreadPoolExecutor
     cls_dir = classification_dir(root, split)
     labels: dict[str, int] = {}
     paths: list[Path] = []
+    for folder in unknown_class_folders(cls_dir):
+        report.error("folder of an unknown class (training refuses it)",
+                     f"{folder} (classes: {', '.join(CLASS_NAMES)})")
     for label, class_name in enumerate(CLASS_NAMES):
         folder = cls_dir / class_name
         if not folder.is_dir():
@@ -138,7 +146,9 @@ def check_split(root: Path, split: str, report: Report, pool: ThreadPoolExecutor
     facts = {f.path.stem: f for f in pool.map(_inspect_image, paths)}
     for f in facts.values():
         if f.problem:
-            report.error("unreadable image", f.problem)
+            report.error(f"image below {MIN_IMAGE_SIDE} px" if f.too_small else "unreadable image", f.problem)
+        elif f.depth != 8:
+            report.warn(f"{f.depth}-bit image (its min..max range is scaled to 8 bits)", str(f.path))
 
     mask_folder = masks_dir(root, split)
     mask_paths = list_files(mask_folder, (".png",)) if mask_folder.is_dir() else []
@@ -248,8 +258,9 @@ def check_dataset(root: Union[str, Path], examples: int = 5, workers: int = 4) -
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Integrity report of a BRISC 2025-layout dataset.")
     parser.add_argument("root", help="folder holding classification_task/ and segmentation_task/")
-    parser.add_argument("--examples", type=int, default=5, help="examples listed per kind of finding")
-    parser.add_argument("--workers", type=int, default=4, help="decoding threads")
+    parser.add_argument("--examples", type=non_negative_int, default=5, help="examples listed per kind of finding")
+    parser.add_argument("--workers", type=positive_int, default=4, help="decoding threads")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     report = check_dataset(args.root, examples=args.examples, workers=args.workers)
@@ -259,4 +270,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -15,16 +15,43 @@ from .index import Sample
 MASK_THRESHOLD = 128  # masks carry JPEG-like ringing (0-10 / 246-255)
 
 
-def read_grey(path: Path, what: str = "image") -> np.ndarray:
-    """An image file as one uint8 greyscale channel (3-channel files hold grey content)."""
+MIN_IMAGE_SIDE = 32  # pixels: smaller images are refused (nothing of a tumour is left to segment)
+
+
+class ImageTooSmallError(DataError):
+    """An image below MIN_IMAGE_SIDE on a side."""
+
+
+def decode_grey(path: Path, what: str = "image") -> tuple[np.ndarray, int]:
+    """An image file as one uint8 greyscale channel, and the bit depth it was stored with (8 or 16).
+
+    8-bit files decode exactly as `cv2.IMREAD_GRAYSCALE` (3-channel files hold grey content). 16-bit files
+    (MRI exports often keep 12-bit data in them) are read at full depth and their real range, min..max of
+    the image, is mapped linearly onto 0..255: reading them as 8-bit would keep only the top byte (0-15).
+    """
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read {what} '{path}': {exc}") from None
-    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None:
         raise DataError(f"cannot decode {what} '{path}': empty, truncated or not an image file")
-    return image
+    depth = 8 * image.dtype.itemsize
+    if image.dtype != np.uint8:
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            raise DataError(f"{what} '{path}' holds non-finite pixel values")
+        low, high = float(image.min()), float(image.max())
+        scaled = (image.astype(np.float64) - low) * (255.0 / (high - low)) if high > low else np.zeros(image.shape)
+        image = np.rint(scaled).astype(np.uint8)
+    if what != "mask" and min(image.shape) < MIN_IMAGE_SIDE:  # a mask must match its image's size instead
+        raise ImageTooSmallError(f"{what} '{path}' is {image.shape[1]}x{image.shape[0]} pixels; images smaller "
+                                 f"than {MIN_IMAGE_SIDE} px on a side are refused")
+    return image, depth
+
+
+def read_grey(path: Path, what: str = "image") -> np.ndarray:
+    """An image file as one uint8 greyscale channel (see `decode_grey`); raises `DataError` naming the file."""
+    return decode_grey(path, what)[0]
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

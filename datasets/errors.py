@@ -1,10 +1,12 @@
 """The one error type of the data pipeline, and the advice given when no dataset is found."""
 from __future__ import annotations
 
+from utils.errors import UserError
+
 from .naming import LAYOUT
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset on disk that cannot be used as it is; the message names the file or folder and the fix."""
 
 

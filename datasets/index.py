@@ -41,6 +41,12 @@ def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return [folder / name for name in sorted(names)]
 
 
+def unknown_class_folders(cls_dir: Path) -> list[Path]:
+    """Visible sub-folders of a split's classification folder that are not one of CLASS_NAMES."""
+    return sorted(p for p in cls_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and p.name not in CLASS_NAMES)
+
+
 def check_root(root: Union[str, Path]) -> Path:
     root = Path(root)
     if not root.is_dir():
@@ -64,6 +70,11 @@ def index_split(root: Union[str, Path], split: str) -> list[Sample]:
     mask_folder = masks_dir(root, split)
     mask_stems = {p.stem for p in list_files(mask_folder, (".png",))} if mask_folder.is_dir() else set()
 
+    extra = unknown_class_folders(cls_dir)
+    if extra:
+        raise DataError(f"'{extra[0]}' is not one of the configured classes ({', '.join(CLASS_NAMES)}); move or "
+                        f"remove {'it' if len(extra) == 1 else f'the {len(extra)} folders of unknown classes'} "
+                        "(every class folder is used, none is skipped silently)")
     samples: list[Sample] = []
     for label, class_name in enumerate(CLASS_NAMES):
         folder = cls_dir / class_name

@@ -1,56 +1,104 @@
 """Prediction on a folder of unlabelled images (`test.py --input`): a mask PNG per image and one CSV of classes
-and probabilities."""
+and probabilities.
+
+Every readable image is predicted; an unreadable one (empty, truncated, not an image, below the minimum size)
+is listed with its reason in the CSV and on the console, and the caller exits non-zero. Masks are made at each
+image's own size from bilinearly upsampled logits (`datasets.geometry.logits_to_original`), then thresholded.
+"""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from datasets import CLASS_NAMES
+from datasets import CLASS_NAMES, DataError
+from datasets.geometry import logits_to_original
 from evaluation.inference import predict
 from model.loading import load_model_from_checkpoint
 from utils.runtime import select_device
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+MASK_SUFFIX = "_mask.png"
+
+
+def fresh_output_dir(checkpoint: Path, input_dir: Path) -> Path:
+    """`<run>/predictions/<input folder>-<time>`: a folder of its own for each prediction run."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(checkpoint).resolve().parent / "predictions" / f"{input_dir.resolve().name}-{stamp}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def remove_stale_masks(mask_dir: Path, written: set[str]) -> int:
+    """Delete `*_mask.png` files in `mask_dir` that this run did not write (left by an earlier run)."""
+    stale = [p for p in mask_dir.glob(f"*{MASK_SUFFIX}") if p.name not in written]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
 
 @torch.no_grad()
 def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], device_name: str = "auto",
-                   threshold: Optional[float] = None, tta: bool = False, use_ema: bool = True) -> Path:
-    """Classify and segment every image in `input_dir`; write `<stem>_mask.png` files and `predictions.csv`."""
+                   threshold: Optional[float] = None, tta: bool = False, use_ema: bool = True) -> list[str]:
+    """Classify and segment every image in `input_dir`; write `<stem>_mask.png` files and `predictions.csv`.
+
+    Returns the names of the files that could not be predicted (also in the CSV with their reason).
+    """
     import cv2
 
     from datasets.transforms import load_image_for_inference
 
-    device = select_device(device_name)
-    model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
-    threshold = cfg.eval.threshold if threshold is None else threshold
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"--input '{input_dir}' is not a folder of images")
-    files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".tif",
-                                                                         ".tiff"})
+        raise DataError(f"--input '{input_dir}' is not a folder of images")
+    files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"--input '{input_dir}' holds no .jpg/.png/.bmp/.tif images")
-    out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "predictions"
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    rows = []
+        raise DataError(f"--input '{input_dir}' holds no {'/'.join(sorted(IMAGE_SUFFIXES))} images")
+    device = select_device(device_name, key="--device")
+    model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
+    threshold = cfg.eval.threshold if threshold is None else threshold
+    out_dir = Path(out_dir) if out_dir else fresh_output_dir(checkpoint, input_dir)
+    mask_dir = out_dir / "masks"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    columns = ["file", "predicted_class", "tumour_pixels", *(f"p_{n}" for n in CLASS_NAMES), "status", "error"]
+    rows, failed, written = [], [], set()
     for path in files:
-        image, original_size = load_image_for_inference(path, cfg.data)
+        row = dict.fromkeys(columns, "")
+        row["file"] = path.name
+        try:
+            image, (width, height) = load_image_for_inference(path, cfg.data)
+        except DataError as exc:
+            row.update(status="failed", error=str(exc))
+            failed.append(path.name)
+            print(f"failed: {path.name}: {exc}")
+            rows.append(row)
+            continue
         outputs = predict(model, image.unsqueeze(0).to(device), tta=tta)
         probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu()
-        mask = (torch.sigmoid(outputs["seg"].float())[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
-        mask = cv2.resize(mask, original_size, interpolation=cv2.INTER_NEAREST)  # back to (width, height)
-        cv2.imwrite(str(out_dir / "masks" / f"{path.stem}_mask.png"), mask)
-        row = {"file": path.name, "predicted_class": CLASS_NAMES[int(probs.argmax())],
-               "tumour_pixels": int((mask > 0).sum())}
+        logits = logits_to_original(outputs["seg"], (height, width))
+        mask = (torch.sigmoid(logits)[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
+        cv2.imwrite(str(mask_dir / f"{path.stem}{MASK_SUFFIX}"), mask)
+        written.add(f"{path.stem}{MASK_SUFFIX}")
+        row.update(status="ok", predicted_class=CLASS_NAMES[int(probs.argmax())],
+                   tumour_pixels=int((mask > 0).sum()))
         row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
         rows.append(row)
+    stale = remove_stale_masks(mask_dir, written)
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"{len(rows)} images: masks in {out_dir / 'masks'}, classes and probabilities in "
-          f"{out_dir / 'predictions.csv'}")
-    return out_dir
+    print(f"{len(rows) - len(failed)} of {len(rows)} images predicted: masks in {mask_dir}, classes and "
+          f"probabilities in {out_dir / 'predictions.csv'}")
+    if stale:
+        print(f"removed {stale} mask(s) of an earlier run from {mask_dir}")
+    if failed:
+        print(f"{len(failed)} file(s) could not be predicted (listed above and in predictions.csv)")
+    return failed

@@ -110,7 +110,7 @@ def run_test(opts: TestOptions) -> dict:
     from visualization.confusion import save_confusion_matrix
     from visualization.gradcam import write_gradcam_figures
 
-    device = select_device(opts.device)
+    device = select_device(opts.device, key="--device")
     model, cfg, ckpt = load_model_from_checkpoint(opts.checkpoint, device, use_ema=opts.use_ema)
     if opts.data_root:
         cfg.data.root = opts.data_root

@@ -20,7 +20,9 @@ import torch
 
 from model import build_model
 from model.loading import model_kwargs
+from utils.cli import add_debug_flag, positive_int, run_main
 from utils.config import load_config
+from utils.errors import InputError
 from utils.flops import latency_summary, thop_macs, time_forward
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -114,7 +116,7 @@ def render(rows: list[dict], split: str, threads: int) -> str:
 def update_readme(readme: Path, table: str) -> None:
     text = readme.read_text(encoding="utf-8")
     if START not in text or END not in text:
-        raise ValueError(f"{readme} has no '{START}' ... '{END}' block to replace")
+        raise InputError(f"{readme} has no '{START}' ... '{END}' block to replace")
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     readme.write_text(pattern.sub(lambda _: f"{START}\n{table}\n{END}", text), encoding="utf-8")
 
@@ -123,14 +125,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (e.g. runs/brisc_cpu/latest)")
     parser.add_argument("--split", default="val", help="which test.py output to read: test_<split>/metrics.json")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for the latency measurement")
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the latency measurement")
     parser.add_argument("--readme", type=Path, default=None, help="replace the README's results block")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        rows = [run_row(run, args.split, args.threads) for run in args.runs]
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    rows = [run_row(run, args.split, args.threads) for run in args.runs]
     table = render(rows, args.split, args.threads)
     print(table)
     if args.readme:
@@ -140,4 +139,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

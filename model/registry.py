@@ -12,6 +12,8 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
+from utils.config import ConfigError
+
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -32,10 +34,24 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class UnknownModelError(ConfigError, KeyError):
+    """`model.name` (or a `--models` entry) that no model registered under."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def check_model_name(name: str, key: str = "model.name") -> None:
+    """Raise `UnknownModelError` naming `key` and the closest registered name when `name` is not registered."""
+    if name in _REGISTRY:
+        return
+    close = difflib.get_close_matches(name, _REGISTRY, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise UnknownModelError(f"{key} '{name}' is not a registered model{hint} "
+                            f"(python -c \"from model import list_models; print(list_models())\")")
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model `name` with the given constructor keyword arguments."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise KeyError(f"unknown model '{name}'.{hint} Known models: {', '.join(list_models())}")
+    check_model_name(name)
     return _REGISTRY[name](**kwargs)

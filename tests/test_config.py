@@ -36,7 +36,7 @@ def test_unknown_key_suggests_closest():
 def test_wrong_type_and_value_say_what_is_allowed():
     with pytest.raises(ConfigError, match=r"'train.epochs'.*expected int"):
         config_from_dict({}, ["train.epochs=many"])
-    with pytest.raises(ConfigError, match=r"'data.cache'.*allowed values: none, ram, disk"):
+    with pytest.raises(ConfigError, match=r"'data.cache'.*expected one of none, ram, disk"):
         config_from_dict({}, ["data.cache=gpu"])
     with pytest.raises(ConfigError, match=r"'loss.class_weights'"):
         config_from_dict({}, ["loss.class_weights=[1,2]"])

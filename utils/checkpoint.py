@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -17,11 +18,12 @@ import torch
 import torch.nn as nn
 
 from utils.config import Config, ConfigError, config_from_dict
+from utils.errors import UserError
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
@@ -70,8 +72,12 @@ def restore_rng_state(state: dict) -> None:
 def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
     """Load a checkpoint file safely, with an error that names the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder; expected a checkpoint file such as "
+                              f"{path / 'best.pth'} or {path / 'last.pth'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    _check_torch_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle, ...
@@ -79,6 +85,31 @@ def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"'{path}' is not an EfficientMTNet framework checkpoint (no 'model'/'config' entries)")
     return ckpt
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse a file that is neither torch.save's zip archive nor a legacy pickle, before torch.load fails on
+    it with an unrelated message (a text file gives "pop from empty list")."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # zip (torch >= 1.6) or pickle protocol >= 2
+        return
+    what = "an empty file" if not head else f"{path.stat().st_size} bytes starting with {head!r}"
+    raise CheckpointError(f"'{path}' is not a PyTorch checkpoint ({what}, not a torch.save archive); pass the "
+                          "best.pth or last.pth that train.py wrote in the run directory")
+
+
+def resolve_checkpoint_arg(path: Union[str, Path]) -> Path:
+    """A `--checkpoint` argument: a file as it is, or a run folder's best.pth (saying so)."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "best.pth"
+        if not best.is_file():
+            raise CheckpointError(f"--checkpoint '{path}' is a folder without best.pth; expected a checkpoint file "
+                                  "(best.pth or last.pth of a run)")
+        print(f"--checkpoint {path} is a run folder: using {best}")
+        return best
+    return path
 
 
 def config_of(ckpt: dict, path: Union[str, Path] = "<checkpoint>") -> Config:

@@ -8,24 +8,42 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from utils.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
 # --------------------------------------------------------------------------------------------- schema
+# Every field declares what is valid beside its default, once: `spec(default, ge=.., gt=.., le=.., lt=..,
+# choices=.., pattern=.., each=.., pair=..)`. The rules are checked on every load and override, and the error
+# names the key, the bad value, what is allowed and where the value came from.
+def spec(default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None, **rules: Any) -> Any:
+    """A dataclass field with validation rules in its metadata (see `_violation` for the rule names)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rules": rules})
+    return field(default=default, metadata={"rules": rules})
+
+
+PROB = {"ge": 0.0, "le": 1.0}  # a probability
+NAME = {"pattern": r"[A-Za-z0-9][A-Za-z0-9_.-]*", "pattern_help": "letters, digits, '_', '.' or '-'"}
+DEVICE = {"pattern": r"auto|cpu|cuda|cuda:\d+|mps", "pattern_help": "auto, cpu, cuda, cuda:N or mps"}
+
+
 @dataclass
 class ExperimentConfig:
-    name: str = "efficient_mtnet"
-    work_dir: str = "runs"  # runs go to <work_dir>/<name>/<timestamp>
-    seed: int = 42
+    name: str = spec("efficient_mtnet", **NAME)
+    work_dir: str = spec("runs", nonempty=True)  # runs go to <work_dir>/<name>/<timestamp>
+    seed: int = spec(42, ge=0)
     deterministic: bool = False  # cuDNN deterministic + torch.use_deterministic_algorithms(warn_only)
 
 
@@ -33,61 +51,61 @@ class ExperimentConfig:
 class AugmentConfig:
     """Training augmentations; each `p_*` is the probability of one albumentations transform (0: off)."""
 
-    p_hflip: float = 0.5
-    p_vflip: float = 0.0
-    p_rotate: float = 0.5
-    rotate_limit: float = 15.0  # degrees
-    p_shift_scale: float = 0.3
-    shift_limit: float = 0.0625  # fraction of the image size
-    scale_limit: float = 0.1
-    p_elastic: float = 0.0
-    elastic_alpha: float = 100.0  # displacement strength, pixels at the training size
-    elastic_sigma: float = 8.0  # smoothness of the displacement field, pixels
-    p_brightness_contrast: float = 0.3
-    brightness_limit: float = 0.2
-    contrast_limit: float = 0.2
-    p_gamma: float = 0.0
-    gamma_limit: list = field(default_factory=lambda: [80, 120])
-    p_noise: float = 0.1
-    noise_std: list = field(default_factory=lambda: [0.01, 0.04])  # fraction of the intensity range
-    p_blur: float = 0.0
-    blur_sigma: list = field(default_factory=lambda: [0.3, 1.0])  # Gaussian blur sigma range, pixels
-    p_random_resized_crop: float = 0.0
-    crop_scale: list = field(default_factory=lambda: [0.8, 1.0])  # area fraction kept
-    crop_ratio: list = field(default_factory=lambda: [0.9, 1.1])  # aspect ratio range of the crop
+    p_hflip: float = spec(0.5, **PROB)
+    p_vflip: float = spec(0.0, **PROB)
+    p_rotate: float = spec(0.5, **PROB)
+    rotate_limit: float = spec(15.0, ge=0, le=180)  # degrees
+    p_shift_scale: float = spec(0.3, **PROB)
+    shift_limit: float = spec(0.0625, ge=0, le=1)  # fraction of the image size
+    scale_limit: float = spec(0.1, ge=0, lt=1)
+    p_elastic: float = spec(0.0, **PROB)
+    elastic_alpha: float = spec(100.0, ge=0)  # displacement strength, pixels at the training size
+    elastic_sigma: float = spec(8.0, gt=0)  # smoothness of the displacement field, pixels
+    p_brightness_contrast: float = spec(0.3, **PROB)
+    brightness_limit: float = spec(0.2, ge=0, le=1)
+    contrast_limit: float = spec(0.2, ge=0, le=1)
+    p_gamma: float = spec(0.0, **PROB)
+    gamma_limit: list = spec(factory=lambda: [80, 120], pair=True, each={"gt": 0})  # percent
+    p_noise: float = spec(0.1, **PROB)
+    noise_std: list = spec(factory=lambda: [0.01, 0.04], pair=True, each={"ge": 0})  # fraction of the range
+    p_blur: float = spec(0.0, **PROB)
+    blur_sigma: list = spec(factory=lambda: [0.3, 1.0], pair=True, each={"ge": 0})  # Gaussian sigma, pixels
+    p_random_resized_crop: float = spec(0.0, **PROB)
+    crop_scale: list = spec(factory=lambda: [0.8, 1.0], pair=True, each={"gt": 0, "le": 1})  # area fraction kept
+    crop_ratio: list = spec(factory=lambda: [0.9, 1.1], pair=True, each={"gt": 0})  # aspect ratio of the crop
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/demo_brisc"
+    root: str = spec("data/demo_brisc", nonempty=True)
     # When the root does not exist and `synthetic` is true, a BRISC-layout dataset is generated there once.
     synthetic: bool = False
-    synthetic_train: int = 400  # classification images in the generated train split
-    synthetic_test: int = 100
-    synthetic_seed: int = 0
-    image_size: int = 256
-    in_channels: int = 3
-    val_fraction: float = 0.1  # stratified share of the train split used for validation
-    split_seed: int = 42
-    split_file: Optional[str] = None  # reuse an existing split JSON instead of drawing a new one
-    cache: str = "none"  # none | ram | disk: keep decoded, resized uint8 arrays
-    cache_dir: str = ".cache/brisc"
-    batch_size: int = 16
-    num_workers: int = 2
+    synthetic_train: int = spec(400, ge=1)  # classification images in the generated train split
+    synthetic_test: int = spec(100, ge=1)
+    synthetic_seed: int = spec(0, ge=0)
+    image_size: int = spec(256, ge=32)
+    in_channels: int = spec(3, choices=(1, 3))
+    val_fraction: float = spec(0.1, ge=0, lt=1)  # stratified share of the train split used for validation
+    split_seed: int = spec(42, ge=0)
+    split_file: Optional[str] = spec(None, nonempty=True)  # reuse an existing split JSON instead of drawing one
+    cache: str = spec("none", choices=("none", "ram", "disk"))  # keep decoded, resized uint8 arrays
+    cache_dir: str = spec(".cache/brisc", nonempty=True)
+    batch_size: int = spec(16, ge=1)
+    num_workers: int = spec(2, ge=0)
     pin_memory: bool = True
-    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list = spec(factory=lambda: [0.485, 0.456, 0.406], each={"ge": 0, "le": 1})
+    std: list = spec(factory=lambda: [0.229, 0.224, 0.225], each={"gt": 0})
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "efficient_mtnet"
-    num_classes: int = 4
+    name: str = spec("efficient_mtnet", nonempty=True)  # a registered model: model.list_models()
+    num_classes: int = spec(4, ge=2)
     deep_supervision: bool = True
-    pretrained: Optional[str] = None  # local weights file for baselines' encoders ("imagenet" needs a network)
-    freeze_encoder_epochs: int = 0  # freeze the encoder for the first K epochs (0: never)
-    freeze_stages: int = -1  # with freezing: how many encoder stages (-1: all of it)
+    pretrained: Optional[str] = spec(None, nonempty=True)  # local weights file for baselines' encoders
+    freeze_encoder_epochs: int = spec(0, ge=0)  # freeze the encoder for the first K epochs (0: never)
+    freeze_stages: int = spec(-1, ge=-1)  # with freezing: how many encoder stages (-1: all of it)
     kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the chosen model
 
 
@@ -95,15 +113,15 @@ class ModelConfig:
 class SegLossConfig:
     """Weights of the segmentation terms; a zero weight switches a term off."""
 
-    bce: float = 1.0
-    dice: float = 1.0
-    focal: float = 0.0
-    tversky: float = 0.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    tversky_alpha: float = 0.3  # weight of false positives
-    tversky_beta: float = 0.7  # weight of false negatives
-    smooth: float = 1.0  # Dice / Tversky smoothing (> 0): keeps empty masks finite
+    bce: float = spec(1.0, ge=0)
+    dice: float = spec(1.0, ge=0)
+    focal: float = spec(0.0, ge=0)
+    tversky: float = spec(0.0, ge=0)
+    focal_alpha: float = spec(0.25, **PROB)
+    focal_gamma: float = spec(2.0, ge=0)
+    tversky_alpha: float = spec(0.3, ge=0)  # weight of false positives
+    tversky_beta: float = spec(0.7, ge=0)  # weight of false negatives
+    smooth: float = spec(1.0, gt=0)  # Dice / Tversky smoothing: keeps empty masks finite
     dice_per_image: bool = True  # Dice / Tversky per image, averaged (True) or over the whole batch (False)
 
 
@@ -111,62 +129,62 @@ class SegLossConfig:
 class LossConfig:
     """total = cls_weight * CE + seg_weight * seg(main) + sum_i aux_weights[i] * seg(aux_i); 0 switches a task off."""
 
-    cls_weight: float = 1.0
-    seg_weight: float = 1.0
-    label_smoothing: float = 0.0
+    cls_weight: float = spec(1.0, ge=0)
+    seg_weight: float = spec(1.0, ge=0)
+    label_smoothing: float = spec(0.0, ge=0, lt=1)
     # None (unweighted), "balanced" (inverse training frequency) or one weight per class
-    class_weights: Union[None, str, list] = None
+    class_weights: Union[None, str, list] = spec(None, choices=("balanced",), each={"ge": 0})
     # one weight per deep-supervision output, in the order of outputs["aux"]; more outputs than weights is an error
-    aux_weights: list = field(default_factory=lambda: [0.4, 0.2])
+    aux_weights: list = spec(factory=lambda: [0.4, 0.2], each={"ge": 0})
     seg: SegLossConfig = field(default_factory=SegLossConfig)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # sgd only
+    name: str = spec("adamw", choices=("adamw", "sgd"))
+    lr: float = spec(1e-3, gt=0)  # 0 is refused: a run at learning rate 0 trains nothing
+    weight_decay: float = spec(1e-4, ge=0)
+    momentum: float = spec(0.9, ge=0, lt=1)  # sgd only
     nesterov: bool = True  # sgd only
 
 
 @dataclass
 class SchedConfig:
-    name: str = "cosine"  # cosine | plateau | step | none
-    warmup_epochs: float = 1.0
-    min_lr: float = 1e-6
-    step_size: int = 10  # step
-    gamma: float = 0.1  # step
-    factor: float = 0.5  # plateau
-    patience: int = 5  # plateau
+    name: str = spec("cosine", choices=("cosine", "plateau", "step", "none"))
+    warmup_epochs: float = spec(1.0, ge=0)
+    min_lr: float = spec(1e-6, ge=0)
+    step_size: int = spec(10, ge=1)  # step
+    gamma: float = spec(0.1, gt=0, le=1)  # step
+    factor: float = spec(0.5, gt=0, lt=1)  # plateau
+    patience: int = spec(5, ge=0)  # plateau
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | none | fp16 | bf16
+    epochs: int = spec(30, ge=1)
+    device: str = spec("auto", **DEVICE)
+    amp: str = spec("auto", choices=("auto", "none", "fp16", "bf16"))  # auto: fp16 on CUDA, off on CPU
     channels_last: bool = False
     compile: bool = False
-    grad_clip: float = 0.0  # max gradient norm (0: off)
-    grad_accum_steps: int = 1
+    grad_clip: float = spec(0.0, ge=0)  # max gradient norm (0: off)
+    grad_accum_steps: int = spec(1, ge=1)
     ema: bool = False
-    ema_decay: float = 0.999
-    monitor: str = "dice"  # validation metric used for best.pth and early stopping (or "loss")
-    monitor_mode: str = "max"  # max | min
-    early_stop_patience: int = 0  # epochs without improvement before stopping (0: off)
-    time_budget_min: float = 0.0  # wall-clock budget; training ends cleanly when it is spent (0: off)
-    log_every_steps: int = 20
-    image_log_every: int = 5  # epochs between image / confusion-matrix logs
+    ema_decay: float = spec(0.999, gt=0, lt=1)
+    monitor: str = spec("dice", nonempty=True)  # validation metric for best.pth and early stopping (or "loss")
+    monitor_mode: str = spec("max", choices=("max", "min"))
+    early_stop_patience: int = spec(0, ge=0)  # epochs without improvement before stopping (0: off)
+    time_budget_min: float = spec(0.0, ge=0)  # wall-clock budget; training ends cleanly when it is spent (0: off)
+    log_every_steps: int = spec(20, ge=1)
+    image_log_every: int = spec(5, ge=0)  # epochs between image / confusion-matrix logs (0: never)
     sync_bn: bool = False  # distributed runs only
-    threads: int = 0  # torch CPU threads (0: leave the default)
+    threads: int = spec(0, ge=0)  # torch CPU threads (0: leave the default)
 
 
 @dataclass
 class EvalConfig:
-    threshold: float = 0.5
+    threshold: float = spec(0.5, gt=0, lt=1)
     tta: bool = False
-    batch_size: int = 32
+    batch_size: int = spec(32, ge=1)
 
 
 @dataclass
@@ -179,16 +197,6 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-# Values that are checked beyond their type.
-_CHOICES = {
-    "data.cache": ("none", "ram", "disk"),
-    "optim.name": ("adamw", "sgd"),
-    "sched.name": ("cosine", "plateau", "step", "none"),
-    "train.amp": ("auto", "none", "fp16", "bf16"),
-    "train.monitor_mode": ("max", "min"),
-}
 
 
 # --------------------------------------------------------------------------------------------- merging
@@ -230,10 +238,62 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
 
 
-def _merge(node: Any, updates: dict, prefix: str = "") -> None:
-    """Write the mapping `updates` into the dataclass `node`, checking keys and types."""
+def _bound_text(rules: dict) -> str:
+    low = [f"{'>=' if 'ge' in rules else '>'} {rules.get('ge', rules.get('gt'))}"] if {"ge", "gt"} & set(rules) else []
+    high = [f"{'<=' if 'le' in rules else '<'} {rules.get('le', rules.get('lt'))}"] if {"le", "lt"} & set(rules) else []
+    return " and ".join(low + high)
+
+
+def _out_of_bounds(value: Any, rules: dict) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return bool({"ge", "gt", "le", "lt"} & set(rules))
+    return (("ge" in rules and not value >= rules["ge"]) or ("gt" in rules and not value > rules["gt"])
+            or ("le" in rules and not value <= rules["le"]) or ("lt" in rules and not value < rules["lt"]))
+
+
+def _violation(value: Any, rules: dict) -> Optional[str]:
+    """What is allowed, when `value` breaks one of the field's `rules`; None when it fits (or is None).
+
+    Rules: ge / gt / le / lt (numeric bounds), choices (allowed scalars), pattern (+ pattern_help) and nonempty
+    for strings, each (bounds for every list item), pair (a [low, high] list with low <= high).
+    """
+    if value is None or not rules:
+        return None
+    if isinstance(value, list):
+        each = rules.get("each", {})
+        if rules.get("pair") and (len(value) != 2 or _out_of_bounds(value[0], each) or _out_of_bounds(value[1], each)
+                                  or value[0] > value[1]):
+            items = f" with each {_bound_text(each)}" if each else ""
+            return f"a pair [low, high] with low <= high{items}"
+        if any(_out_of_bounds(v, each) for v in value):
+            return f"a list of numbers {_bound_text(each)}"
+        return None
+    if "choices" in rules and value not in rules["choices"]:
+        alternatives = ["null or a list of numbers"] if "each" in rules else []
+        return "one of " + ", ".join([str(c) for c in rules["choices"]] + alternatives)
+    if isinstance(value, str):
+        if rules.get("nonempty") and not value.strip():
+            return "a non-empty string"
+        if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
+            return rules.get("pattern_help", f"a string matching {rules['pattern']}")
+        return None
+    if _out_of_bounds(value, rules):
+        kind = "an integer" if isinstance(value, int) else "a number"
+        return f"{kind} {_bound_text(rules)}"
+    return None
+
+
+def _where(key: str, origins: dict[str, str]) -> str:
+    return f" ({origins[key]})" if key in origins else ""
+
+
+def _merge(node: Any, updates: dict, origin: Optional[str], origins: dict[str, str], prefix: str = "") -> None:
+    """Write the mapping `updates` into the dataclass `node`, checking keys and types; records in `origins`
+    where each key's value came from ("in <file>", "from --opts key=value")."""
+    suffix = f" ({origin})" if origin else ""
     if not isinstance(updates, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}")
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}"
+                          f"{suffix}")
     hints = typing.get_type_hints(type(node))
     names = [f.name for f in fields(node)]
     for key, value in updates.items():
@@ -241,15 +301,30 @@ def _merge(node: Any, updates: dict, prefix: str = "") -> None:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{full}'.{hint} Valid keys here: {', '.join(names)}")
+            raise ConfigError(f"unknown config key '{full}'{suffix}.{hint} Valid keys here: {', '.join(names)}")
         current = getattr(node, key)
         if is_dataclass(current):
-            _merge(current, value, prefix=f"{full}.")
+            _merge(current, value, origin, origins, prefix=f"{full}.")
             continue
-        value = _coerce(value, hints[key], full)
-        if full in _CHOICES and value not in _CHOICES[full]:
-            raise ConfigError(f"config key '{full}': got {value!r}; allowed values: {', '.join(_CHOICES[full])}")
+        try:
+            value = _coerce(value, hints[key], full)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{suffix}") from None
         setattr(node, key, value)
+        if origin:
+            origins[full] = origin
+
+
+def check_values(node: Any, origins: Optional[dict[str, str]] = None, prefix: str = "") -> None:
+    """Check every field of a config tree against the rules declared in its schema."""
+    for f in fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if is_dataclass(value):
+            check_values(value, origins, prefix=f"{key}.")
+            continue
+        allowed = _violation(value, f.metadata.get("rules", {}))
+        if allowed:
+            raise ConfigError(f"config key '{key}': got {value!r}; expected {allowed}{_where(key, origins or {})}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -271,33 +346,28 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
-def validate(cfg: Config) -> None:
-    """Checks that span several keys."""
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"config key 'data.val_fraction': got {cfg.data.val_fraction}; expected 0 <= value < 1")
-    if cfg.data.in_channels not in (1, 3):
-        raise ConfigError(f"config key 'data.in_channels': got {cfg.data.in_channels}; allowed values: 1, 3")
+def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
+    """Checks that span several keys (single values are checked by the rules of their schema field)."""
+    origins = origins or {}
     if len(cfg.data.mean) != len(cfg.data.std):
-        raise ConfigError("config keys 'data.mean' and 'data.std' must have the same length")
+        raise ConfigError("config keys 'data.mean' and 'data.std' must have the same length"
+                          f"{_where('data.std', origins) or _where('data.mean', origins)}")
     cw = cfg.loss.class_weights
-    if isinstance(cw, str) and cw != "balanced":
-        raise ConfigError(f"config key 'loss.class_weights': got {cw!r}; allowed: null, 'balanced' or a list")
     if isinstance(cw, list) and len(cw) != cfg.model.num_classes:
-        raise ConfigError(f"config key 'loss.class_weights': {len(cw)} weights for {cfg.model.num_classes} classes")
-    if cfg.train.grad_accum_steps < 1:
-        raise ConfigError("config key 'train.grad_accum_steps' must be >= 1")
-    if cfg.data.image_size < 32:
-        raise ConfigError(f"config key 'data.image_size': got {cfg.data.image_size}; expected >= 32")
+        raise ConfigError(f"config key 'loss.class_weights': {len(cw)} weights for {cfg.model.num_classes} classes"
+                          f"{_where('loss.class_weights', origins)}")
 
 
-def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- `raw` <- `overrides`, validated."""
+def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: Optional[str] = None) -> Config:
+    """Defaults <- `raw` <- `overrides`, validated; `source` says where `raw` came from (e.g. "in exp.yaml")."""
     cfg = Config()
-    _merge(cfg, raw or {})
+    origins: dict[str, str] = {}
+    _merge(cfg, raw or {}, source, origins)
     for text in overrides or []:
         path, value = parse_override(text)
-        _merge(cfg, _nest(path, value))
-    validate(cfg)
+        _merge(cfg, _nest(path, value), f"from --opts {text}", origins)
+    check_values(cfg, origins)
+    validate(cfg, origins)
     return cfg
 
 
@@ -315,11 +385,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
                 raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
-    try:
-        return config_from_dict(raw, overrides)
-    except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{exc}{where}") from None
+    return config_from_dict(raw, overrides, source=f"in {path}" if path is not None else None)
 
 
 def config_to_dict(cfg: Config) -> dict:

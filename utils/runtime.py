@@ -9,19 +9,30 @@ from typing import ContextManager, Optional
 import numpy as np
 import torch
 
-from utils.config import TrainConfig
+from utils.config import ConfigError, TrainConfig
 
 
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA when present (the local rank's GPU under torchrun), else the CPU."""
+def select_device(name: str = "auto", local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """`auto` picks CUDA when present (the local rank's GPU under torchrun), else the CPU. A device that this
+    machine does not have is a `ConfigError` naming `key` (the config key or command-line option)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name!r} but no CUDA GPU is visible; use train.device=cpu or auto")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={name!r} but no CUDA GPU is visible on this machine; use {key}=cpu or auto")
         if name == "cuda":
             return torch.device("cuda", local_rank)
-    return torch.device(name)
+        index = torch.device(name).index
+        if index is not None and index >= count:
+            raise ConfigError(f"{key}={name!r} but this machine has {count} CUDA GPU(s) (cuda:0 to "
+                              f"cuda:{count - 1}); use {key}=cuda or auto")
+    elif name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"{key}='mps' but no Apple GPU is available; use {key}=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -64,7 +75,7 @@ def amp_dtype(train_cfg: TrainConfig, device: torch.device) -> Optional[torch.dt
     if mode == "none":
         return None
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; on a CPU use train.amp=bf16 or none")
+        raise ConfigError("train.amp=fp16 needs a CUDA device; on a CPU use train.amp=bf16 or none")
     return torch.float16 if mode == "fp16" else torch.bfloat16
 
 

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-
+from utils.cli import add_debug_flag, positive_int, run_main
 from visualization.architecture import draw_architecture
 from visualization.cases import compare_checkpoints
 from visualization.curves import plot_training_curves
@@ -18,13 +19,14 @@ from visualization.curves import plot_training_curves
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visualization", description=__doc__.split("\n")[0])
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     compare = sub.add_parser("compare", help="qualitative grid: input, ground truth, prediction of each checkpoint")
     compare.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint files (in their run dirs)")
     compare.add_argument("--split", default="test", choices=["val", "test"])
     compare.add_argument("--data-root", default=None, help="dataset root replacing the checkpoints' data.root")
-    compare.add_argument("--num", type=int, default=6, help="number of cases (rows)")
+    compare.add_argument("--num", type=positive_int, default=6, help="number of cases (rows)")
     compare.add_argument("--out", default="images/comparison.png")
     compare.add_argument("--labels", nargs="+", default=None, help="column titles, one per checkpoint")
     compare.add_argument("--device", default="cpu")
@@ -44,8 +46,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if args.command == "compare":
         if args.labels is not None and len(args.labels) != len(args.checkpoints):
             parser.error(f"--labels: {len(args.labels)} labels for {len(args.checkpoints)} checkpoints")
-        if args.num < 1:
-            parser.error("--num must be >= 1")
         path = compare_checkpoints(args.checkpoints, args.out, args.split, args.data_root, args.num, args.labels,
                                    args.device)
     elif args.command == "curves":
@@ -59,4 +59,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

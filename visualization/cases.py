@@ -13,6 +13,7 @@ from matplotlib.patches import Patch
 
 from datasets.brisc import IMAGENET_MEAN, IMAGENET_STD
 from datasets.naming import CLASS_NAMES
+from utils.errors import InputError
 from visualization.common import (GT_COLOUR, PRED_COLOUR, ArrayLike, PathLike, binary_masks, dataset_ids,
     dataset_labels, display_images, new_figure, paint_mask, plain_axis, save_figure, spread_indices,
     wrap_text)
@@ -174,7 +175,7 @@ def compare_checkpoints(checkpoints: Sequence[PathLike], out_path: PathLike = "i
             position = {stem: i for i, stem in enumerate(dataset_ids(dataset))}
             missing = [stem for stem in ids if stem not in position]
             if missing:
-                raise ValueError(f"compare: image '{missing[0]}' of the first checkpoint's {split} split is not in "
+                raise InputError(f"compare: image '{missing[0]}' of the first checkpoint's {split} split is not in "
                                  f"the {split} split of '{path}'; compare checkpoints on the same data")
             batch = torch.stack([dataset[position[stem]]["image"] for stem in ids])
         masks, predicted = _predict_cases(model, batch, cfg.eval.threshold, size)

@@ -8,6 +8,7 @@ from typing import Union
 
 from matplotlib.ticker import MaxNLocator
 
+from utils.errors import InputError
 from visualization.common import PathLike, new_figure, save_figure
 
 
@@ -46,7 +47,7 @@ def _load_history(history: Union[list, PathLike]) -> tuple[list[dict], str]:
     with open(path, encoding="utf-8") as handle:
         rows = json.load(handle)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"'{path}' must hold a JSON list of per-epoch objects")
+        raise InputError(f"'{path}' must hold a JSON list of per-epoch objects")
     run = path.resolve().parent  # a `latest` link resolves to the timestamped run
     return rows, f"{run.parent.name}/{run.name}"
 
@@ -59,7 +60,7 @@ def plot_training_curves(history: Union[list, PathLike], out_path: PathLike) -> 
     """
     rows, run_name = _load_history(history)
     if not rows:
-        raise ValueError("the training history is empty: nothing to plot (has an epoch finished?)")
+        raise InputError("the training history is empty: nothing to plot (has an epoch finished?)")
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)

@@ -21,6 +21,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from datasets.brisc import IMAGENET_MEAN, IMAGENET_STD
 from datasets.naming import CLASS_NAMES
 from utils.checkpoint import unwrap_model
+from utils.errors import InputError
 from visualization.common import (GT_COLOUR, ArrayLike, PathLike, binary_masks, dataset_labels, display_images,
                                   jet_mappable, new_figure, paint_mask, plain_axis, save_figure, spread_indices,
                                   wrap_text)
@@ -61,7 +62,7 @@ def resolve_target_layer(model: nn.Module, target_layer: TargetLayer = None) -> 
         except AttributeError:
             stages = _stage_names(model)
             hint = f" Encoder stages: {', '.join(stages)}." if stages else ""
-            raise ValueError(f"Grad-CAM target layer '{target_layer}' is not a submodule of "
+            raise InputError(f"Grad-CAM target layer '{target_layer}' is not a submodule of "
                              f"{type(model).__name__}.{hint}") from None
     if not hasattr(model, "encoder_stages"):
         raise ValueError(f"{type(model).__name__} has no encoder_stages(); pass the Grad-CAM target layer explicitly")

@@ -1,0 +1,75 @@
+"""What every entry point shares: one-line errors for the user's mistakes, and argument types with ranges.
+
+    if __name__ == "__main__":
+        sys.exit(run_main(main))
+
+`run_main` calls `main(argv)` with `--debug` taken out of the arguments. A `UserError` (ConfigError,
+DataError, CheckpointError, ...) or a missing file becomes `error: <message>` on stderr and exit status 2;
+`--debug` or the environment variable EFFICIENT_MTNET_DEBUG=1 lets it raise with its full traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from utils.errors import UserError
+
+DEBUG_ENV = "EFFICIENT_MTNET_DEBUG"
+DEBUG_HELP = f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
+USER_ERROR_EXIT = 2
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_main(main: Callable[[Optional[list[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
+    """Run an entry point's `main(argv)`; returns its exit status (0 when it returns something else than an int)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(args)
+    args = [a for a in args if a != "--debug"]
+    try:
+        result = main(args)
+    except (UserError, FileNotFoundError) as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """List `--debug` in the help (run_main removes it from the arguments before the parser sees them)."""
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+
+def _number(text: str, kind: type) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `low`."""
+    def parse(text: str) -> int:
+        value = int(_number(text, int))
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def open_unit_float(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (a probability threshold)."""
+    value = float(_number(text, float))
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text}")
+    return value
