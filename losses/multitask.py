@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses.segmentation import SegmentationLoss
-from utils.config import LossConfig
+from utils.config import LossConfig, check_loss
 
 
 def balanced_class_weights(class_counts: Sequence[int]) -> list[float]:
@@ -52,7 +52,7 @@ class MultiTaskLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig, class_counts: Optional[Sequence[int]] = None) -> None:
         super().__init__()
-        _check_config(cfg)
+        check_loss(cfg)  # ConfigError (a ValueError) naming the key
         self.cls_weight = float(cfg.cls_weight)
         self.seg_weight = float(cfg.seg_weight)
         self.aux_weights = [float(w) for w in cfg.aux_weights]
@@ -152,16 +152,3 @@ def _resize_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     return logits
-
-
-def _check_config(cfg: LossConfig) -> None:
-    for key in ("cls_weight", "seg_weight"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"config key 'loss.{key}': got {getattr(cfg, key)}; expected >= 0")
-    if any(w < 0 for w in cfg.aux_weights):
-        raise ValueError(f"config key 'loss.aux_weights': got {cfg.aux_weights}; weights must be >= 0")
-    if cfg.cls_weight == 0 and cfg.seg_weight == 0:
-        raise ValueError("config keys 'loss.cls_weight' and 'loss.seg_weight' are both 0: there is nothing to "
-                         "train (auxiliary outputs alone are not scored in evaluation)")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError(f"config key 'loss.label_smoothing': got {cfg.label_smoothing}; expected 0 <= value < 1")

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.config import SegLossConfig
+from utils.config import SEG_TERMS, SegLossConfig, check_seg_loss
 
-TERM_NAMES = ("bce", "dice", "focal", "tversky")
+TERM_NAMES = SEG_TERMS  # the segmentation terms, in the order they are logged
 
 
 def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ class SegmentationLoss(nn.Module):
 
     def __init__(self, cfg: SegLossConfig) -> None:
         super().__init__()
-        _check_seg_config(cfg)
+        check_seg_loss(cfg)  # ConfigError (a ValueError) naming the key
         self.cfg = cfg
         self.weights = {name: float(getattr(cfg, name)) for name in TERM_NAMES if getattr(cfg, name) > 0}
 
@@ -113,22 +113,3 @@ class SegmentationLoss(nn.Module):
                                             cfg.smooth, cfg.dice_per_image)
         combined = sum(self.weights[name] * value for name, value in terms.items())
         return combined, terms
-
-
-def _check_seg_config(cfg: SegLossConfig) -> None:
-    for name in TERM_NAMES:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"config key 'loss.seg.{name}': got {getattr(cfg, name)}; weights must be >= 0")
-    if not any(getattr(cfg, name) > 0 for name in TERM_NAMES):
-        raise ValueError("config section 'loss.seg' has no term with a positive weight (bce, dice, focal, tversky); "
-                         "give one a weight, or set loss.seg_weight=0 to train classification only")
-    if cfg.smooth <= 0:
-        raise ValueError(f"config key 'loss.seg.smooth': got {cfg.smooth}; expected > 0 (Dice and Tversky on an "
-                         "empty mask with an empty prediction would be 0/0)")
-    if not 0.0 <= cfg.focal_alpha <= 1.0:
-        raise ValueError(f"config key 'loss.seg.focal_alpha': got {cfg.focal_alpha}; expected 0 <= value <= 1")
-    if cfg.focal_gamma < 0:
-        raise ValueError(f"config key 'loss.seg.focal_gamma': got {cfg.focal_gamma}; expected >= 0")
-    if cfg.tversky_alpha < 0 or cfg.tversky_beta < 0 or cfg.tversky_alpha + cfg.tversky_beta <= 0:
-        raise ValueError(f"config keys 'loss.seg.tversky_alpha' / 'loss.seg.tversky_beta': got {cfg.tversky_alpha} "
-                         f"/ {cfg.tversky_beta}; expected both >= 0 with a positive sum")

@@ -91,7 +91,7 @@ def _check_torch_file(path: Path) -> None:
     """Refuse a file that is neither torch.save's zip archive nor a legacy pickle, before torch.load fails on
     it with an unrelated message (a text file gives "pop from empty list")."""
     with open(path, "rb") as handle:
-        head = handle.read(4)
+        head = handle.read(16)
     if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # zip (torch >= 1.6) or pickle protocol >= 2
         return
     what = "an empty file" if not head else f"{path.stat().st_size} bytes starting with {head!r}"

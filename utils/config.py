@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
 from utils.errors import UserError
+from utils.schema import PROB, spec, violation
 
 
 class ConfigError(UserError, ValueError):
@@ -25,16 +25,8 @@ class ConfigError(UserError, ValueError):
 
 # --------------------------------------------------------------------------------------------- schema
 # Every field declares what is valid beside its default, once: `spec(default, ge=.., gt=.., le=.., lt=..,
-# choices=.., pattern=.., each=.., pair=..)`. The rules are checked on every load and override, and the error
-# names the key, the bad value, what is allowed and where the value came from.
-def spec(default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None, **rules: Any) -> Any:
-    """A dataclass field with validation rules in its metadata (see `_violation` for the rule names)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"rules": rules})
-    return field(default=default, metadata={"rules": rules})
-
-
-PROB = {"ge": 0.0, "le": 1.0}  # a probability
+# choices=.., pattern=.., each=.., pair=..)` (utils/schema.py). The rules are checked on every load and
+# override, and the error names the key, the bad value, what is allowed and where the value came from.
 NAME = {"pattern": r"[A-Za-z0-9][A-Za-z0-9_.-]*", "pattern_help": "letters, digits, '_', '.' or '-'"}
 DEVICE = {"pattern": r"auto|cpu|cuda|cuda:\d+|mps", "pattern_help": "auto, cpu, cuda, cuda:N or mps"}
 
@@ -238,51 +230,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
 
 
-def _bound_text(rules: dict) -> str:
-    low = [f"{'>=' if 'ge' in rules else '>'} {rules.get('ge', rules.get('gt'))}"] if {"ge", "gt"} & set(rules) else []
-    high = [f"{'<=' if 'le' in rules else '<'} {rules.get('le', rules.get('lt'))}"] if {"le", "lt"} & set(rules) else []
-    return " and ".join(low + high)
-
-
-def _out_of_bounds(value: Any, rules: dict) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return bool({"ge", "gt", "le", "lt"} & set(rules))
-    return (("ge" in rules and not value >= rules["ge"]) or ("gt" in rules and not value > rules["gt"])
-            or ("le" in rules and not value <= rules["le"]) or ("lt" in rules and not value < rules["lt"]))
-
-
-def _violation(value: Any, rules: dict) -> Optional[str]:
-    """What is allowed, when `value` breaks one of the field's `rules`; None when it fits (or is None).
-
-    Rules: ge / gt / le / lt (numeric bounds), choices (allowed scalars), pattern (+ pattern_help) and nonempty
-    for strings, each (bounds for every list item), pair (a [low, high] list with low <= high).
-    """
-    if value is None or not rules:
-        return None
-    if isinstance(value, list):
-        each = rules.get("each", {})
-        if rules.get("pair") and (len(value) != 2 or _out_of_bounds(value[0], each) or _out_of_bounds(value[1], each)
-                                  or value[0] > value[1]):
-            items = f" with each {_bound_text(each)}" if each else ""
-            return f"a pair [low, high] with low <= high{items}"
-        if any(_out_of_bounds(v, each) for v in value):
-            return f"a list of numbers {_bound_text(each)}"
-        return None
-    if "choices" in rules and value not in rules["choices"]:
-        alternatives = ["null or a list of numbers"] if "each" in rules else []
-        return "one of " + ", ".join([str(c) for c in rules["choices"]] + alternatives)
-    if isinstance(value, str):
-        if rules.get("nonempty") and not value.strip():
-            return "a non-empty string"
-        if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
-            return rules.get("pattern_help", f"a string matching {rules['pattern']}")
-        return None
-    if _out_of_bounds(value, rules):
-        kind = "an integer" if isinstance(value, int) else "a number"
-        return f"{kind} {_bound_text(rules)}"
-    return None
-
-
 def _where(key: str, origins: dict[str, str]) -> str:
     return f" ({origins[key]})" if key in origins else ""
 
@@ -322,7 +269,7 @@ def check_values(node: Any, origins: Optional[dict[str, str]] = None, prefix: st
         if is_dataclass(value):
             check_values(value, origins, prefix=f"{key}.")
             continue
-        allowed = _violation(value, f.metadata.get("rules", {}))
+        allowed = violation(value, f.metadata.get("rules", {}))
         if allowed:
             raise ConfigError(f"config key '{key}': got {value!r}; expected {allowed}{_where(key, origins or {})}")
 
@@ -346,9 +293,33 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
+SEG_TERMS = ("bce", "dice", "focal", "tversky")
+
+
+def check_seg_loss(seg: SegLossConfig, origins: Optional[dict[str, str]] = None) -> None:
+    """The `loss.seg` keys, each by its schema rules and together."""
+    check_values(seg, origins, prefix="loss.seg.")
+    if not any(getattr(seg, name) > 0 for name in SEG_TERMS):
+        raise ConfigError("config section 'loss.seg' has no term with a positive weight (bce, dice, focal, tversky); "
+                          "give one a weight, or set loss.seg_weight=0 to train classification only")
+    if seg.tversky_alpha + seg.tversky_beta <= 0:
+        raise ConfigError("config keys 'loss.seg.tversky_alpha' and 'loss.seg.tversky_beta' are both 0; give one "
+                          "a positive weight")
+
+
+def check_loss(loss: LossConfig, origins: Optional[dict[str, str]] = None) -> None:
+    """The `loss` keys, each by its schema rules and together (also used when a loss is built in code)."""
+    check_values(loss, origins, prefix="loss.")
+    check_seg_loss(loss.seg, origins)
+    if loss.cls_weight == 0 and loss.seg_weight == 0:
+        raise ConfigError("config keys 'loss.cls_weight' and 'loss.seg_weight' are both 0: there is nothing to "
+                          "train (auxiliary outputs alone are not scored in evaluation)")
+
+
 def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
     """Checks that span several keys (single values are checked by the rules of their schema field)."""
     origins = origins or {}
+    check_loss(cfg.loss, origins)
     if len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("config keys 'data.mean' and 'data.std' must have the same length"
                           f"{_where('data.std', origins) or _where('data.mean', origins)}")
