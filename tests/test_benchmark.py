@@ -9,6 +9,7 @@ import pytest
 
 import benchmark
 from tests.helpers import REPO, run_entry
+from utils.errors import UserError
 
 
 def test_cpu_run_writes_table_csv_json_and_radar(tmp_path: Path):
@@ -77,5 +78,5 @@ def test_metrics_join_table_and_radar(tmp_path: Path, capsys):
     benchmark.draw_radar(rows, tmp_path / "radar.png", with_metrics=True)
     assert (tmp_path / "radar.png").stat().st_size > 10_000
 
-    with pytest.raises(SystemExit, match="no metrics.json"):
+    with pytest.raises(UserError, match="no metrics.json"):  # run_main prints it as one line, exit 2
         benchmark.load_metrics([str(tmp_path / "nothing" / "*.json")])
