@@ -14,6 +14,7 @@ import torch
 import benchmark
 import train as train_entry
 from datasets import check as check_entry
+from datasets.errors import DataError
 from evaluation import results as results_entry
 from model import build_model, check_model_name, list_models
 from tests.helpers import REPO, run_entry
@@ -178,6 +179,23 @@ def test_every_entry_point_turns_a_user_error_into_one_line(tmp_path, capsys):
             continue
         assert code == 2, (main.__module__, code)
         assert needle in _one_line_error(capsys), main.__module__
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        raise DataError(f"cannot decode image 'x{i}.jpg': empty, truncated or not an image file")
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(capsys):
+    """The worker's traceback, which the DataLoader puts into the re-raised error's message, is not shown."""
+    def main(argv):
+        next(iter(torch.utils.data.DataLoader(_Unreadable(), num_workers=1)))
+
+    assert run_main(main, []) == 2
+    assert _one_line_error(capsys) == "error: cannot decode image 'x0.jpg': empty, truncated or not an image file"
 
 
 def test_script_exit_status_and_message_without_traceback(tmp_path):

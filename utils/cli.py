@@ -35,9 +35,21 @@ def run_main(main: Callable[[Optional[list[str]]], Any], argv: Optional[Sequence
     except (UserError, FileNotFoundError) as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return USER_ERROR_EXIT
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of a user error; one raised in a DataLoader worker comes back wrapped in the worker's
+    traceback text ("Caught DataError in DataLoader worker ... Original Traceback ..."): keep its own message."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        kind = type(exc)
+        for name in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+            if f"\n{name}" in text:
+                return text.rsplit(f"\n{name}", 1)[1].strip()
+    return text
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
