@@ -31,6 +31,9 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
+from utils.cli import add_debug_flag, non_negative_int, positive_int, run_main
+from utils.errors import InputError
+
 from .naming import CLASS_NAMES, NO_TUMOR, format_name
 
 GENERATOR_VERSION = 1
@@ -316,17 +319,17 @@ def generate(out: Union[str, Path], n_train: int = 400, n_test: int = 100, seed:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Generate synthetic brain MRI slices in the BRISC 2025 layout.")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
-    parser.add_argument("--train", type=int, default=400, help="classification images in the train split")
-    parser.add_argument("--test", type=int, default=100, help="classification images in the test split")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=positive_int, default=400, help="classification images in the train split")
+    parser.add_argument("--test", type=positive_int, default=100, help="classification images in the test split")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
         generate(args.out, args.train, args.test, args.seed)
     except (FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise InputError(str(exc)) from exc
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

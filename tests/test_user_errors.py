@@ -14,6 +14,7 @@ import torch
 import benchmark
 import train as train_entry
 from datasets import check as check_entry
+from datasets import synthetic as synthetic_entry
 from datasets.errors import DataError
 from evaluation import results as results_entry
 from model import build_model, check_model_name, list_models
@@ -165,6 +166,7 @@ def test_every_entry_point_turns_a_user_error_into_one_line(tmp_path, capsys):
     missing = tmp_path / "missing"
     cases = [
         (test_entry.main, ["--checkpoint", str(missing / "best.pth")], "does not exist"),
+        (synthetic_entry.main, ["--out", str(tmp_path)], "already exists"),
         (check_entry.main, [str(missing)], None),  # a report, not an exception: exit 1
         (visualization_entry.main, ["curves", "--run", str(missing)], "history"),
         (results_entry.main, [str(missing)], "missing"),
