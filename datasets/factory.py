@@ -52,6 +52,7 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
         cache_dir=data_cfg.cache_dir,
         verbose=verbose,
         name=name,
+        resize=data_cfg.resize,
     )
 
 
