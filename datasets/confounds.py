@@ -5,9 +5,10 @@
 A small random forest (scikit-learn; a single tree for one property) is cross-validated (stratified,
 5 folds, seeded) on properties that say nothing about anatomy: channels stored in the file, width, height,
 aspect ratio, file size, bytes per pixel, estimated JPEG quality, mean intensity, background level (mean of
-the outer 5 % frame) and the dark fraction (pixels < 10). It reports the balanced accuracy with all properties and with each one alone;
-chance is 1 / classes. Near 1.0 means the labels can be read without looking at the anatomy: a model can
-learn the source of the images instead of the tumour.
+the outer 5 % frame) and the dark fraction (pixels < 10). It reports the balanced accuracy with all
+properties and with each one alone (chance is 1 / classes), and each class against the rest. Near 1.0 means
+the labels can be read without looking at the anatomy: a model can learn the source of the images instead
+of the tumour.
 """
 from __future__ import annotations
 
