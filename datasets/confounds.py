@@ -94,9 +94,9 @@ def audit_properties(features: np.ndarray, labels: Sequence[int], names: Sequenc
     """Cross-validated balanced accuracy of a small random forest on all properties and on each alone,
     plus the per-class recall and one-vs-rest balanced accuracy with all of them (which class they give away)."""
     from sklearn.ensemble import RandomForestClassifier
-    from sklearn.tree import DecisionTreeClassifier
     from sklearn.metrics import balanced_accuracy_score, recall_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.tree import DecisionTreeClassifier
 
     labels = np.asarray(labels)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

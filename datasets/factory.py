@@ -8,9 +8,9 @@ from typing import Optional
 from utils.config import DataConfig
 
 from .brisc import BriscDataset
+from .duplicates import find_groups
 from .errors import GET_DATA_HINT, DataError
 from .index import index_split
-from .duplicates import find_groups
 from .splits import fold_split, load_split, make_split, save_split
 
 EVAL_SPLITS = ("train", "val", "test")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 from datasets.confounds import PROPERTIES, confound_audit, image_properties, jpeg_channels, jpeg_quality
 from datasets.naming import CLASS_NAMES, format_name

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -74,13 +73,6 @@ def test_fold_config_is_validated():
 
 
 # ----------------------------------------------------------------------------------------------- planted data
-@pytest.fixture(scope="session")
-def planted_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("planted") / "brisc"
-    generate(root, 24, 8, seed=5, verbose=False, train_duplicates=3, leaks=3)
-    return root
-
-
 def test_generator_plants_pixel_copies_and_records_them(planted_root):
     planted = json.loads((planted_root / "SYNTHETIC.json").read_text())["planted"]
     assert len(planted["train_duplicates"]) == 3 and len(planted["test_leaks"]) == 3
