@@ -218,8 +218,9 @@ def leaked_stems(eval_samples: Sequence[Sample], train_samples: Sequence[Sample]
     never its own leak (the same file in both lists is skipped). Fingerprints are cached in `cache_dir`."""
     eval_prints = fingerprints([s.image for s in eval_samples], cache_dir, workers)
     train_prints = fingerprints([s.image for s in train_samples], cache_dir, workers)
-    same_file = {(i, j) for i, s in enumerate(eval_samples) for j, t in enumerate(train_samples)
-                 if s.stem == t.stem and Path(s.image).resolve() == Path(t.image).resolve()}
+    train_index = {t.stem: j for j, t in enumerate(train_samples)}
+    same_file = {(i, train_index[s.stem]) for i, s in enumerate(eval_samples) if s.stem in train_index
+                 and Path(s.image).resolve() == Path(train_samples[train_index[s.stem]].image).resolve()}
     by_digest: dict[str, list[int]] = {}
     for j, digest in enumerate(train_prints.digests):
         by_digest.setdefault(digest, []).append(j)

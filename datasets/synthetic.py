@@ -269,20 +269,19 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def plant_pairs(n_train: int, n_test: int, train_duplicates: int, leaks: int) -> tuple[dict, dict]:
-    """({train copy index: train original index}, {test index: train original index}), round-robin over the
+    """({train copy index: train original stem}, {test index: train original stem}), round-robin over the
     classes: a train copy is one of the last images of its class and copies one of the first; a leaked test
-    image copies a train image from the middle of its class (never a planted copy)."""
-    train_plan, test_plan = plan_split(n_train, "train"), plan_split(n_test, "test")
+    image copies a train image from the middle of its class (never a planted copy or original)."""
+    stems = {index: format_name("train", index, label, plane) for index, label, plane in plan_split(n_train, "train")}
     by_class: dict[int, list[int]] = {}
-    for index, label, _ in train_plan:
+    for index, label, _ in plan_split(n_train, "train"):
         by_class.setdefault(label, []).append(index)
     test_by_class: dict[int, list[int]] = {}
-    for index, label, _ in test_plan:
+    for index, label, _ in plan_split(n_test, "test"):
         test_by_class.setdefault(label, []).append(index)
     dup, leak = {}, {}
     for k in range(train_duplicates):
-        members = by_class[k % len(CLASS_NAMES)]
-        slot = k // len(CLASS_NAMES)
+        members, slot = by_class[k % len(CLASS_NAMES)], k // len(CLASS_NAMES)
         if slot >= len(members) // 2:
             raise ValueError(f"{train_duplicates} planted train duplicates do not fit {n_train} train images")
         dup[members[-1 - slot]] = members[slot]
@@ -290,10 +289,10 @@ def plant_pairs(n_train: int, n_test: int, train_duplicates: int, leaks: int) ->
         label, slot = k % len(CLASS_NAMES), k // len(CLASS_NAMES)
         members, targets = by_class[label], test_by_class[label]
         source = len(members) // 2 + slot
-        if slot >= len(targets) or source >= len(members) or members[source] in dup or members[source] in dup.values():
+        if slot >= len(targets) or source >= len(members) or members[source] in {*dup, *dup.values()}:
             raise ValueError(f"{leaks} planted leaks do not fit {n_train} train / {n_test} test images")
         leak[targets[slot]] = members[source]
-    return dup, leak
+    return {c: stems[o] for c, o in dup.items()}, {t: stems[o] for t, o in leak.items()}
 
 
 def _copy_sample(root: Path, src_split: str, src_stem: str, label: int, split: str, stem: str) -> None:
@@ -309,7 +308,7 @@ def _copy_sample(root: Path, src_split: str, src_stem: str, label: int, split: s
 
 
 def write_split(root: Path, split: str, n: int, seed: int, copies: Optional[dict] = None) -> dict[str, str]:
-    """Render `split`; `copies` {index: index of a train image of the same class} are written as pixel
+    """Render `split`; `copies` {index: stem of a train image of the same class} are written as pixel
     copies of those. Returns {copy stem: source stem}."""
     copies = copies or {}
     seg_images = root / "segmentation_task" / split / "images"
@@ -323,9 +322,8 @@ def write_split(root: Path, split: str, n: int, seed: int, copies: Optional[dict
     for index, label, plane in plan_split(n, split):
         stem = format_name(split, index, label, plane)
         if index in copies:  # sources come first: train originals precede their copies, train precedes test
-            src_stem = _stem_of(root, "train", copies[index], label)
-            _copy_sample(root, "train", src_stem, label, split, stem)
-            planted[stem] = src_stem
+            _copy_sample(root, "train", copies[index], label, split, stem)
+            planted[stem] = copies[index]
             continue
         rng = np.random.default_rng([seed, split_id, index])
         size = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
@@ -338,13 +336,6 @@ def write_split(root: Path, split: str, n: int, seed: int, copies: Optional[dict
             _link_or_copy(image_path, seg_images / f"{stem}.jpg")
             _write(seg_masks / f"{stem}.png", ring(rng, mask))
     return planted
-
-
-def _stem_of(root: Path, split: str, index: int, label: int) -> str:
-    """The stem of the rendered image `index` of `split` (its plane is not known here: look it up)."""
-    folder = root / "classification_task" / split / CLASS_NAMES[label]
-    (match,) = folder.glob(f"brisc2025_{split}_{index:05d}_*.jpg")
-    return match.stem
 
 
 def generate(out: Union[str, Path], n_train: int = 400, n_test: int = 100, seed: int = 0, verbose: bool = True,
