@@ -101,11 +101,12 @@ def audit_properties(features: np.ndarray, labels: Sequence[int], names: Sequenc
     labels = np.asarray(labels)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def predict(x: np.ndarray, y: np.ndarray = labels) -> np.ndarray:
         # one property: a single tree finds any threshold rule; all of them: a small forest
-        model = (DecisionTreeClassifier(min_samples_leaf=3, random_state=seed) if x.shape[1] == 1 else
+        model = (DecisionTreeClassifier(min_samples_leaf=3, class_weight="balanced", random_state=seed)
+                 if x.shape[1] == 1 else
                  RandomForestClassifier(n_estimators=60, min_samples_leaf=3, random_state=seed, n_jobs=1))
-        return cross_val_predict(model, x, labels, cv=splitter)
+        return cross_val_predict(model, x, y, cv=splitter)
 
     overall = predict(features)
     classes = sorted(set(labels.tolist()))
@@ -117,11 +118,15 @@ def audit_properties(features: np.ndarray, labels: Sequence[int], names: Sequenc
         "chance": 1.0 / len(classes),
         "per_property": {name: float(balanced_accuracy_score(labels, predict(features[:, [k]])))
                          for k, name in enumerate(names)},
+        # one property, one class against the rest (a balanced binary tree): which property gives a class away
+        "per_property_one_vs_rest": {
+            name: {int(c): float(balanced_accuracy_score(labels == c, predict(features[:, [k]], labels == c)))
+                   for c in classes} for k, name in enumerate(names)},
         "recall_per_class": {int(c): float(r) for c, r in zip(classes, recalls)},
         "images": int(len(labels)),
         "folds": folds,
         "classifier": "all: RandomForestClassifier(60 trees, min_samples_leaf=3); one property: DecisionTreeClassifier"
-                      "(min_samples_leaf=3); stratified CV",
+                      "(min_samples_leaf=3, balanced class weights); stratified CV",
     }
 
 
@@ -132,6 +137,8 @@ def confound_audit(root: Union[str, Path], split: str = "train", folds: int = 5,
     result = audit_properties(property_table(samples, workers), [s.label for s in samples], folds=folds, seed=seed)
     for key in ("recall_per_class", "one_vs_rest"):
         result[key] = {CLASS_NAMES[c]: r for c, r in result[key].items()}
+    result["per_property_one_vs_rest"] = {name: {CLASS_NAMES[c]: r for c, r in per_class.items()}
+                                          for name, per_class in result["per_property_one_vs_rest"].items()}
     result["split"] = split
     return result
 
@@ -143,9 +150,12 @@ def render_audit(result: dict) -> str:
              f"  all properties: {result['balanced_accuracy']:.3f}  (recall per class: "
              + ", ".join(f"{k} {v:.3f}" for k, v in result["recall_per_class"].items()) + ")",
              "  one class against the rest: " + ", ".join(f"{k} {v:.3f}" for k, v in result["one_vs_rest"].items()),
-             "  each property alone:"]
+             "  each property alone: 4 classes | each class against the rest ("
+             + ", ".join(result["one_vs_rest"]) + ")"]
     ranked = sorted(result["per_property"].items(), key=lambda kv: -kv[1])
-    lines += [f"    {name:16s} {value:.3f}" for name, value in ranked]
+    lines += [f"    {name:16s} {value:.3f} | " + " ".join(f"{v:.3f}" for v in
+                                                      result["per_property_one_vs_rest"][name].values())
+              for name, value in ranked]
     given_away = [k for k, v in result["one_vs_rest"].items() if v > 0.9]
     if given_away:
         lines.append(f"  -> {', '.join(given_away)} can be told from the rest by file/image properties alone, "
