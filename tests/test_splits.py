@@ -103,6 +103,14 @@ def test_factory_split_keeps_planted_duplicates_together(planted_root, tmp_path,
     assert all((a in val) == (b in val) for a, b in planted.items())
 
 
+def test_factory_split_without_grouping_says_so(planted_root, tmp_path):
+    cfg = DataConfig(root=str(planted_root), image_size=32, val_fraction=0.5, group_duplicates=False)
+    build_train_val(cfg, tmp_path / "run" / "split.json", verbose=False)
+    split = load_split(tmp_path / "run" / "split.json")
+    assert not split["group_duplicates"] and split["duplicate_groups"] == 0 and "near_threshold" not in split
+    assert not (tmp_path / "cache").exists()
+
+
 def test_factory_folds(planted_root, tmp_path):
     vals = []
     for fold in range(2):
