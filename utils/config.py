@@ -80,6 +80,17 @@ class DataConfig:
     val_fraction: float = spec(0.1, ge=0, lt=1)  # stratified share of the train split used for validation
     split_seed: int = spec(42, ge=0)
     split_file: Optional[str] = spec(None, nonempty=True)  # reuse an existing split JSON instead of drawing one
+    # Keep each group of duplicate content (identical pixels, or 32x32-thumbnail correlation >= near_threshold)
+    # on one side of the train/val split and in one fold, so no validation image has a copy in training.
+    group_duplicates: bool = True
+    # BRISC 2025: rescaled copies >= 0.9928; neighbouring slices of a scan up to 0.9921
+    near_threshold: float = spec(0.99, gt=0, le=1)
+    folds: int = spec(0, ge=0)  # K-fold cross-validation: 0 = off (val_fraction split), else K >= 2 folds ...
+    fold: int = spec(0, ge=0)  # ... and this fold (0..K-1) is the validation part
+    # stretch to a square, or scale the longest side and pad (letterbox)
+    resize: str = spec("stretch", choices=("stretch", "letterbox"))
+    synthetic_train_duplicates: int = spec(0, ge=0)  # generated data: train images that copy another train image
+    synthetic_leaks: int = spec(0, ge=0)  # generated data: test images that copy a train image
     cache: str = spec("none", choices=("none", "ram", "disk"))  # keep decoded, resized uint8 arrays
     cache_dir: str = spec(".cache/brisc", nonempty=True)
     batch_size: int = spec(16, ge=1)
@@ -320,6 +331,12 @@ def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
     """Checks that span several keys (single values are checked by the rules of their schema field)."""
     origins = origins or {}
     check_loss(cfg.loss, origins)
+    if cfg.data.folds == 1:
+        raise ConfigError(f"config key 'data.folds': got {cfg.data.folds}; expected 0 (off) or >= 2"
+                          f"{_where('data.folds', origins)}")
+    if cfg.data.folds and not 0 <= cfg.data.fold < cfg.data.folds:
+        raise ConfigError(f"config key 'data.fold': got {cfg.data.fold}; expected 0 <= fold < data.folds "
+                          f"({cfg.data.folds}){_where('data.fold', origins)}")
     if len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("config keys 'data.mean' and 'data.std' must have the same length"
                           f"{_where('data.std', origins) or _where('data.mean', origins)}")
