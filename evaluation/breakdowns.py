@@ -42,7 +42,8 @@ def breakdowns(table: PerImage, index: np.ndarray, class_names: Sequence[str], p
         members = index[table.labels[index] == c]
         if len(members):
             figures = subset_figures(table, members, class_names)
-            out["class"][name] = {**_pick(figures), "f1": figures[f"f1_{name}"]}
+            keys = [key for key in BREAKDOWN_KEYS if key != "f1_macro"]  # one class: its own F1 instead
+            out["class"][name] = {**_pick(figures, keys), "f1": figures[f"f1_{name}"]}
     fraction = tumour_fraction(table)[index]
     tumour = np.nan_to_num(fraction) > 0
     if tumour.sum() >= len(TERCILES):

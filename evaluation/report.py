@@ -191,6 +191,9 @@ def run_test(opts: TestOptions) -> dict:
         print(f"note: no leak check for the {opts.split} split ({leak_info['reason']}); headline subset: all")
     subsets = {}
     for name, index in indices.items():
+        if not len(index):  # e.g. no leaked image: no figures rather than zeros
+            subsets[name] = {"num_images": 0}
+            continue
         subsets[name] = subset_figures(table, index, CLASS_NAMES)
         subsets[name]["ci95"] = (bootstrap_intervals(table, index, num_classes, opts.bootstrap, opts.seed)
                                  if opts.bootstrap else None)
@@ -210,7 +213,7 @@ def run_test(opts: TestOptions) -> dict:
         "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
         "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
         "resize": _resize_mode(cfg), "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
-        "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown, "calibration": calibration,
+        "loss": counted["loss"], "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown, "calibration": calibration,
     })
     if tuning:
         results["threshold_tuning"] = tuning
