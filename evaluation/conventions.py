@@ -9,6 +9,36 @@ from __future__ import annotations
 
 from typing import Sequence
 
+CONVENTIONS_MD = """\
+How `test.py` scores (keys of `metrics.json`):
+
+- **Resolution.** Every segmentation key (`dice`, `iou`, `dice_global`, `dice_2class`, ...) is scored at each
+  image's own size: the logits are upsampled bilinearly from the model's size to the original height x width
+  (then thresholded) and compared with the original mask file binarised at >= 128; pixel counts are kept per
+  image, since sizes vary (`"resolution": "native"`). The same keys with the suffix `_train_res`
+  (`dice_train_res`, `iou_train_res`, `dice_2class_train_res`, ...) are scored at the training resolution
+  against the mask as the loader resizes it, the convention of validation during training.
+- **Subsets.** `leaked`: evaluated images whose decoded pixels are identical or near-identical to a training
+  image (for `--split test` the release's train split, for `--split val` the train part of the run's
+  `split.json`); `leak_free`: the others; `all`: every image. `subsets` holds every figure for each;
+  `leak_check.excluded` lists the leaked images, the training images they match and why. The top-level
+  (headline) figures are those of `headline_subset`: `leak_free` unless `--subset all` (for `--split train`,
+  which is the training data itself, only `all` exists). The test loss `loss` is over all images.
+- **Intervals.** `ci95` (per subset): 95 % percentile bootstrap intervals from per-image resampling within the
+  subset (1000 resamples, seed 0; `--bootstrap N`, `--seed S`) for `accuracy`, `f1_macro`, `dice`, `iou`.
+  Shown as `99.30 [98.80, 99.70]`.
+- **Threshold.** 0.5 unless `--threshold` or `--tune-threshold` (the best native per-image Dice on the
+  validation split over 0.20, 0.25, ..., 0.80); `threshold` and `threshold_tuned` say which.
+- **Calibration.** `calibration.ece`: expected calibration error, 15 equal-width bins of the predicted class's
+  probability, sum over bins of (share of images) x |accuracy - mean confidence|; `calibration.nll`: mean
+  negative log-likelihood; `calibration.bins`: the reliability diagram's data. `--calibrate` fits a softmax
+  temperature on the validation split (`temperature`); it leaves the predicted class, hence accuracy, unchanged.
+- **Breakdowns.** `breakdowns.plane` (ax/co/sa), `breakdowns.class` (accuracy = that class's recall, `f1` its
+  F1) and `breakdowns.tumour_size` (terciles of the ground-truth tumour's share of the image area, tumour
+  images only, bounds in `area_fraction`), each with accuracy, Dice, IoU and counts of the headline subset.
+- Fitting (threshold, temperature) and scoring on the same split is refused.
+"""
+
 # Settings that change what a figure measures: rows that differ in them cannot share one table.
 COMPARABLE_KEYS = ("split", "subset", "resolution")
 

@@ -27,7 +27,7 @@ from utils.config import Config, ConfigError
 from evaluation.bootstrap import bootstrap_intervals
 from evaluation.breakdowns import breakdowns
 from evaluation.calibration import calibration_summary, fit_temperature
-from evaluation.conventions import output_folder_name
+from evaluation.conventions import CONVENTIONS_MD, output_folder_name
 from evaluation.inference import evaluate, move_batch, predict
 from evaluation.leaks import leak_check
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
@@ -221,7 +221,7 @@ def run_test(opts: TestOptions) -> dict:
 
     report = metrics.classification_report(digits=4)
     (out_dir / "classification_report.txt").write_text(report + "\n", encoding="utf-8")
-    (out_dir / "metric_definitions.md").write_text(METRIC_DEFINITIONS_MD + "\n", encoding="utf-8")
+    (out_dir / "metric_definitions.md").write_text(METRIC_DEFINITIONS_MD + "\n" + CONVENTIONS_MD, encoding="utf-8")
     save_confusion_matrix(results["confusion_matrix"], CLASS_NAMES, out_dir / "confusion_matrix.png")
     title = f"{cfg.model.name}, {opts.split} split, {SUBSET_LABELS[headline]}"
     save_breakdown_figures(calibration, breakdown, out_dir, title)

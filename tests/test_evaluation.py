@@ -281,3 +281,10 @@ def test_benchmark_metrics_name_their_setting_and_refuse_mixed_conventions(tmp_p
     with pytest.raises(SystemExit, match="differ in split"):
         benchmark.load_metrics([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert math.isfinite(found["unet"]["accuracy"])
+
+
+def test_readme_states_the_scoring_conventions():
+    from evaluation.conventions import CONVENTIONS_MD
+    from tests.helpers import REPO
+
+    assert CONVENTIONS_MD in (REPO / "README.md").read_text(encoding="utf-8")
