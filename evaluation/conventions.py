@@ -44,10 +44,16 @@ COMPARABLE_KEYS = ("split", "subset", "resolution")
 
 
 def output_folder_name(split: str, subset: str = "leak_free", tta: bool = False, threshold: float = 0.5,
-                       default_threshold: float = 0.5, tuned: bool = False, calibrated: bool = False) -> str:
+                       default_threshold: float = 0.5, tuned: bool = False, calibrated: bool = False,
+                       checkpoint: str = "best", raw_weights: bool = False) -> str:
     """`test_<split>` for the default settings; every non-default setting adds a part, e.g.
-    `test_test_tta`, `test_test_thr0.45`, `test_test_thr0.45-tuned`, `test_test_all_calibrated`."""
+    `test_test_tta`, `test_test_thr0.45`, `test_test_thr0.45-tuned`, `test_test_all_calibrated`,
+    `test_test_last` (another checkpoint than best.pth), `test_test_raw` (--no-ema on a run with EMA weights)."""
     parts = [f"test_{split}"]
+    if checkpoint != "best":
+        parts.append(checkpoint)
+    if raw_weights:
+        parts.append("raw")
     if subset != "leak_free":
         parts.append(subset)
     if tta:

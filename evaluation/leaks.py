@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from datasets.index import Sample, index_split
+from datasets.index import Sample, classification_dir, index_split
 from datasets.splits import load_split
 
 
@@ -19,6 +19,8 @@ def leak_check(root: Path, split: str, split_path: Path, eval_samples: Sequence[
     """(evaluated stem -> matching training stems, or None when not applicable; a description for metrics.json)."""
     if split == "train":
         return None, {"applied": False, "reason": "the evaluated split is the training data itself"}
+    if not classification_dir(Path(root), "train").is_dir():
+        return None, {"applied": False, "reason": f"'{root}' has no train split to compare with"}
     train_samples = index_split(root, "train")
     if split == "val":
         trained = set(load_split(split_path)["train"])

@@ -135,6 +135,54 @@ def per_image_table(records: list[dict], logits: np.ndarray, native: NativeCount
                                        ).reshape(-1, 4))
 
 
+def fit_on_validation(model: nn.Module, cfg: Config, split_path: Path, device: torch.device, opts: TestOptions
+                      ) -> tuple[float, Optional[dict], Optional[float]]:
+    """(threshold, how it was tuned or None, temperature or None): fitted on the validation split when asked."""
+    threshold = cfg.eval.threshold if opts.threshold is None else opts.threshold
+    tuning, temperature = None, None
+    if opts.tune_threshold or opts.calibrate:
+        val = validation_pass(model, cfg, split_path, device, opts, THRESHOLD_CANDIDATES)
+        if opts.tune_threshold:
+            threshold, scores = tune_threshold(val["counts"], val["annotated"], THRESHOLD_CANDIDATES)
+            tuning = {"tuned_on": "val", "val_dice_by_threshold": {f"{k:.2f}": v for k, v in scores.items()}}
+            print(f"threshold tuned on the validation split: {threshold:.2f} (val Dice {scores[threshold]:.4f}, "
+                  "native size)")
+        if opts.calibrate:
+            temperature = fit_temperature(val["logits"], val["labels"])
+            print(f"temperature fitted on the validation split: {temperature:.3f}")
+    return threshold, tuning, temperature
+
+
+def score_subsets(table: PerImage, leaked: Optional[dict], num_classes: int, resamples: int, seed: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """(positions of each subset, every figure of each subset with its bootstrap intervals)."""
+    indices = subset_indices(table.stems, leaked)
+    subsets = {}
+    for name, index in indices.items():
+        if not len(index):  # e.g. no leaked image: no figures rather than zeros
+            subsets[name] = {"num_images": 0}
+            continue
+        subsets[name] = subset_figures(table, index, CLASS_NAMES)
+        subsets[name]["ci95"] = bootstrap_intervals(table, index, num_classes, resamples, seed) if resamples else None
+    return indices, subsets
+
+
+def print_summary(results: dict, bootstrap: bool) -> None:
+    """The leak check, the side-by-side subset table and the calibration line of a results dict."""
+    headline, leak_info = results["headline_subset"], results["leak_check"]
+    if leak_info.get("applied"):
+        print(f"leak check against {leak_info['against']}: {leak_info['num_leaked']} of "
+              f"{results['subsets']['all']['num_images']} images share content with training images "
+              "(listed in metrics.json)")
+    print(f"headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
+          + ("; [95 % bootstrap interval]" if bootstrap else ""))
+    print(summary_table(results["subsets"], headline))
+    calibration, temperature = results["calibration"], results["temperature"]
+    print(f"calibration ({SUBSET_LABELS[headline]}): ECE {100 * calibration['ece']:.2f} %, NLL "
+          f"{calibration['nll']:.4f}" + (f" at temperature {temperature:.3f} (uncalibrated ECE "
+                                         f"{100 * calibration['ece_uncalibrated']:.2f} %)" if temperature else ""))
+
+
 def run_test(opts: TestOptions) -> dict:
     """Evaluate `opts.checkpoint` on a split; write metrics.json, reports and figures; return the metrics."""
     from visualization.breakdowns import save_breakdown_figures
@@ -152,20 +200,10 @@ def run_test(opts: TestOptions) -> dict:
     split_path = run_dir / "split.json"
     num_classes = cfg.model.num_classes
 
-    threshold = cfg.eval.threshold if opts.threshold is None else opts.threshold
-    tuning, temperature = None, None
-    if opts.tune_threshold or opts.calibrate:
-        val = validation_pass(model, cfg, split_path, device, opts, THRESHOLD_CANDIDATES)
-        if opts.tune_threshold:
-            threshold, scores = tune_threshold(val["counts"], val["annotated"], THRESHOLD_CANDIDATES)
-            tuning = {"tuned_on": "val", "val_dice_by_threshold": {f"{k:.2f}": v for k, v in scores.items()}}
-            print(f"threshold tuned on the validation split: {threshold:.2f} (val Dice {scores[threshold]:.4f}, "
-                  "native size)")
-        if opts.calibrate:
-            temperature = fit_temperature(val["logits"], val["labels"])
-            print(f"temperature fitted on the validation split: {temperature:.3f}")
+    threshold, tuning, temperature = fit_on_validation(model, cfg, split_path, device, opts)
     out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / output_folder_name(
-        opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate)
+        opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate,
+        checkpoint=Path(opts.checkpoint).stem, raw_weights=bool(not opts.use_ema and ckpt.get("ema")))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = build_eval_dataset(cfg.data, opts.split, split_path)
@@ -181,22 +219,15 @@ def run_test(opts: TestOptions) -> dict:
     counted = evaluate(model, _loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
                        tta=opts.tta, show_progress=opts.show_progress, desc=f"test {opts.split}", on_batch=keep)
     records = metrics.per_image_records()
-    table = per_image_table(records, torch.cat(logit_parts).numpy(), native, {s.stem: s.plane for s in dataset.samples})
+    table = per_image_table(records, torch.cat(logit_parts).numpy(), native,
+                            {sample.stem: sample.plane for sample in dataset.samples})
 
     leaked, leak_info = leak_check(Path(cfg.data.root), opts.split, split_path, dataset.samples,
                                    cache_dir=run_dir / "leak_check")
-    indices = subset_indices(table.stems, leaked)
+    indices, subsets = score_subsets(table, leaked, num_classes, opts.bootstrap, opts.seed)
     headline = opts.subset if opts.subset in indices else "all"
     if headline != opts.subset:
         print(f"note: no leak check for the {opts.split} split ({leak_info['reason']}); headline subset: all")
-    subsets = {}
-    for name, index in indices.items():
-        if not len(index):  # e.g. no leaked image: no figures rather than zeros
-            subsets[name] = {"num_images": 0}
-            continue
-        subsets[name] = subset_figures(table, index, CLASS_NAMES)
-        subsets[name]["ci95"] = (bootstrap_intervals(table, index, num_classes, opts.bootstrap, opts.seed)
-                                 if opts.bootstrap else None)
     subsets["all"]["loss"] = counted["loss"]
     if leaked is not None:
         leak_info["num_leaked"] = len(indices["leaked"])
@@ -213,7 +244,8 @@ def run_test(opts: TestOptions) -> dict:
         "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
         "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
         "resize": _resize_mode(cfg), "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
-        "loss": counted["loss"], "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown, "calibration": calibration,
+        "loss": counted["loss"], "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
+        "calibration": calibration,
     })
     if tuning:
         results["threshold_tuning"] = tuning
@@ -235,15 +267,7 @@ def run_test(opts: TestOptions) -> dict:
     print(f"\n{cfg.model.name} ({num_params:,} parameters), {opts.split} split: {len(dataset)} images, "
           f"threshold {threshold:.2f}{' (tuned on val)' if opts.tune_threshold else ''}"
           f"{', flip TTA' if opts.tta else ''}; segmentation at each image's own size")
-    if leaked is not None:
-        print(f"leak check against {leak_info['against']}: {leak_info['num_leaked']} of {len(dataset)} images "
-              "share content with training images (listed in metrics.json)")
-    print(f"headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
-          + ("; [95 % bootstrap interval]" if opts.bootstrap else ""))
-    print(summary_table(subsets, headline))
-    print(f"calibration ({SUBSET_LABELS[headline]}): ECE {100 * calibration['ece']:.2f} %, NLL "
-          f"{calibration['nll']:.4f}" + (f" at temperature {temperature:.3f} (uncalibrated ECE "
-                                         f"{100 * calibration['ece_uncalibrated']:.2f} %)" if temperature else ""))
+    print_summary(results, bootstrap=opts.bootstrap > 0)
     print("\nPer-class report (scikit-learn, all images):\n" + report)
     print(f"results written to {out_dir}")
     return results

@@ -211,6 +211,7 @@ def test_output_folder_names_never_collide_and_default_stays_put():
     assert output_folder_name("test") == "test_test" and output_folder_name("val") == "test_val"
     assert output_folder_name("test", tta=True) == "test_test_tta"
     assert output_folder_name("test", threshold=0.45, tuned=True) == "test_test_thr0.45-tuned"
+    assert output_folder_name("val", checkpoint="last", raw_weights=True, subset="all") == "test_val_last_raw_all"
     names = {output_folder_name(split, subset, tta, thr, 0.5, tuned, cal)
              for split in ("test", "val") for subset in ("leak_free", "all") for tta in (False, True)
              for thr, tuned in ((0.5, False), (0.45, False), (0.45, True)) for cal in (False, True)}
@@ -288,3 +289,13 @@ def test_readme_states_the_scoring_conventions():
     from tests.helpers import REPO
 
     assert CONVENTIONS_MD in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_leak_check_is_skipped_with_a_reason_where_no_training_data_exists(tmp_path: Path):
+    from evaluation.leaks import leak_check
+
+    (tmp_path / "classification_task" / "test").mkdir(parents=True)
+    leaked, info = leak_check(tmp_path, "test", tmp_path / "split.json", [])
+    assert leaked is None and info["applied"] is False and "no train split" in info["reason"]
+    leaked, info = leak_check(tmp_path, "train", tmp_path / "split.json", [])
+    assert leaked is None and "training data itself" in info["reason"]
