@@ -27,7 +27,8 @@ class BriscDataset(Dataset):
 
     Each item: `image` float (C, H, W) normalised, `mask` float (1, H, W) in {0, 1}, `label` long,
     `has_mask` bool (False only for a tumour image without a mask file), `id` the file stem.
-    `stems` restricts the split to a subset (the train/val parts of a saved split).
+    `stems` restricts the split to a subset (the train/val parts of a saved split); `resize` places each
+    image on the square input (stretch | letterbox, see geometry.py).
     """
 
     def __init__(
@@ -45,11 +46,12 @@ class BriscDataset(Dataset):
         cache_dir: Optional[Union[str, Path]] = None,
         verbose: bool = True,
         name: Optional[str] = None,
+        resize: str = "stretch",
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
         self.root, self.split, self.image_size, self.train = Path(root), split, int(image_size), train
-        self.in_channels = in_channels
+        self.in_channels, self.resize = in_channels, resize
         self.name = name or split
         self.class_names = list(CLASS_NAMES)
         self.samples = index_split(self.root, split)
@@ -61,7 +63,8 @@ class BriscDataset(Dataset):
         self._warn_unannotated()
         self.cache_mode = cache
         self.cache = (
-            ArrayCache(self.samples, self.image_size, cache, cache_dir, split=self.name, verbose=verbose)
+            ArrayCache(self.samples, self.image_size, cache, cache_dir, split=self.name, verbose=verbose,
+                       resize=resize)
             if cache != "none"
             else None
         )
@@ -95,7 +98,7 @@ class BriscDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
-        image, mask = self.cache.get(i) if self.cache is not None else load_sample(sample, self.image_size)
+        image, mask = self.cache.get(i) if self.cache is not None else load_sample(sample, self.image_size, self.resize)
         image_t, mask_t = self.transform(image, mask)
         return {
             "image": image_t,
@@ -120,8 +123,8 @@ class BriscDataset(Dataset):
         missing = sum(1 for s in self.samples if not s.has_mask)
         mode = "train augmentations" if self.train else "eval transforms"
         return (
-            f"[data] {self.name}: {len(self)} images from {self.root} ({self.split}), {self.image_size}px, "
-            f"{self.in_channels} ch, {mode}, cache={self.cache_mode}\n"
+            f"[data] {self.name}: {len(self)} images from {self.root} ({self.split}), {self.image_size}px "
+            f"{self.resize}, {self.in_channels} ch, {mode}, cache={self.cache_mode}\n"
             f"       classes: {classes}\n"
             f"       planes:  {planes}; tumour masks: {annotated} ({missing} missing)"
         )

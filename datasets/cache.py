@@ -7,7 +7,7 @@ before any DataLoader worker starts, so workers only read it:
 - `ram`: a shared-memory tensor; forked workers see it without a copy, spawned workers receive a handle.
 - `disk`: `<cache_dir>/<split>_<size>px_<n>_<key>.npy`, opened as a read-only memory map in each worker.
   It is written to a temporary file and renamed, so an interrupted fill never leaves a broken cache.
-  The key hashes the stems, labels, file sizes and image size (not the root path), so the file can be
+  The key hashes the stems, labels, file sizes, image size and resize mode (not the root path), so the file can be
   copied to another machine with the same data.
 """
 from __future__ import annotations
@@ -46,13 +46,14 @@ def unpack(row: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def cache_key(samples: list[Sample], size: int) -> str:
-    """Identifies the decoded content: names, labels and file sizes of every sample, and the image size."""
+def cache_key(samples: list[Sample], size: int, resize: str = "stretch") -> str:
+    """Identifies the decoded content: names, labels and file sizes of every sample, the image size and the
+    resize mode (stretch | letterbox)."""
     entries = [
         (s.stem, s.label, os.path.getsize(s.image), os.path.getsize(s.mask) if s.mask is not None else -1)
         for s in samples
     ]
-    payload = json.dumps([_FORMAT_VERSION, size, entries]).encode()
+    payload = json.dumps([_FORMAT_VERSION, size, resize, entries]).encode()
     return hashlib.sha1(payload).hexdigest()[:16]
 
 
@@ -67,10 +68,11 @@ class ArrayCache:
         cache_dir: Optional[Union[str, Path]] = None,
         split: str = "data",
         verbose: bool = True,
+        resize: str = "stretch",
     ) -> None:
         if mode not in ("ram", "disk"):
             raise ValueError(f"cache mode must be 'ram' or 'disk' here, got {mode!r}")
-        self.size, self.mode, self.verbose = size, mode, verbose
+        self.size, self.mode, self.verbose, self.resize = size, mode, verbose, resize
         self.path: Optional[Path] = None
         self._rows: Optional[Union[np.ndarray, torch.Tensor]] = None
         shape = (len(samples), _row_width(size))
@@ -81,7 +83,7 @@ class ArrayCache:
         else:
             if cache_dir is None:
                 raise ValueError("cache='disk' needs a cache_dir")
-            self.path = Path(cache_dir) / f"{split}_{size}px_{len(samples)}_{cache_key(samples, size)}.npy"
+            self.path = Path(cache_dir) / f"{split}_{size}px_{len(samples)}_{cache_key(samples, size, resize)}.npy"
             if not self._usable(shape):
                 self._write(samples, shape)
             elif verbose:
@@ -113,7 +115,7 @@ class ArrayCache:
         start = time.perf_counter()
 
         def fill_one(i: int) -> None:
-            rows[i] = pack(*load_sample(samples[i], self.size))
+            rows[i] = pack(*load_sample(samples[i], self.size, self.resize))
 
         workers = max(1, min(4, os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:

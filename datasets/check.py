@@ -1,18 +1,24 @@
 """Integrity report of a BRISC-layout dataset; exit status 1 when errors were found.
 
-    python -m datasets.check ROOT [--examples 5] [--workers 4]
+    python -m datasets.check ROOT [--examples 5] [--workers 4] [--manifest FILE [--near-threshold 0.99]]
+                                  [--confounds]
 
 Errors: missing folders, bad file names and unknown codes, class folder/code disagreements, unreadable
 images or masks, masks of another size than their image, empty masks of tumour images.
 Warnings: tumour images without a mask, masks without an image or of no-tumour images, segmentation images
 that differ from their classification image, names of another split, and duplicated content (the same
 decoded pixels) within a split or across train and test.
+
+`--manifest FILE` also writes the duplicate manifest (JSON; see `datasets.duplicates`): exact and near
+groups within and across splits, their counts, and per evaluation split the images with training copies.
+`--confounds` adds the source-confound audit of the train split (see `datasets.confounds`).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +28,11 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .confounds import jpeg_channels as _jpeg_channels
 from .decode import MASK_THRESHOLD, read_grey
+from .duplicates import NEAR_THRESHOLD, find_groups, leaked_stems, read_manifest, write_manifest
 from .errors import DataError
-from .index import IMAGE_SUFFIXES, classification_dir, list_files, masks_dir
+from .index import IMAGE_SUFFIXES, classification_dir, index_split, list_files, masks_dir
 from .naming import CLASS_NAMES, NO_TUMOR, BriscNameError, parse_name
 
 
@@ -81,21 +89,6 @@ def _inspect_image(path: Path) -> ImageFacts:
     facts.digest = hashlib.blake2b(grey.tobytes(), digest_size=16).hexdigest()
     facts.channels = _jpeg_channels(path)
     return facts
-
-
-def _jpeg_channels(path: Path) -> int:
-    """Components of a JPEG from its start-of-frame header (0 when not found), without decoding."""
-    with open(path, "rb") as handle:
-        data = handle.read(65536)
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            return 0
-        marker = data[i + 1]
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            return data[i + 9]
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return 0
 
 
 def _inspect_mask(path: Path) -> tuple[Optional[tuple[int, int]], int, str]:
@@ -245,15 +238,61 @@ def check_dataset(root: Union[str, Path], examples: int = 5, workers: int = 4) -
     return report
 
 
+def write_duplicate_manifest(root: Union[str, Path], path: Union[str, Path],
+                             near_threshold: Optional[float] = NEAR_THRESHOLD, workers: int = 4) -> dict:
+    """Find exact and near groups over every split of `root`, write the manifest to `path`, return it."""
+    root = Path(root)
+    splits = sorted(p.name for p in (root / "classification_task").iterdir() if p.is_dir())
+    samples = {split: index_split(root, split) for split in splits}
+    leaked = {}
+    with tempfile.TemporaryDirectory() as cache:  # every file is decoded once for the three passes
+        groups = find_groups([s for split in splits for s in samples[split]], near_threshold, cache, workers)
+        for split in splits:
+            if split == "train" or "train" not in samples:
+                continue
+            exact = leaked_stems(samples[split], samples["train"], None, cache, workers)
+            near = leaked_stems(samples[split], samples["train"], near_threshold, cache, workers) \
+                if near_threshold is not None else exact
+            leaked[split] = {"images": len(samples[split]), "exact": len(exact), "near_only": len(near) - len(exact),
+                             "train_matches": near}
+    write_manifest(groups, path, near_threshold, extra={"root": str(root), "leaked_from_train": leaked,
+                                                          "images": {k: len(v) for k, v in samples.items()}})
+    return read_manifest(path)[1]
+
+
+def _manifest_summary(manifest: dict, path: Union[str, Path]) -> str:
+    lines = [f"duplicate manifest {path} (near: thumbnail correlation >= {manifest['near_threshold']}):"]
+    for kind, c in manifest["counts"].items():
+        within = ", ".join(f"{split} {v['groups']} groups / {v['images']} images" for split, v in c["within"].items())
+        lines.append(f"  {kind}: {c['groups']} groups / {c['images']} images; within a split: {within or 'none'}; "
+                     f"across splits: {c['across']['groups']} groups / {c['across']['images']} images")
+    for split, v in manifest["leaked_from_train"].items():
+        lines.append(f"  {split}: {v['exact']} of {v['images']} images have an identical training image, "
+                     f"{v['near_only']} more a near-identical one")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Integrity report of a BRISC 2025-layout dataset.")
     parser.add_argument("root", help="folder holding classification_task/ and segmentation_task/")
     parser.add_argument("--examples", type=int, default=5, help="examples listed per kind of finding")
     parser.add_argument("--workers", type=int, default=4, help="decoding threads")
+    parser.add_argument("--manifest", metavar="FILE", help="also write the duplicate manifest (JSON) to FILE")
+    parser.add_argument("--near-threshold", type=float, default=NEAR_THRESHOLD,
+                        help="thumbnail correlation for near duplicates in the manifest (default %(default)s)")
+    parser.add_argument("--confounds", action="store_true",
+                        help="also measure how well trivial file/image properties predict the class (train split)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     report = check_dataset(args.root, examples=args.examples, workers=args.workers)
     print(report.render())
+    if args.manifest and report.ok:
+        print(_manifest_summary(write_duplicate_manifest(args.root, args.manifest, args.near_threshold,
+                                                         args.workers), args.manifest))
+    if args.confounds and report.ok:
+        from .confounds import confound_audit, render_audit
+
+        print(render_audit(confound_audit(args.root, workers=args.workers)))
     print(f"checked in {time.perf_counter() - start:.1f} s")
     return 0 if report.ok else 1
 

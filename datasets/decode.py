@@ -1,15 +1,18 @@
-"""Decode one sample from disk into square uint8 arrays at the training size (greyscale image, 0/255 mask).
+"""Decode one sample from disk into square uint8 arrays at the training size (greyscale image, 0/255 mask),
+stretched or letterboxed (`data.resize`; the placement is defined in geometry.py).
 
 This is the only place that touches image files during training; every failure names the file.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Union
 
 import cv2
 import numpy as np
 
 from .errors import DataError
+from .geometry import RESIZE_MODES, letterbox_box
 from .index import Sample
 
 MASK_THRESHOLD = 128  # masks carry JPEG-like ringing (0-10 / 246-255)
@@ -27,11 +30,13 @@ def read_grey(path: Path, what: str = "image") -> np.ndarray:
     return image
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape == (size, size):
+def resize_image(image: np.ndarray, size: Union[int, tuple[int, int]]) -> np.ndarray:
+    """Resize to (size, size) or to (height, width): area averaging when shrinking, bilinear otherwise."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if image.shape == (height, width):
         return image
-    shrinking = image.shape[0] > size or image.shape[1] > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    shrinking = image.shape[0] > height or image.shape[1] > width
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 def binarize(mask: np.ndarray) -> np.ndarray:
@@ -39,7 +44,7 @@ def binarize(mask: np.ndarray) -> np.ndarray:
     return np.where(mask >= MASK_THRESHOLD, np.uint8(255), np.uint8(0))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size: Union[int, tuple[int, int]]) -> np.ndarray:
     """Resize a 0/255 mask and threshold again: an area/linear resample followed by the threshold is a
     per-pixel majority vote, which keeps small tumours better than nearest-neighbour sampling. A tumour
     too small to cover half of any output pixel keeps its most covered pixel(s) instead of vanishing."""
@@ -50,15 +55,29 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def load_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image, mask) of one sample as (size, size) uint8 arrays; the mask is 0/255 and empty without a file."""
+def to_square(image: np.ndarray, size: int, resize: str = "stretch", is_mask: bool = False) -> np.ndarray:
+    """A greyscale image (or a 0/255 mask) on the model's (size, size) input, by `resize` mode: stretched, or
+    letterboxed (scaled into `geometry.letterbox_box`, zero padding around it)."""
+    fit = resize_mask if is_mask else resize_image
+    if resize == "stretch":
+        return fit(image, size)
+    if resize != "letterbox":
+        raise ValueError(f"unknown resize mode '{resize}'; expected one of {', '.join(RESIZE_MODES)}")
+    top, left, height, width = letterbox_box(image.shape[:2], size)
+    return cv2.copyMakeBorder(fit(image, (height, width)), top, size - top - height, left, size - left - width,
+                              cv2.BORDER_CONSTANT, value=0)
+
+
+def load_sample(sample: Sample, size: int, resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask) of one sample as (size, size) uint8 arrays placed by `resize` (stretch | letterbox);
+    the mask is 0/255 and empty without a file."""
     image = read_grey(sample.image)
     if sample.mask is None:
-        return resize_image(image, size), np.zeros((size, size), np.uint8)
+        return to_square(image, size, resize), np.zeros((size, size), np.uint8)
     mask = read_grey(sample.mask, what="mask")
     if mask.shape != image.shape:
         raise DataError(
             f"mask '{sample.mask}' is {mask.shape[1]}x{mask.shape[0]} but its image '{sample.image}' is "
             f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size"
         )
-    return resize_image(image, size), resize_mask(binarize(mask), size)
+    return to_square(image, size, resize), to_square(binarize(mask), size, resize, is_mask=True)

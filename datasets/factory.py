@@ -8,9 +8,10 @@ from typing import Optional
 from utils.config import DataConfig
 
 from .brisc import BriscDataset
+from .duplicates import find_groups
 from .errors import GET_DATA_HINT, DataError
 from .index import index_split
-from .splits import load_split, make_split, save_split
+from .splits import fold_split, load_split, make_split, save_split
 
 EVAL_SPLITS = ("train", "val", "test")
 
@@ -28,7 +29,8 @@ def ensure_data_root(data_cfg: DataConfig) -> Path:
     from .synthetic import generate  # imported here so `python -m datasets.synthetic` runs without a warning
 
     try:
-        generate(root, data_cfg.synthetic_train, data_cfg.synthetic_test, data_cfg.synthetic_seed)
+        generate(root, data_cfg.synthetic_train, data_cfg.synthetic_test, data_cfg.synthetic_seed,
+                 train_duplicates=data_cfg.synthetic_train_duplicates, leaks=data_cfg.synthetic_leaks)
     except FileExistsError:
         pass  # another process generated it meanwhile: the rename is atomic, so it is complete
     return root
@@ -50,12 +52,14 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
         cache_dir=data_cfg.cache_dir,
         verbose=verbose,
         name=name,
+        resize=data_cfg.resize,
     )
 
 
 def _resolve_split(data_cfg: DataConfig, root: Path, split_path: Path) -> dict:
     """The run's split: `split_path` if it exists (resume, test.py), else `data.split_file` copied there,
-    else a new stratified split of the train folder saved there."""
+    else a new stratified split of the train folder saved there (fold `data.fold` of `data.folds` when set),
+    with duplicate groups kept on one side when `data.group_duplicates`."""
     if split_path.is_file():
         return load_split(split_path)
     if data_cfg.split_file:
@@ -64,7 +68,16 @@ def _resolve_split(data_cfg: DataConfig, root: Path, split_path: Path) -> dict:
         shutil.copyfile(data_cfg.split_file, split_path)
         return split
     samples = index_split(root, "train")
-    split = make_split([s.stem for s in samples], [s.label for s in samples], data_cfg.val_fraction, data_cfg.split_seed)
+    stems, labels = [s.stem for s in samples], [s.label for s in samples]
+    groups = None
+    if data_cfg.group_duplicates:
+        groups = [g.stems for g in find_groups(samples, data_cfg.near_threshold, cache_dir=data_cfg.cache_dir)]
+    if data_cfg.folds:
+        split = fold_split(stems, labels, data_cfg.folds, data_cfg.fold, data_cfg.split_seed, groups)
+    else:
+        split = make_split(stems, labels, data_cfg.val_fraction, data_cfg.split_seed, groups)
+    if groups is not None:
+        split["near_threshold"] = data_cfg.near_threshold
     save_split(split, split_path)
     return split
 

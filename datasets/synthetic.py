@@ -16,6 +16,12 @@ release; no-tumour images always 3-channel) and PNG masks with JPEG-like ringing
 no-tumour images only in `classification_task`, class index ranges in the release's order (gl, me, no, pi)
 and proportions. The output depends only on the arguments; it is written to a temporary folder and renamed,
 so an interrupted run never leaves a partial dataset.
+
+Planted duplicates (off by default), for tests of the duplicate search and of leak-free evaluation:
+`--train-duplicates N` makes N train images pixel copies of other train images of the same class, and
+`--leaks N` makes N test images pixel copies of train images of the same class. A copy is written as a PNG
+of the original's decoded pixels (other bytes, identical pixels) with a byte copy of its mask;
+`SYNTHETIC.json` lists the planted pairs under "planted" ({copy stem: original stem}).
 """
 from __future__ import annotations
 
@@ -262,7 +268,49 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def write_split(root: Path, split: str, n: int, seed: int) -> None:
+def plant_pairs(n_train: int, n_test: int, train_duplicates: int, leaks: int) -> tuple[dict, dict]:
+    """({train copy index: train original stem}, {test index: train original stem}), round-robin over the
+    classes: a train copy is one of the last images of its class and copies one of the first; a leaked test
+    image copies a train image from the middle of its class (never a planted copy or original)."""
+    stems = {index: format_name("train", index, label, plane) for index, label, plane in plan_split(n_train, "train")}
+    by_class: dict[int, list[int]] = {}
+    for index, label, _ in plan_split(n_train, "train"):
+        by_class.setdefault(label, []).append(index)
+    test_by_class: dict[int, list[int]] = {}
+    for index, label, _ in plan_split(n_test, "test"):
+        test_by_class.setdefault(label, []).append(index)
+    dup, leak = {}, {}
+    for k in range(train_duplicates):
+        members, slot = by_class[k % len(CLASS_NAMES)], k // len(CLASS_NAMES)
+        if slot >= len(members) // 2:
+            raise ValueError(f"{train_duplicates} planted train duplicates do not fit {n_train} train images")
+        dup[members[-1 - slot]] = members[slot]
+    for k in range(leaks):
+        label, slot = k % len(CLASS_NAMES), k // len(CLASS_NAMES)
+        members, targets = by_class[label], test_by_class[label]
+        source = len(members) // 2 + slot
+        if slot >= len(targets) or source >= len(members) or members[source] in {*dup, *dup.values()}:
+            raise ValueError(f"{leaks} planted leaks do not fit {n_train} train / {n_test} test images")
+        leak[targets[slot]] = members[source]
+    return {c: stems[o] for c, o in dup.items()}, {t: stems[o] for t, o in leak.items()}
+
+
+def _copy_sample(root: Path, src_split: str, src_stem: str, label: int, split: str, stem: str) -> None:
+    """Write `stem` as a PNG with the decoded pixels of `src_stem`, and a byte copy of its mask."""
+    src = root / "classification_task" / src_split / CLASS_NAMES[label] / f"{src_stem}.jpg"
+    pixels = cv2.imdecode(np.fromfile(src, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    image_path = root / "classification_task" / split / CLASS_NAMES[label] / f"{stem}.png"
+    _write(image_path, pixels)
+    if label != NO_TUMOR:
+        _link_or_copy(image_path, root / "segmentation_task" / split / "images" / f"{stem}.png")
+        shutil.copyfile(root / "segmentation_task" / src_split / "masks" / f"{src_stem}.png",
+                        root / "segmentation_task" / split / "masks" / f"{stem}.png")
+
+
+def write_split(root: Path, split: str, n: int, seed: int, copies: Optional[dict] = None) -> dict[str, str]:
+    """Render `split`; `copies` {index: stem of a train image of the same class} are written as pixel
+    copies of those. Returns {copy stem: source stem}."""
+    copies = copies or {}
     seg_images = root / "segmentation_task" / split / "images"
     seg_masks = root / "segmentation_task" / split / "masks"
     seg_images.mkdir(parents=True)
@@ -270,11 +318,16 @@ def write_split(root: Path, split: str, n: int, seed: int) -> None:
     for name in CLASS_NAMES:
         (root / "classification_task" / split / name).mkdir(parents=True)
     split_id = {"train": 0, "test": 1}[split]
+    planted = {}
     for index, label, plane in plan_split(n, split):
+        stem = format_name(split, index, label, plane)
+        if index in copies:  # sources come first: train originals precede their copies, train precedes test
+            _copy_sample(root, "train", copies[index], label, split, stem)
+            planted[stem] = copies[index]
+            continue
         rng = np.random.default_rng([seed, split_id, index])
         size = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
         image, mask = render(rng, label, plane, size)
-        stem = format_name(split, index, label, plane)
         three_channel = label == NO_TUMOR or rng.random() < 0.5
         pixels = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if three_channel else image
         image_path = root / "classification_task" / split / CLASS_NAMES[label] / f"{stem}.jpg"
@@ -282,21 +335,27 @@ def write_split(root: Path, split: str, n: int, seed: int) -> None:
         if label != NO_TUMOR:
             _link_or_copy(image_path, seg_images / f"{stem}.jpg")
             _write(seg_masks / f"{stem}.png", ring(rng, mask))
+    return planted
 
 
-def generate(out: Union[str, Path], n_train: int = 400, n_test: int = 100, seed: int = 0, verbose: bool = True) -> Path:
-    """Write the dataset to `out` (which must not exist yet), atomically; returns `out`."""
+def generate(out: Union[str, Path], n_train: int = 400, n_test: int = 100, seed: int = 0, verbose: bool = True,
+             train_duplicates: int = 0, leaks: int = 0) -> Path:
+    """Write the dataset to `out` (which must not exist yet), atomically; returns `out`. `train_duplicates`
+    and `leaks` plant pixel copies inside train and from train into test (see the module docstring)."""
     out = Path(out)
+    dup_plan, leak_plan = plant_pairs(n_train, n_test, train_duplicates, leaks)
     if out.exists():
         raise FileExistsError(f"'{out}' already exists; choose another --out or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     start = time.perf_counter()
     try:
-        for split, n in (("train", n_train), ("test", n_test)):
-            write_split(tmp, split, n, seed)
+        planted = {"train_duplicates": write_split(tmp, "train", n_train, seed, dup_plan),
+                   "test_leaks": write_split(tmp, "test", n_test, seed, leak_plan)}
         info = {"generator": "datasets.synthetic", "version": GENERATOR_VERSION, "seed": seed,
                 "train": n_train, "test": n_test, "classes": CLASS_NAMES}
+        if train_duplicates or leaks:
+            info["planted"] = planted
         (tmp / "SYNTHETIC.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         try:
             os.replace(tmp, out)
@@ -319,9 +378,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--train", type=int, default=400, help="classification images in the train split")
     parser.add_argument("--test", type=int, default=100, help="classification images in the test split")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-duplicates", type=int, default=0, help="train images that copy another train image")
+    parser.add_argument("--leaks", type=int, default=0, help="test images that copy a train image")
     args = parser.parse_args(argv)
     try:
-        generate(args.out, args.train, args.test, args.seed)
+        generate(args.out, args.train, args.test, args.seed, train_duplicates=args.train_duplicates, leaks=args.leaks)
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

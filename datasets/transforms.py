@@ -18,7 +18,7 @@ from torch.utils.data import get_worker_info
 
 from utils.config import AugmentConfig, DataConfig
 
-from .decode import MASK_THRESHOLD, read_grey, resize_image
+from .decode import MASK_THRESHOLD, read_grey, to_square
 
 
 def _sym(limit: float) -> tuple[float, float]:
@@ -154,11 +154,12 @@ def build_transform(
 
 
 def load_image_for_inference(path: Union[str, Path], data_cfg: DataConfig) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Any image file as the model's normalised (C, S, S) input, decoded and resized as in training;
-    also returns its original (width, height) to map a predicted mask back onto it."""
+    """Any image file as the model's normalised (C, S, S) input, decoded and placed as in training
+    (`data.resize`); also returns its original (width, height) to map a predicted mask back onto it
+    (`geometry.logits_to_original` with the same resize mode)."""
     grey = read_grey(Path(path))
     transform = build_transform(data_cfg.image_size, train=False, in_channels=data_cfg.in_channels,
                                 mean=data_cfg.mean, std=data_cfg.std)
     empty = np.zeros((data_cfg.image_size, data_cfg.image_size), np.uint8)
-    image, _ = transform(resize_image(grey, data_cfg.image_size), empty)
+    image, _ = transform(to_square(grey, data_cfg.image_size, data_cfg.resize), empty)
     return image, (grey.shape[1], grey.shape[0])

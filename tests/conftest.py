@@ -16,3 +16,13 @@ def tiny_brisc(tmp_path_factory) -> Path:
                      cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     return root
+
+
+@pytest.fixture(scope="session")
+def planted_root(tmp_path_factory) -> Path:
+    """Generated data with planted pixel copies: 3 inside train, 3 test images copying train images."""
+    from datasets.synthetic import generate
+
+    root = tmp_path_factory.mktemp("planted") / "brisc"
+    generate(root, 24, 8, seed=5, verbose=False, train_duplicates=3, leaks=3)
+    return root

@@ -1,6 +1,7 @@
 """Duplicate detection: pixel digests, thumbnail correlation, groups, leaks, the manifest and its cache."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -8,8 +9,18 @@ import numpy as np
 import pytest
 
 import datasets.duplicates as dup
-from datasets.duplicates import (NEAR_THRESHOLD, DuplicateGroup, correlation, find_groups, leaked_stems,
-                                 pixel_digest, read_manifest, thumbnail, write_manifest)
+from datasets.check import main as check_main
+from datasets.duplicates import (
+    NEAR_THRESHOLD,
+    DuplicateGroup,
+    correlation,
+    find_groups,
+    leaked_stems,
+    pixel_digest,
+    read_manifest,
+    thumbnail,
+    write_manifest,
+)
 from datasets.index import Sample, index_split
 from tests.helpers import SHARED_BRISC
 
@@ -122,6 +133,21 @@ def test_manifest_round_trip_and_counts(planted, tmp_path):
     assert counts["exact"] == {"groups": 1, "images": 3, "within": {}, "across": {"groups": 1, "images": 3}}
     assert counts["near"]["within"] == {"train": {"groups": 1, "images": 2}}
     assert counts["near"]["across"] == {"groups": 1, "images": 2}
+
+
+def test_check_writes_the_manifest_of_planted_copies(planted_root, tmp_path, capsys):
+    planted = json.loads((planted_root / "SYNTHETIC.json").read_text())["planted"]
+    path = tmp_path / "manifest.json"
+    assert check_main([str(planted_root), "--manifest", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "result: OK" in out and f"duplicate manifest {path}" in out  # the usual report, then the summary
+    assert "test: 3 of 8 images have an identical training image, 0 more a near-identical one" in out
+    groups, data = read_manifest(path)
+    assert data["counts"]["exact"]["within"] == {"train": {"groups": 3, "images": 6}}
+    assert data["counts"]["exact"]["across"] == {"groups": 3, "images": 6}
+    assert data["leaked_from_train"]["test"]["train_matches"] == {k: [v] for k, v in planted["test_leaks"].items()}
+    assert data["images"] == {"test": 8, "train": 24}
+    assert {frozenset(g.stems) for g in groups} == {frozenset(p) for kind in planted.values() for p in kind.items()}
 
 
 @pytest.mark.skipif(not SHARED_BRISC.is_dir(), reason="real BRISC 2025 data not present")

@@ -70,6 +70,15 @@ class DataConfig:
     val_fraction: float = 0.1  # stratified share of the train split used for validation
     split_seed: int = 42
     split_file: Optional[str] = None  # reuse an existing split JSON instead of drawing a new one
+    # Keep each group of duplicate content (identical pixels, or 32x32-thumbnail correlation >= near_threshold)
+    # on one side of the train/val split and in one fold, so no validation image has a copy in training.
+    group_duplicates: bool = True
+    near_threshold: float = 0.99  # BRISC 2025: rescaled copies >= 0.9928; neighbouring slices of a scan up to 0.9921
+    folds: int = 0  # K-fold cross-validation: 0 = off (val_fraction split), else K >= 2 folds ...
+    fold: int = 0  # ... and this fold (0..K-1) is the validation part
+    resize: str = "stretch"  # stretch | letterbox: stretch to a square, or scale the longest side and pad
+    synthetic_train_duplicates: int = 0  # generated data: train images that copy another train image
+    synthetic_leaks: int = 0  # generated data: test images that copy a train image
     cache: str = "none"  # none | ram | disk: keep decoded, resized uint8 arrays
     cache_dir: str = ".cache/brisc"
     batch_size: int = 16
@@ -184,6 +193,7 @@ class Config:
 # Values that are checked beyond their type.
 _CHOICES = {
     "data.cache": ("none", "ram", "disk"),
+    "data.resize": ("stretch", "letterbox"),
     "optim.name": ("adamw", "sgd"),
     "sched.name": ("cosine", "plateau", "step", "none"),
     "train.amp": ("auto", "none", "fp16", "bf16"),
@@ -275,6 +285,13 @@ def validate(cfg: Config) -> None:
     """Checks that span several keys."""
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction': got {cfg.data.val_fraction}; expected 0 <= value < 1")
+    if cfg.data.folds == 1 or cfg.data.folds < 0:
+        raise ConfigError(f"config key 'data.folds': got {cfg.data.folds}; expected 0 (off) or >= 2")
+    if cfg.data.folds and not 0 <= cfg.data.fold < cfg.data.folds:
+        raise ConfigError(f"config key 'data.fold': got {cfg.data.fold}; expected 0 <= fold < data.folds "
+                          f"({cfg.data.folds})")
+    if not 0.0 < cfg.data.near_threshold <= 1.0:
+        raise ConfigError(f"config key 'data.near_threshold': got {cfg.data.near_threshold}; expected 0 < value <= 1")
     if cfg.data.in_channels not in (1, 3):
         raise ConfigError(f"config key 'data.in_channels': got {cfg.data.in_channels}; allowed values: 1, 3")
     if len(cfg.data.mean) != len(cfg.data.std):

@@ -1,0 +1,115 @@
+"""K-fold cross-validation of one config: train every fold, then one table of mean ± std over the folds.
+
+    python -m engine.cv --config configs/brisc_cpu.yaml --folds 5 [--opts train.epochs=30 ...]
+
+Fold k trains `engine.trainer.train` with `data.folds=K data.fold=k` (grouped by duplicate content and
+stratified by class, see datasets/splits.py) as experiment `<name>_fold<k>`. Each fold's best validation
+figures (`best_val.json`) go into `<work_dir>/<name>_cv/<timestamp>/`: `cv_folds.csv` (one row per fold,
+then the mean and the standard deviation), `cv_summary.md` (mean ± std of the headline figures) and
+`cv.json`. The standard deviation is the sample one (ddof=1) over the K fold results.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from datasets.errors import DataError
+from utils.config import Config, ConfigError, load_config
+from utils.runs import new_run_dir, write_json_atomic
+
+HEADLINE = ("accuracy", "f1_macro", "dice", "iou", "dice_global", "iou_global", "dice_2class", "miou_2class", "loss")
+
+
+def fold_results(run_dirs: list[Path]) -> list[dict]:
+    """The numeric best-validation figures of each fold's run, with its fold index and run directory."""
+    rows = []
+    for k, run_dir in enumerate(run_dirs):
+        best = json.loads((Path(run_dir) / "best_val.json").read_text(encoding="utf-8"))
+        figures = {key: float(v) for key, v in best.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        rows.append({"fold": k, "run_dir": str(run_dir), **figures})
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """{figure: (mean, sample std)} over the folds, for every figure all folds report."""
+    keys = [k for k in rows[0] if k not in ("fold", "run_dir") and all(k in r for r in rows)]
+    out = {}
+    for key in keys:
+        values = np.array([r[key] for r in rows], dtype=float)
+        out[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    return out
+
+
+def write_tables(rows: list[dict], out_dir: Path, title: str) -> dict[str, tuple[float, float]]:
+    """`cv_folds.csv`, `cv_summary.md` and `cv.json` in `out_dir`; returns the summary."""
+    summary = summarise(rows)
+    keys = list(summary)
+    with open(out_dir / "cv_folds.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["fold", *keys, "run_dir"])
+        for row in rows:
+            writer.writerow([row["fold"], *(f"{row[k]:.6g}" for k in keys), row["run_dir"]])
+        writer.writerow(["mean", *(f"{summary[k][0]:.6g}" for k in keys), ""])
+        writer.writerow(["std", *(f"{summary[k][1]:.6g}" for k in keys), ""])
+    shown = [k for k in HEADLINE if k in summary] or keys
+    percent = {k for k in shown if k != "loss"}
+    lines = [f"# {title}: {len(rows)}-fold cross-validation (validation folds, mean ± sample std over folds)", "",
+             "| figure | mean ± std | " + " | ".join(f"fold {r['fold']}" for r in rows) + " |",
+             "|---|---|" + "---|" * len(rows)]
+    for k in shown:
+        scale, unit = (100.0, " %") if k in percent else (1.0, "")
+        mean, std = summary[k]
+        folds = " | ".join(f"{r[k] * scale:.2f}" for r in rows)
+        lines.append(f"| {k}{unit} | {mean * scale:.2f} ± {std * scale:.2f} | {folds} |")
+    (out_dir / "cv_summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_json_atomic({"folds": rows, "summary": {k: {"mean": m, "std": s} for k, (m, s) in summary.items()}},
+                      out_dir / "cv.json")
+    return summary
+
+
+def run_cv(cfg: Config, folds: Optional[int] = None, show_progress: bool = True) -> Path:
+    """Train every fold of `cfg` and write the tables; returns their directory."""
+    k_folds = folds or cfg.data.folds
+    if k_folds < 2:
+        raise ConfigError(f"cross-validation needs --folds K or data.folds >= 2 (got {k_folds})")
+    from .trainer import train  # heavy imports only once the arguments are known to be valid
+
+    run_dirs = []
+    for k in range(k_folds):
+        fold_cfg = copy.deepcopy(cfg)
+        fold_cfg.data.folds, fold_cfg.data.fold = k_folds, k
+        fold_cfg.experiment.name = f"{cfg.experiment.name}_fold{k}"
+        print(f"[cv] fold {k + 1}/{k_folds}: experiment {fold_cfg.experiment.name}")
+        run_dirs.append(train(fold_cfg, show_progress=show_progress))
+    out_dir = new_run_dir(cfg.experiment.work_dir, f"{cfg.experiment.name}_cv")
+    write_tables(fold_results(run_dirs), out_dir, cfg.experiment.name)
+    return out_dir
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="K-fold cross-validation of one experiment config.")
+    parser.add_argument("--config", required=True, help="YAML experiment file (see configs/)")
+    parser.add_argument("--folds", type=int, default=None, help="number of folds (default: data.folds)")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.opts)
+        out_dir = run_cv(cfg, args.folds, show_progress=not args.no_progress)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((out_dir / "cv_summary.md").read_text(encoding="utf-8"))
+    print(f"tables: {out_dir / 'cv_summary.md'}, {out_dir / 'cv_folds.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
