@@ -82,10 +82,6 @@ def _loader(cfg: Config, dataset, batch_size: Optional[int], num_workers: Option
                       num_workers=cfg.data.num_workers if num_workers is None else num_workers)
 
 
-def _resize_mode(cfg: Config) -> str:
-    return getattr(cfg.data, "resize", "stretch")
-
-
 def tune_threshold(counts: np.ndarray, annotated: np.ndarray, candidates: list[float]
                    ) -> tuple[float, dict[float, float]]:
     """The candidate with the best per-image tumour Dice (native size); `counts` is (N, candidates, 4).
@@ -108,7 +104,7 @@ def validation_pass(model: nn.Module, cfg: Config, split_path: Path, device: tor
     from tqdm import tqdm
 
     dataset = build_eval_dataset(cfg.data, "val", split_path)
-    native = NativeCounts(dataset.samples, thresholds, _resize_mode(cfg))
+    native = NativeCounts(dataset.samples, thresholds, cfg.data.resize)
     logits, labels, ids = [], [], []
     model.eval()
     for batch in tqdm(_loader(cfg, dataset, opts.batch_size, opts.num_workers), desc="validation split",
@@ -208,7 +204,7 @@ def run_test(opts: TestOptions) -> dict:
 
     dataset = build_eval_dataset(cfg.data, opts.split, split_path)
     metrics = MultiTaskMetrics(num_classes, CLASS_NAMES, threshold=threshold, keep_per_image=True)
-    native = NativeCounts(dataset.samples, [threshold], _resize_mode(cfg))
+    native = NativeCounts(dataset.samples, [threshold], cfg.data.resize)
     logit_parts: list[torch.Tensor] = []
 
     def keep(outputs: dict, batch: dict) -> None:
@@ -243,7 +239,7 @@ def run_test(opts: TestOptions) -> dict:
         "headline_subset": headline, "resolution": "native", "threshold": threshold,
         "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
         "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
-        "resize": _resize_mode(cfg), "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
+        "resize": cfg.data.resize, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
         "loss": counted["loss"], "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
         "calibration": calibration,
     })

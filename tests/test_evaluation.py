@@ -115,6 +115,23 @@ def test_native_dice_of_a_hand_made_non_square_image(tmp_path: Path):
     assert figures["empty_fp_rate"] == 1.0
 
 
+def test_native_counts_undo_the_letterbox(tmp_path: Path):
+    """The same 30x50 case letterboxed into 10x10: the image occupies rows 2-7 (scale 0.2). Inside that box the
+    logits are +10 in columns 0-4, so the crossing lands at x = 5 * 50 / 10 - 0.5 = 24.5 again: the same
+    counts as stretched. The padding rows hold +10 too; counting them would change every figure."""
+    mask = np.zeros((30, 50), np.uint8)
+    mask[5:15, 20:35] = 255
+    cv2.imwrite(str(tmp_path / "case.png"), mask)
+    cv2.imwrite(str(tmp_path / "case.jpg"), mask)
+    logits = torch.full((1, 1, 10, 10), -10.0)
+    logits[:, :, :, :5] = 10.0
+    logits[:, :, [0, 1, 8, 9], :] = 10.0
+    native = NativeCounts([Sample("case", 0, "ax", tmp_path / "case.jpg", tmp_path / "case.png")], [0.5],
+                          resize_mode="letterbox")
+    native.update(logits, ["case"])
+    assert native.counts(["case"])[0][0, 0].tolist() == [50, 700, 100, 1500 - 850]
+
+
 def test_threshold_tuning_picks_the_best_native_dice():
     # (N images, 2 candidates, TP FP FN TN): A is perfect at 0.3, B at 0.7; C has no tumour (not averaged).
     counts = np.array([[[10, 0, 0, 90], [5, 0, 5, 90]], [[8, 2, 0, 90], [8, 0, 0, 92]], [[0, 3, 0, 97], [0, 0, 0, 100]]])

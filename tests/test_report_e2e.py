@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 from tests.helpers import REPO, run_entry
@@ -12,24 +11,13 @@ TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.v
         "eval.batch_size=16", "train.device=cpu", "train.threads=1", "train.epochs=1"]
 
 
-def plant_leaks(root: Path, count: int = 2) -> list[str]:
-    """Copy `count` training tumour images (with their masks) into the test split under test names."""
-    planted = []
-    train_masks = sorted((root / "segmentation_task" / "train" / "masks").glob("*.png"))[:count]
-    for n, mask in enumerate(train_masks):
-        code, plane = mask.stem.split("_")[3:5]
-        image = next((root / "classification_task" / "train").glob(f"*/{mask.stem}.jpg"))
-        stem = f"brisc2025_test_{900 + n:05d}_{code}_{plane}_t1"
-        shutil.copyfile(image, root / "classification_task" / "test" / image.parent.name / f"{stem}.jpg")
-        shutil.copyfile(mask, root / "segmentation_task" / "test" / "masks" / f"{stem}.png")
-        planted.append(stem)
-    return planted
-
-
-def test_leak_free_report_settings_and_output_folders(tiny_brisc, tmp_path):
+def test_leak_free_report_settings_and_output_folders(tmp_path):
     root = tmp_path / "brisc"
-    shutil.copytree(tiny_brisc, root)
-    planted = plant_leaks(root)
+    proc = run_entry(["-m", "datasets.synthetic", "--out", str(root), "--train", "48", "--test", "16", "--seed", "3",
+                      "--leaks", "2"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    planted = list(json.loads((root / "SYNTHETIC.json").read_text())["planted"]["test_leaks"])
+    assert len(planted) == 2 and all("_test_" in stem for stem in planted)
     proc = run_entry(["train.py", "--config", "configs/demo.yaml", "--no-progress", "--opts", f"data.root={root}",
                       "data.synthetic=false", f"experiment.work_dir={tmp_path}", "experiment.name=leaks", *TINY],
                      cwd=REPO)
@@ -46,7 +34,7 @@ def test_leak_free_report_settings_and_output_folders(tiny_brisc, tmp_path):
     assert sorted(e["stem"] for e in metrics["leak_check"]["excluded"]) == sorted(planted)
     subsets = metrics["subsets"]
     assert (subsets["all"]["num_images"], subsets["leak_free"]["num_images"], subsets["leaked"]["num_images"]) == (
-        18, 16, 2)
+        16, 14, 2)
     for key in ("accuracy", "f1_macro", "dice", "iou", "dice_train_res"):
         assert metrics[key] == subsets["leak_free"][key], key
     low, high = subsets["all"]["ci95"]["accuracy"]
@@ -58,7 +46,7 @@ def test_leak_free_report_settings_and_output_folders(tiny_brisc, tmp_path):
     assert sorted(r["id"] for r in rows if r["leaked"] == "True") == sorted(planted)
     for name in ("reliability.png", "breakdowns.png", "confusion_matrix.png"):
         assert (default / name).is_file(), name
-    assert "leak-free *" in proc.stdout and "2 of 18 images" in proc.stdout
+    assert "leak-free *" in proc.stdout and "2 of 16 images" in proc.stdout
     first = (default / "metrics.json").read_bytes()
 
     # Other settings go to their own folder; the default one is left as it was.
