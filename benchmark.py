@@ -14,7 +14,9 @@ eval mode, so deep-supervision heads are neither run nor timed. Per model:
   throughput = batch / median latency; peak CUDA memory (max_memory_allocated; n/a on a CPU);
 - efficiency ratio = (1 / params) normalised so the smallest model is 1.000; speed ratio = throughput
   normalised so the fastest model at the same batch size and precision is 1.000;
-- with --metrics: accuracy, two-class mIoU, tumour Dice and macro F1 from test.py's metrics.json files.
+- with --metrics: accuracy, two-class mIoU, tumour Dice and macro F1 from test.py's metrics.json files, with
+  the setting each was scored with (split, subset, resolution, threshold, TTA); files that differ in split,
+  subset or resolution are refused, since their figures are not comparable.
 
 Writes a Markdown table to stdout and benchmark.csv, benchmark.json, radar.png to --out; the environment
 (device name, torch version, threads, precision, batch size) is stored with the numbers.
@@ -35,6 +37,7 @@ import torch
 from utils.cli import add_debug_flag, int_at_least, non_negative_int, positive_int, run_main
 from utils.errors import UserError
 from utils.runtime import select_device
+from evaluation.conventions import check_comparable, setting_label, setting_of
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # metrics.json key -> column label; values are fractions and are shown as percentages
@@ -138,6 +141,7 @@ def load_metrics(patterns: list[str]) -> dict[str, dict[str, float]]:
     if not paths:
         raise UserError("no metrics.json file found for --metrics; check the paths or quote the glob")
     found: dict[str, dict[str, float]] = {}
+    settings: dict[str, dict] = {}
     for path in sorted(set(paths), key=lambda p: Path(p).stat().st_mtime):
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -148,11 +152,19 @@ def load_metrics(patterns: list[str]) -> dict[str, dict[str, float]]:
         if not isinstance(name, str):
             print(f"warning: skipping {path}: no 'model' key naming the registry model", file=sys.stderr)
             continue
+        setting = setting_of(data)
         if name in found:
-            print(f"warning: several metrics files for '{name}'; using the newest, {path}", file=sys.stderr)
+            print(f"warning: several metrics files for '{name}'; using the newest, {path} "
+                  f"({setting_label(setting)}; the older one: {found[name]['test_setting']})", file=sys.stderr)
         found[name] = {k: float(data[k]) for k in METRIC_COLUMNS
                        if isinstance(data.get(k), (int, float)) and math.isfinite(data[k])}
         found[name]["metrics_file"] = path  # type: ignore[assignment]
+        found[name]["test_setting"] = setting_label(setting)  # type: ignore[assignment]
+        settings[name] = setting
+    try:  # figures of another split, subset or resolution convention never share a column unmarked
+        check_comparable(list(settings.values()), list(settings))
+    except ValueError as exc:
+        raise UserError(f"--metrics: {exc}") from None
     return found
 
 
@@ -176,7 +188,7 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
               "Precision", "Latency ms (median)", "Throughput img/s", "Peak mem MiB", "Efficiency ratio",
               "Speed ratio"]
     if with_metrics:
-        header += list(METRIC_COLUMNS.values())
+        header += list(METRIC_COLUMNS.values()) + ["Test setting"]
     setting = [f"Benchmark on {env['device']}: {env['device_name']}", f"torch {env['torch']}",
                f"{env['torch_threads']} CPU threads", f"input {env['image_size']}x{env['image_size']}",
                f"precision {', '.join(env['precision'])}"]
@@ -198,6 +210,7 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
                  _fmt(r["efficiency_ratio"], 3), _fmt(r.get("speed_ratio"), 3)]
         if with_metrics:
             cells += [_fmt(100 * r[k], 2) if k in r else "n/a" for k in METRIC_COLUMNS]
+            cells.append(r.get("test_setting", "n/a"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
     python test.py --checkpoint runs/demo/<timestamp>/best.pth
     python test.py --checkpoint best.pth --data-root /data/brisc2025 --split test --tta
     python test.py --checkpoint best.pth --split test --tune-threshold --gradcam 4
+    python test.py --checkpoint best.pth --split test --subset all --calibrate
     python test.py --checkpoint best.pth --input my_slices/ --out predictions/
 """
 from __future__ import annotations
@@ -26,7 +27,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=open_unit_float, default=None,
                         help="segmentation threshold, between 0 and 1 (default: config)")
     parser.add_argument("--tune-threshold", action="store_true",
-                        help="choose the threshold with the best Dice on the validation split, then evaluate")
+                        help="choose the threshold with the best Dice on the validation split, then evaluate "
+                             "another split (not with --split val)")
+    parser.add_argument("--subset", default="leak_free", choices=["leak_free", "all"],
+                        help="what the headline figures mean: leak_free (default: without images that share "
+                             "content with the training data) or all; every subset is reported either way")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="temperature-scale the classifier, fitted on the validation split (not with --split val)")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
+                        help="resamples for the 95%% bootstrap intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     parser.add_argument("--input", type=Path, default=None, help="predict on a folder of unlabelled images")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: inside the run directory)")
     parser.add_argument("--gradcam", type=non_negative_int, default=0, metavar="N",
@@ -57,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=checkpoint, split=args.split, data_root=args.data_root, tta=args.tta,
         threshold=args.threshold, tune_threshold=args.tune_threshold, out_dir=args.out, device=args.device,
         batch_size=args.batch_size, num_workers=args.num_workers, use_ema=not args.no_ema,
-        gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress))
+        gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress,
+        subset=args.subset, calibrate=args.calibrate, bootstrap=args.bootstrap, seed=args.seed))
     return 0
 
 

@@ -2,7 +2,7 @@
 forward (optionally with flip test-time augmentation), metrics accumulated on the device."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -45,8 +45,11 @@ def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> dict:
 def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, device: torch.device,
              loss_fn: Optional[nn.Module] = None, amp_dtype: Optional[torch.dtype] = None, tta: bool = False,
              channels_last: bool = False, show_progress: bool = True, desc: str = "eval",
-             distributed: bool = False) -> dict:
+             distributed: bool = False, on_batch: Optional[Callable[[dict, dict], None]] = None) -> dict:
     """Run the model over `loader` and return the metric dict (plus `loss` when a loss function is given).
+
+    `on_batch(outputs, batch)`, when given, sees every batch's (float) outputs after the metrics did, e.g. to
+    keep per-image records that the counts do not hold (native-resolution scoring in test.py).
 
     In a distributed run each rank sees its own shard and counts are summed across ranks before `compute()`.
     """
@@ -65,6 +68,8 @@ def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, de
             loss_sum += total.double() * batch["label"].shape[0]
         count += batch["label"].shape[0]
         metrics.update(outputs, batch)
+        if on_batch is not None:
+            on_batch(outputs, batch)
     if distributed:
         import torch.distributed as dist
 

@@ -193,14 +193,16 @@ class MultiTaskMetrics:
             labels.double(), pred.double(), prob.double(), probs.gather(1, labels.unsqueeze(1)).squeeze(1).double(),
             per_image["dice"].double(), per_image["iou"].double(), (per_image["tp"] + per_image["fn"]).double(),
             (per_image["tp"] + per_image["fp"]).double(), per_image["annotated"].double(),
+            per_image["tp"].double(), per_image["fp"].double(), per_image["fn"].double(), per_image["tn"].double(),
         ], 1).cpu().tolist()  # one device-to-host copy per batch
         ids = batch.get("id") or [str(len(self._records) + i) for i in range(len(numbers))]
         for image_id, row in zip(ids, numbers):
-            label, pred_cls, p_pred, p_true, dice, iou, true_pixels, pred_pixels, annotated = row
+            label, pred_cls, p_pred, p_true, dice, iou, true_pixels, pred_pixels, annotated, tp, fp, fn, tn = row
             self._records.append({
                 "id": image_id, "label": int(label), "pred": int(pred_cls), "prob": p_pred, "prob_true": p_true,
                 "dice": dice if annotated else None, "iou": iou if annotated else None,
                 "tumour_pixels": int(true_pixels) if annotated else None, "pred_pixels": int(pred_pixels),
+                "annotated": bool(annotated), "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
             })
 
     # ------------------------------------------------------------------------------------------ merging
@@ -242,60 +244,14 @@ class MultiTaskMetrics:
     def compute(self) -> dict:
         """Every figure of `METRIC_DEFINITIONS_MD` as Python floats (counts as ints, the matrix as lists)."""
         state = {name: tensor.cpu().tolist() for name, tensor in self.state_tensors().items()}
-        results = self._classification_figures(state["confusion"])
-        results.update(self._segmentation_figures(state["pixels"], state["images"], state["overlap"]))
+        results = classification_figures(state["confusion"], self.class_names)
+        results.update(segmentation_figures(state["pixels"], state["images"], state["overlap"]))
         return results
-
-    def _classification_figures(self, confusion: list[list[int]]) -> dict:
-        k = self.num_classes
-        total = sum(map(sum, confusion))
-        support = [sum(confusion[c]) for c in range(k)]
-        predicted = [sum(confusion[r][c] for r in range(k)) for c in range(k)]
-        results: dict = {"accuracy": _ratio(sum(confusion[c][c] for c in range(k)), total)}
-        per_class: dict[str, list[float]] = {"precision": [], "recall": [], "f1": []}
-        for c, name in enumerate(self.class_names):
-            tp = confusion[c][c]
-            values = {"precision": _ratio(tp, predicted[c]), "recall": _ratio(tp, support[c]),
-                      "f1": _ratio(2 * tp, support[c] + predicted[c])}  # 2TP / (2TP + FP + FN)
-            for metric, value in values.items():
-                per_class[metric].append(value)
-                results[f"{metric}_{name}"] = value
-        for metric, values in per_class.items():
-            results[f"{metric}_macro"] = sum(values) / k
-            results[f"{metric}_weighted"] = _ratio(sum(v * s for v, s in zip(values, support)), total)
-        results["confusion_matrix"] = confusion
-        results["num_images"] = total
-        return results
-
-    @staticmethod
-    def _segmentation_figures(pixels: list[int], images: list[int], overlap: list[float]) -> dict:
-        tp, fp, fn, tn = pixels
-        seg_images, tumour_images, empty_images, empty_fp = images
-        dice_bg = _ratio(2 * tn, 2 * tn + fp + fn)
-        iou_bg = _ratio(tn, tn + fp + fn)
-        dice_global = _ratio(2 * tp, 2 * tp + fp + fn)
-        iou_global = _ratio(tp, tp + fp + fn)
-        return {
-            "dice": _ratio(overlap[_DICE_TUMOUR], tumour_images),
-            "iou": _ratio(overlap[_IOU_TUMOUR], tumour_images),
-            "dice_global": dice_global,
-            "iou_global": iou_global,
-            "dice_2class": (dice_bg + dice_global) / 2,
-            "miou_2class": (iou_bg + iou_global) / 2,
-            "dice_all_images": _ratio(overlap[_DICE_ALL], seg_images),
-            "iou_all_images": _ratio(overlap[_IOU_ALL], seg_images),
-            "pixel_accuracy": _ratio(tp + tn, tp + fp + fn + tn),
-            "sensitivity": _ratio(tp, tp + fn),
-            "specificity": _ratio(tn, tn + fp),
-            "empty_fp_rate": _ratio(empty_fp, empty_images),
-            "num_seg_images": seg_images,
-            "num_tumour_images": tumour_images,
-            "num_empty_images": empty_images,
-        }
 
     def per_image_records(self) -> list[dict]:
         """One dict per image: id, label, pred, prob (of the predicted class), prob_true, dice, iou, tumour_pixels,
-        pred_pixels (dice / iou / tumour_pixels are None for images without an annotation)."""
+        pred_pixels (dice / iou / tumour_pixels are None for images without an annotation), annotated and the
+        image's pixel counts tp, fp, fn, tn."""
         if not self.keep_per_image:
             raise RuntimeError("per-image records are only kept with MultiTaskMetrics(..., keep_per_image=True)")
         return list(self._records)
@@ -318,3 +274,54 @@ class MultiTaskMetrics:
                 y_pred += [pred_class] * count
         return classification_report(y_true, y_pred, labels=list(range(self.num_classes)),
                                      target_names=self.class_names, digits=digits, zero_division=0)
+
+
+def classification_figures(confusion: list[list[int]], class_names: Sequence[str]) -> dict:
+    """Accuracy, per-class / macro / weighted precision, recall and F1 from a confusion matrix (rows: truth)."""
+    k = len(class_names)
+    total = sum(map(sum, confusion))
+    support = [sum(confusion[c]) for c in range(k)]
+    predicted = [sum(confusion[r][c] for r in range(k)) for c in range(k)]
+    results: dict = {"accuracy": _ratio(sum(confusion[c][c] for c in range(k)), total)}
+    per_class: dict[str, list[float]] = {"precision": [], "recall": [], "f1": []}
+    for c, name in enumerate(class_names):
+        tp = confusion[c][c]
+        values = {"precision": _ratio(tp, predicted[c]), "recall": _ratio(tp, support[c]),
+                  "f1": _ratio(2 * tp, support[c] + predicted[c])}  # 2TP / (2TP + FP + FN)
+        for metric, value in values.items():
+            per_class[metric].append(value)
+            results[f"{metric}_{name}"] = value
+    for metric, values in per_class.items():
+        results[f"{metric}_macro"] = sum(values) / k
+        results[f"{metric}_weighted"] = _ratio(sum(v * s for v, s in zip(values, support)), total)
+    results["confusion_matrix"] = confusion
+    results["num_images"] = total
+    return results
+
+
+def segmentation_figures(pixels: Sequence[int], images: Sequence[int], overlap: Sequence[float]) -> dict:
+    """The segmentation figures from summed pixel counts (TP, FP, FN, TN), image counts (annotated, tumour,
+    empty, empty with a false positive) and sums of per-image Dice / IoU (tumour images, all annotated)."""
+    tp, fp, fn, tn = pixels
+    seg_images, tumour_images, empty_images, empty_fp = images
+    dice_bg = _ratio(2 * tn, 2 * tn + fp + fn)
+    iou_bg = _ratio(tn, tn + fp + fn)
+    dice_global = _ratio(2 * tp, 2 * tp + fp + fn)
+    iou_global = _ratio(tp, tp + fp + fn)
+    return {
+        "dice": _ratio(overlap[_DICE_TUMOUR], tumour_images),
+        "iou": _ratio(overlap[_IOU_TUMOUR], tumour_images),
+        "dice_global": dice_global,
+        "iou_global": iou_global,
+        "dice_2class": (dice_bg + dice_global) / 2,
+        "miou_2class": (iou_bg + iou_global) / 2,
+        "dice_all_images": _ratio(overlap[_DICE_ALL], seg_images),
+        "iou_all_images": _ratio(overlap[_IOU_ALL], seg_images),
+        "pixel_accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "empty_fp_rate": _ratio(empty_fp, empty_images),
+        "num_seg_images": seg_images,
+        "num_tumour_images": tumour_images,
+        "num_empty_images": empty_images,
+    }

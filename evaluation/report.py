@@ -1,5 +1,10 @@
-"""What `test.py` does: evaluate a checkpoint on a split, tune the threshold, write reports and figures,
-or predict on a folder of unlabelled images."""
+"""What `test.py` does: evaluate a checkpoint on a split and write what a researcher can publish.
+
+Figures for the `all`, `leak_free` and `leaked` subsets (images sharing content with the training data are
+leaked), segmentation at each image's own size (and at the training resolution, `*_train_res`), 95 % bootstrap
+intervals, breakdowns per plane / class / tumour size, calibration; the threshold may be tuned and the
+classifier temperature-scaled on the validation split only, never on the split being scored.
+"""
 from __future__ import annotations
 
 import csv
@@ -15,34 +20,25 @@ from torch.utils.data import DataLoader
 
 from datasets import CLASS_NAMES
 from datasets.factory import build_eval_dataset
+from datasets.naming import PLANES
 from losses import MultiTaskLoss
 from model.loading import load_model_from_checkpoint
-from utils.config import Config
+from utils.config import Config, ConfigError
+from evaluation.bootstrap import bootstrap_intervals
+from evaluation.breakdowns import breakdowns
+from evaluation.calibration import calibration_summary, fit_temperature
+from evaluation.conventions import CONVENTIONS_MD, output_folder_name
 from evaluation.inference import evaluate, move_batch, predict
+from evaluation.leaks import leak_check
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
+from evaluation.native import NativeCounts
+from evaluation.subsets import (HEADLINE_SUBSETS, SUBSET_LABELS, PerImage, excluded_list, per_image_overlap,
+                                subset_figures, subset_indices)
+from evaluation.summary import summary_table
 from utils.runs import write_json_atomic
 from utils.runtime import select_device
 
-# Rows of the printed summary: (key in the metric dict, label, what it averages over).
-SUMMARY_ROWS = [
-    ("accuracy", "Accuracy", "all images"),
-    ("precision_macro", "Precision (macro)", "mean over classes"),
-    ("recall_macro", "Recall (macro)", "mean over classes"),
-    ("f1_macro", "F1 (macro)", "mean over classes"),
-    ("f1_weighted", "F1 (weighted)", "classes weighted by support"),
-    ("dice", "Dice (tumour, per image)", "mean over images with tumour"),
-    ("iou", "IoU (tumour, per image)", "mean over images with tumour"),
-    ("dice_global", "Dice (tumour, global)", "summed TP/FP/FN over the split"),
-    ("iou_global", "IoU (tumour, global)", "summed TP/FP/FN over the split"),
-    ("dice_2class", "Dice (2-class mean)", "background and tumour, global"),
-    ("miou_2class", "mIoU (2-class mean)", "background and tumour, global"),
-    ("dice_all_images", "Dice (all images)", "per image, empty/empty = 1"),
-    ("sensitivity", "Sensitivity", "tumour pixels, global"),
-    ("specificity", "Specificity", "background pixels, global"),
-    ("pixel_accuracy", "Pixel accuracy", "all pixels"),
-    ("empty_fp_rate", "False-positive rate on empty masks", "images without tumour"),
-    ("loss", "Test loss", "mean over images"),
-]
+THRESHOLD_CANDIDATES = [round(t, 2) for t in np.arange(0.2, 0.81, 0.05)]
 
 
 @dataclass
@@ -61,6 +57,24 @@ class TestOptions:
     gradcam: int = 0
     gradcam_layer: Optional[str] = None
     show_progress: bool = True
+    subset: str = "leak_free"  # what the headline figures (top level of metrics.json) describe
+    calibrate: bool = False
+    bootstrap: int = 1000  # resamples for the 95 % intervals; 0: none
+    seed: int = 0
+
+
+def check_options(opts: TestOptions) -> None:
+    """Refuse settings that would score a split with something fitted on that same split."""
+    if opts.subset not in HEADLINE_SUBSETS:
+        raise ConfigError(f"--subset must be one of {', '.join(HEADLINE_SUBSETS)}, got '{opts.subset}'")
+    for flag, used in (("--tune-threshold", opts.tune_threshold), ("--calibrate", opts.calibrate)):
+        if used and opts.split == "val":
+            raise ConfigError(f"{flag} fits on the validation split, so it cannot also score --split val (the "
+                              "figures would be optimistic); score another split, e.g. --split test")
+    if opts.tune_threshold and opts.threshold is not None:
+        raise ConfigError("--threshold and --tune-threshold exclude each other: give a threshold or tune one")
+    if opts.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0 (0: no intervals), got {opts.bootstrap}")
 
 
 def _loader(cfg: Config, dataset, batch_size: Optional[int], num_workers: Optional[int]) -> DataLoader:
@@ -68,48 +82,111 @@ def _loader(cfg: Config, dataset, batch_size: Optional[int], num_workers: Option
                       num_workers=cfg.data.num_workers if num_workers is None else num_workers)
 
 
-@torch.no_grad()
-def tune_threshold(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-                   tta: bool = False, candidates: Optional[list[float]] = None, show_progress: bool = True
+def tune_threshold(counts: np.ndarray, annotated: np.ndarray, candidates: list[float]
                    ) -> tuple[float, dict[float, float]]:
-    """The segmentation threshold with the best per-image tumour Dice on `loader` (one pass, all candidates)."""
-    from tqdm import tqdm
+    """The candidate with the best per-image tumour Dice (native size); `counts` is (N, candidates, 4).
 
-    candidates = candidates or [round(t, 2) for t in np.arange(0.2, 0.81, 0.05)]
-    trackers = {t: MultiTaskMetrics(num_classes, CLASS_NAMES, threshold=t) for t in candidates}
-    model.eval()
-    for batch in tqdm(loader, desc="tuning threshold", leave=False, disable=not show_progress):
-        batch = move_batch(batch, device)
-        outputs = predict(model, batch["image"], tta=tta)
-        for tracker in trackers.values():
-            tracker.update(outputs, batch)
-    scores = {t: tracker.compute()["dice"] for t, tracker in trackers.items()}
+    Ties go to the candidate nearest 0.5."""
+    scores = {}
+    for j, t in enumerate(candidates):
+        rows = counts[annotated, j]
+        tumour = (rows[:, 0] + rows[:, 2]) > 0
+        dice, _ = per_image_overlap(rows[tumour])
+        scores[t] = float(dice.mean()) if len(dice) else 0.0
     best = max(scores, key=lambda t: (scores[t], -abs(t - 0.5)))
     return best, scores
 
 
-def format_table(rows: list[tuple[str, str, str]], header: tuple[str, str, str]) -> str:
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+@torch.no_grad()
+def validation_pass(model: nn.Module, cfg: Config, split_path: Path, device: torch.device, opts: TestOptions,
+                    thresholds: list[float]) -> dict:
+    """Native counts for every candidate threshold, class logits and labels of the run's validation split."""
+    from tqdm import tqdm
+
+    dataset = build_eval_dataset(cfg.data, "val", split_path)
+    native = NativeCounts(dataset.samples, thresholds, cfg.data.resize)
+    logits, labels, ids = [], [], []
+    model.eval()
+    for batch in tqdm(_loader(cfg, dataset, opts.batch_size, opts.num_workers), desc="validation split",
+                      leave=False, disable=not opts.show_progress):
+        batch = move_batch(batch, device)
+        outputs = predict(model, batch["image"], tta=opts.tta)
+        native.update(outputs["seg"].float(), batch["id"])
+        logits.append(outputs["cls"].float().cpu())
+        labels.append(batch["label"].cpu())
+        ids += list(batch["id"])
+    counts, annotated = native.counts(ids)
+    return {"counts": counts, "annotated": annotated, "logits": torch.cat(logits).numpy(),
+            "labels": torch.cat(labels).numpy()}
 
 
-def summary_table(results: dict) -> str:
-    rows = []
-    for key, label, over in SUMMARY_ROWS:
-        if key in results and isinstance(results[key], (int, float)) and math.isfinite(results[key]):
-            value = results[key]
-            shown = f"{value:.4f}" if key == "loss" else f"{100 * value:.2f} %"
-            rows.append((label, shown, over))
-    return format_table(rows, ("metric", "value", "averaged over"))
+def per_image_table(records: list[dict], logits: np.ndarray, native: NativeCounts, planes: dict[str, str]
+                    ) -> PerImage:
+    """Align MultiTaskMetrics' per-image records (training resolution) with the native counts and logits."""
+    stems = [r["id"] for r in records]
+    native_counts, annotated = native.counts(stems)
+    return PerImage(stems=stems, labels=np.array([r["label"] for r in records], dtype=np.int64), logits=logits,
+                    planes=[planes[s] for s in stems], annotated=annotated, native=native_counts[:, 0],
+                    train_res=np.array([[r["tp"], r["fp"], r["fn"], r["tn"]] for r in records], dtype=np.int64
+                                       ).reshape(-1, 4))
+
+
+def fit_on_validation(model: nn.Module, cfg: Config, split_path: Path, device: torch.device, opts: TestOptions
+                      ) -> tuple[float, Optional[dict], Optional[float]]:
+    """(threshold, how it was tuned or None, temperature or None): fitted on the validation split when asked."""
+    threshold = cfg.eval.threshold if opts.threshold is None else opts.threshold
+    tuning, temperature = None, None
+    if opts.tune_threshold or opts.calibrate:
+        val = validation_pass(model, cfg, split_path, device, opts, THRESHOLD_CANDIDATES)
+        if opts.tune_threshold:
+            threshold, scores = tune_threshold(val["counts"], val["annotated"], THRESHOLD_CANDIDATES)
+            tuning = {"tuned_on": "val", "val_dice_by_threshold": {f"{k:.2f}": v for k, v in scores.items()}}
+            print(f"threshold tuned on the validation split: {threshold:.2f} (val Dice {scores[threshold]:.4f}, "
+                  "native size)")
+        if opts.calibrate:
+            temperature = fit_temperature(val["logits"], val["labels"])
+            print(f"temperature fitted on the validation split: {temperature:.3f}")
+    return threshold, tuning, temperature
+
+
+def score_subsets(table: PerImage, leaked: Optional[dict], num_classes: int, resamples: int, seed: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """(positions of each subset, every figure of each subset with its bootstrap intervals)."""
+    indices = subset_indices(table.stems, leaked)
+    subsets = {}
+    for name, index in indices.items():
+        if not len(index):  # e.g. no leaked image: no figures rather than zeros
+            subsets[name] = {"num_images": 0}
+            continue
+        subsets[name] = subset_figures(table, index, CLASS_NAMES)
+        subsets[name]["ci95"] = bootstrap_intervals(table, index, num_classes, resamples, seed) if resamples else None
+    return indices, subsets
+
+
+def print_summary(results: dict, bootstrap: bool) -> None:
+    """The leak check, the side-by-side subset table and the calibration line of a results dict."""
+    headline, leak_info = results["headline_subset"], results["leak_check"]
+    if leak_info.get("applied"):
+        print(f"leak check against {leak_info['against']}: {leak_info['num_leaked']} of "
+              f"{results['subsets']['all']['num_images']} images share content with training images "
+              "(listed in metrics.json)")
+    print(f"headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
+          + ("; [95 % bootstrap interval]" if bootstrap else ""))
+    print(summary_table(results["subsets"], headline))
+    calibration, temperature = results["calibration"], results["temperature"]
+    print(f"calibration ({SUBSET_LABELS[headline]}): ECE {100 * calibration['ece']:.2f} %, NLL "
+          f"{calibration['nll']:.4f}" + (f" at temperature {temperature:.3f} (uncalibrated ECE "
+                                         f"{100 * calibration['ece_uncalibrated']:.2f} %)" if temperature else ""))
 
 
 def run_test(opts: TestOptions) -> dict:
     """Evaluate `opts.checkpoint` on a split; write metrics.json, reports and figures; return the metrics."""
+    from visualization.breakdowns import save_breakdown_figures
     from visualization.cases import save_case_grid
     from visualization.confusion import save_confusion_matrix
     from visualization.gradcam import write_gradcam_figures
 
+    check_options(opts)
     device = select_device(opts.device, key="--device")
     model, cfg, ckpt = load_model_from_checkpoint(opts.checkpoint, device, use_ema=opts.use_ema)
     if opts.data_root:
@@ -117,30 +194,54 @@ def run_test(opts: TestOptions) -> dict:
         cfg.data.synthetic = False
     run_dir = Path(opts.checkpoint).resolve().parent
     split_path = run_dir / "split.json"
-    out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / f"test_{opts.split}{'_tta' if opts.tta else ''}"
-    out_dir.mkdir(parents=True, exist_ok=True)
     num_classes = cfg.model.num_classes
 
-    threshold = cfg.eval.threshold if opts.threshold is None else opts.threshold
-    tuning = None
-    if opts.tune_threshold:
-        val_ds = build_eval_dataset(cfg.data, "val", split_path)
-        threshold, scores = tune_threshold(model, _loader(cfg, val_ds, opts.batch_size, opts.num_workers), device,
-                                           num_classes, opts.tta, show_progress=opts.show_progress)
-        tuning = {"best_threshold": threshold, "val_dice_by_threshold": {str(k): v for k, v in scores.items()}}
-        print(f"threshold tuned on the validation split: {threshold:.2f} (val Dice {scores[threshold]:.4f})")
+    threshold, tuning, temperature = fit_on_validation(model, cfg, split_path, device, opts)
+    out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / output_folder_name(
+        opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate,
+        checkpoint=Path(opts.checkpoint).stem, raw_weights=bool(not opts.use_ema and ckpt.get("ema")))
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = build_eval_dataset(cfg.data, opts.split, split_path)
     metrics = MultiTaskMetrics(num_classes, CLASS_NAMES, threshold=threshold, keep_per_image=True)
+    native = NativeCounts(dataset.samples, [threshold], cfg.data.resize)
+    logit_parts: list[torch.Tensor] = []
+
+    def keep(outputs: dict, batch: dict) -> None:
+        native.update(outputs["seg"], batch["id"])
+        logit_parts.append(outputs["cls"].cpu())
+
     loss_fn = MultiTaskLoss(cfg.loss, class_counts=ckpt.get("class_counts")).to(device)
-    results = evaluate(model, _loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
-                       tta=opts.tta, show_progress=opts.show_progress, desc=f"test {opts.split}")
+    counted = evaluate(model, _loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
+                       tta=opts.tta, show_progress=opts.show_progress, desc=f"test {opts.split}", on_batch=keep)
+    records = metrics.per_image_records()
+    table = per_image_table(records, torch.cat(logit_parts).numpy(), native,
+                            {sample.stem: sample.plane for sample in dataset.samples})
+
+    leaked, leak_info = leak_check(Path(cfg.data.root), opts.split, split_path, dataset.samples,
+                                   cache_dir=run_dir / "leak_check")
+    indices, subsets = score_subsets(table, leaked, num_classes, opts.bootstrap, opts.seed)
+    headline = opts.subset if opts.subset in indices else "all"
+    if headline != opts.subset:
+        print(f"note: no leak check for the {opts.split} split ({leak_info['reason']}); headline subset: all")
+    subsets["all"]["loss"] = counted["loss"]
+    if leaked is not None:
+        leak_info["num_leaked"] = len(indices["leaked"])
+        leak_info["excluded"] = excluded_list(leaked, table.stems, leak_info["against"])
+    calibration = calibration_summary(table.logits[indices[headline]], table.labels[indices[headline]],
+                                      1.0 if temperature is None else temperature)
+    breakdown = breakdowns(table, indices[headline], CLASS_NAMES, list(PLANES))
+
     num_params = sum(p.numel() for p in model.parameters())
+    results = {key: value for key, value in subsets[headline].items()}
     results.update({
         "model": cfg.model.name, "params": num_params, "split": opts.split, "data_root": str(cfg.data.root),
-        "num_images": len(dataset), "threshold": threshold, "tta": opts.tta, "checkpoint": str(opts.checkpoint),
-        "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size, "ema_weights": bool(opts.use_ema and
-                                                                                          ckpt.get("ema")),
+        "headline_subset": headline, "resolution": "native", "threshold": threshold,
+        "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
+        "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
+        "resize": cfg.data.resize, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
+        "loss": counted["loss"], "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
+        "calibration": calibration,
     })
     if tuning:
         results["threshold_tuning"] = tuning
@@ -148,10 +249,11 @@ def run_test(opts: TestOptions) -> dict:
 
     report = metrics.classification_report(digits=4)
     (out_dir / "classification_report.txt").write_text(report + "\n", encoding="utf-8")
-    (out_dir / "metric_definitions.md").write_text(METRIC_DEFINITIONS_MD + "\n", encoding="utf-8")
+    (out_dir / "metric_definitions.md").write_text(METRIC_DEFINITIONS_MD + "\n" + CONVENTIONS_MD, encoding="utf-8")
     save_confusion_matrix(results["confusion_matrix"], CLASS_NAMES, out_dir / "confusion_matrix.png")
-    records = metrics.per_image_records()
-    _write_per_image_csv(records, out_dir / "per_image.csv")
+    title = f"{cfg.model.name}, {opts.split} split, {SUBSET_LABELS[headline]}"
+    save_breakdown_figures(calibration, breakdown, out_dir, title)
+    _write_per_image_csv(_csv_rows(records, table, leaked), out_dir / "per_image.csv")
     _write_case_grids(model, dataset, records, cfg, device, threshold, opts.tta, out_dir, save_case_grid)
     if opts.gradcam > 0:
         write_gradcam_figures(model, dataset, out_dir / "gradcam", per_class=opts.gradcam, device=device,
@@ -159,11 +261,24 @@ def run_test(opts: TestOptions) -> dict:
                               std=cfg.data.std)
 
     print(f"\n{cfg.model.name} ({num_params:,} parameters), {opts.split} split: {len(dataset)} images, "
-          f"threshold {threshold:.2f}{', flip TTA' if opts.tta else ''}")
-    print(summary_table(results))
-    print("\nPer-class report (scikit-learn):\n" + report)
+          f"threshold {threshold:.2f}{' (tuned on val)' if opts.tune_threshold else ''}"
+          f"{', flip TTA' if opts.tta else ''}; segmentation at each image's own size")
+    print_summary(results, bootstrap=opts.bootstrap > 0)
+    print("\nPer-class report (scikit-learn, all images):\n" + report)
     print(f"results written to {out_dir}")
     return results
+
+
+def _csv_rows(records: list[dict], table: PerImage, leaked: Optional[dict]) -> list[dict]:
+    """Per-image records with the native-size Dice / IoU, the plane and the leak flag added."""
+    dice, iou = per_image_overlap(table.native)
+    rows = []
+    for n, record in enumerate(records):
+        annotated = bool(table.annotated[n])
+        rows.append({**record, "plane": table.planes[n], "dice_native": float(dice[n]) if annotated else None,
+                     "iou_native": float(iou[n]) if annotated else None,
+                     "leaked": None if leaked is None else record["id"] in leaked})
+    return rows
 
 
 def _write_per_image_csv(records: list[dict], path: Path) -> None:

@@ -1,10 +1,13 @@
 """The README's results table, regenerated from runs: `test.py` outputs plus measured size, compute and latency.
 
     python -m evaluation.results runs/brisc_cpu/latest runs/mobilenetv2_unet_cpu/latest --split val
-    python -m evaluation.results runs/*/latest --split val --readme README.md     # rewrite the README's table
+    python -m evaluation.results runs/*/latest --split test --readme README.md    # rewrite the README's table
+    python -m evaluation.results runs/*/latest --folder test_test_tta             # another test.py setting
 
 Each run directory must hold `config.yaml`, `history.json` and `test_<split>/metrics.json` (written by
-`python test.py --checkpoint RUN/best.pth --split <split>`). Nothing in the table is typed by hand.
+`python test.py --checkpoint RUN/best.pth --split <split>`; other settings write other folders, chosen with
+`--folder`). Nothing in the table is typed by hand. Each row names its split, headline subset, resolution,
+threshold and TTA; rows that differ in split, subset or resolution are refused (not comparable).
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ from utils.cli import add_debug_flag, positive_int, run_main
 from utils.config import load_config
 from utils.errors import InputError
 from utils.flops import latency_summary, thop_macs, time_forward
+from evaluation.conventions import check_comparable, setting_label, setting_of
+from evaluation.subsets import SUBSET_LABELS
+from evaluation.summary import format_value
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -53,52 +59,94 @@ def measure_model(cfg, threads: int, repeats: int = 30) -> dict:
             "latency_ms": latency}
 
 
-def run_row(run_dir: Path, split: str, threads: int) -> dict:
-    metrics_path = run_dir / f"test_{split}" / "metrics.json"
+def run_row(run_dir: Path, folder: str) -> dict:
+    """A run's test.py figures, config and training history (the model is measured later, once rows agree)."""
+    metrics_path = run_dir / folder / "metrics.json"
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} is missing: run python test.py --checkpoint {run_dir}/best.pth "
-                                f"--split {split}")
+        raise InputError(f"{metrics_path} is missing: run python test.py --checkpoint {run_dir}/best.pth "
+                         f"with the settings that write '{folder}' (e.g. --split {folder.split('_')[1]})")
     metrics = json.loads(metrics_path.read_text())
     cfg = load_config(run_dir / "config.yaml")
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
     command = (run_dir / "command.txt").read_text().splitlines()[0] if (run_dir / "command.txt").is_file() else ""
     row = {"run": str(run_dir), "name": cfg.model.name, "metrics": metrics, "cfg": cfg, "command": command,
+           "setting": setting_of(metrics),
            "epochs": len(history), "minutes": sum(r.get("time_s", 0.0) for r in history) / 60.0,
            "train_img_s": (sum(r.get("train_img_s", 0.0) for r in history) / len(history)) if history else 0.0}
-    row.update(measure_model(cfg, threads))
     return row
 
 
-def pct(value: Optional[float]) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
+def subset_of(metrics: dict, name: str) -> dict:
+    """The figures of one subset; files written before the leak check scored every image (`all` only)."""
+    if "subsets" in metrics:
+        return metrics["subsets"].get(name) or {}
+    return metrics if name == "all" else {}
+
+
+def cell(figures: dict, key: str) -> str:
+    """A percentage with its 95 % interval when there is one, e.g. `99.30 [98.80, 99.70]`."""
+    return format_value(key, figures, (figures.get("ci95") or {}).get(key))
+
+
+def test_command(run: str, setting: dict) -> str:
+    """The test.py command that reproduces a row's setting."""
+    flags = [f"--split {setting['split']}"]
+    if setting["subset"] == "all":
+        flags.append("--subset all")
+    if setting["tta"]:
+        flags.append("--tta")
+    if setting["threshold_tuned"]:
+        flags.append("--tune-threshold")
+    elif setting["threshold"] is not None and abs(setting["threshold"] - 0.5) > 1e-9:
+        flags.append(f"--threshold {setting['threshold']:.2f}")
+    if setting["calibrated"]:
+        flags.append("--calibrate")
+    return f"python test.py --checkpoint {run}/best.pth " + " ".join(flags)
+
+
+GROUP_KEYS = (("accuracy", "accuracy"), ("f1_macro", "macro-F1"), ("dice", "Dice tumour"), ("iou", "IoU tumour"))
 
 
 def render(rows: list[dict], split: str, threads: int) -> str:
-    header = ("| model | params (M) | GMACs | CPU latency (ms) | accuracy | macro-F1 | Dice tumour | IoU tumour | "
-              "Dice global | Dice 2-class | mIoU 2-class | epochs | train wall-clock (min) | train img/s |")
-    lines = [header, "|" + "|".join(["---"] * 14) + "|"]
+    headline = rows[0]["setting"]["subset"]
+    resolution = rows[0]["setting"]["resolution"]
+    hl = SUBSET_LABELS.get(headline, headline)
+    groups = ["leak_free", "all"]
+    header = ["model", "params (M)", "GMACs", "CPU latency (ms)", "setting"]
+    header += [f"{label} ({SUBSET_LABELS[g]})" for g in groups for _, label in GROUP_KEYS]
+    header += [f"Dice global ({hl})", f"Dice 2-class ({hl})", f"mIoU 2-class ({hl})", f"Dice train-res. ({hl})",
+               "epochs", "train wall-clock (min)", "train img/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in rows:
         m = r["metrics"]
-        lines.append(
-            f"| {r['name']} | {r['params'] / 1e6:.3f} | {r['gmacs']:.3f} | {r['latency_ms']:.1f} | {pct(m.get('accuracy'))} "
-            f"| {pct(m.get('f1_macro'))} | {pct(m.get('dice'))} | {pct(m.get('iou'))} | {pct(m.get('dice_global'))} "
-            f"| {pct(m.get('dice_2class'))} | {pct(m.get('miou_2class'))} | {r['epochs']} | {r['minutes']:.1f} "
-            f"| {r['train_img_s']:.0f} |")
+        cells = [r["name"], f"{r['params'] / 1e6:.3f}", f"{r['gmacs']:.3f}", f"{r['latency_ms']:.1f}",
+                 setting_label(r["setting"])]
+        cells += [cell(subset_of(m, g), key) for g in groups for key, _ in GROUP_KEYS]
+        cells += [cell(m, "dice_global"), cell(m, "dice_2class"), cell(m, "miou_2class"), cell(m, "dice_train_res"),
+                  str(r["epochs"]), f"{r['minutes']:.1f}", f"{r['train_img_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     classes = ["glioma", "meningioma", "no_tumor", "pituitary"]
-    per_class = ["", "Per class (" + split + " split): recall / F1, %", "",
+    per_class = ["", f"Per class ({split} split, {hl}): recall / F1, %", "",
                  "| model | " + " | ".join(classes) + " |", "|" + "|".join(["---"] * (len(classes) + 1)) + "|"]
     for r in rows:
         m = r["metrics"]
-        cells = [f"{pct(m.get(f'recall_{c}'))} / {pct(m.get(f'f1_{c}'))}" for c in classes]
+        cells = [f"{cell(m, f'recall_{c}')} / {cell(m, f'f1_{c}')}" for c in classes]
         per_class.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     first = rows[0]
+    counts = ", ".join(f"{SUBSET_LABELS[g]} {subset_of(first['metrics'], g).get('num_images', '–')}"
+                       for g in ("all", "leak_free", "leaked"))
     notes = [
         "",
-        f"Data: `{first['metrics'].get('data_root')}`, the `{split}` split "
-        f"({first['metrics'].get('num_images')} images; for `val`, the stratified 10 % of the BRISC 2025 training "
-        f"split held out by `split.json`, the same for every row), at {first['cfg'].data.image_size}x"
-        f"{first['cfg'].data.image_size}. Dice/IoU tumour: per image, mean over images with a tumour; global and "
-        "2-class: from summed pixel counts (see [Metric definitions](#metric-definitions)).",
+        f"Data: `{first['metrics'].get('data_root')}`, the `{split}` split (images: {counts}; for `val`, the "
+        "10 % of the BRISC 2025 training split held out by `split.json`, the same for every row), at "
+        f"{first['cfg'].data.image_size}x{first['cfg'].data.image_size}. Leak-free: without the images whose "
+        "pixels are identical or near-identical to a training image; all: every image. Headline subset (the "
+        f"columns without a group and the per-class table): {hl}. Segmentation scored at "
+        + ("each image's own size (logits upsampled bilinearly, masks binarised at 128); `train-res.`: at the "
+           "training resolution." if resolution == "native" else "the training resolution.")
+        + " Dice/IoU tumour: per image, mean over images with a tumour; global and 2-class: from summed pixel "
+        "counts (see [Metric definitions](#metric-definitions)). `[a, b]`: 95 % bootstrap interval (1000 "
+        "per-image resamples).",
         f"Hardware: {cpu_name()}, {torch.get_num_threads()} cores visible; latency: batch 1, fp32, eval mode, "
         f"{threads} threads, median of 30 after warm-up, measured when this table was generated. GMACs: thop "
         "multiply-accumulates at the training resolution (FLOPs = 2 x MACs).",
@@ -106,10 +154,7 @@ def render(rows: list[dict], split: str, threads: int) -> str:
     ]
     for r in rows:
         notes.append(f"- {r['name']}: `{r['command'] or 'python train.py --config ...'}` then "
-                     f"`python test.py --checkpoint {r['run']}/best.pth --split {split}`")
-    notes.append("")
-    notes.append("Regenerate: `python -m evaluation.results " + " ".join(r["run"] for r in rows)
-                 + f" --split {split} --readme README.md`")
+                     f"`{test_command(r['run'], r['setting'])}`")
     return "\n".join(lines + per_class + notes)
 
 
@@ -125,12 +170,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (e.g. runs/brisc_cpu/latest)")
     parser.add_argument("--split", default="val", help="which test.py output to read: test_<split>/metrics.json")
+    parser.add_argument("--folder", default=None,
+                        help="read <run>/<folder>/metrics.json instead (another test.py setting, e.g. test_test_tta)")
     parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the latency measurement")
     parser.add_argument("--readme", type=Path, default=None, help="replace the README's results block")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    rows = [run_row(run, args.split, args.threads) for run in args.runs]
-    table = render(rows, args.split, args.threads)
+    folder = args.folder or f"test_{args.split}"
+    rows = [run_row(run, folder) for run in args.runs]
+    try:
+        check_comparable([r["setting"] for r in rows], [r["run"] for r in rows])
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    for row in rows:
+        row.update(measure_model(row["cfg"], args.threads))
+    split = rows[0]["setting"]["split"]
+    table = render(rows, split, args.threads)
+    regenerate = ("Regenerate: `python -m evaluation.results " + " ".join(r["run"] for r in rows)
+                  + f" --split {split}" + (f" --folder {folder}" if args.folder else "") + " --readme README.md`")
+    table += "\n\n" + regenerate
     print(table)
     if args.readme:
         update_readme(args.readme, table)

@@ -36,10 +36,10 @@ def _square(label, k, rng):
 
 def test_jpeg_header_properties(tmp_path):
     path = tmp_path / "a.jpg"
-    cv2.imwrite(str(path), np.full((20, 30, 3), 90, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
+    cv2.imwrite(str(path), np.full((40, 60, 3), 90, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
     assert jpeg_channels(path) == 3 and abs(jpeg_quality(path) - 75) <= 1
     props = dict(zip(PROPERTIES, image_properties(path)))
-    assert props["width"] == 30 and props["height"] == 20 and props["aspect"] == 1.5
+    assert props["width"] == 60 and props["height"] == 40 and props["aspect"] == 1.5
     assert abs(props["mean_intensity"] - 90) <= 1 and abs(props["background"] - 90) <= 1
     cv2.imwrite(str(tmp_path / "b.png"), np.zeros((8, 8), np.uint8))
     assert jpeg_quality(tmp_path / "b.png") == 0 and jpeg_channels(tmp_path / "b.png") == 0

@@ -1,0 +1,73 @@
+"""95 % bootstrap confidence intervals by per-image resampling, vectorised over resamples.
+
+A resample draws N images with replacement. Instead of materialising B resampled datasets, each resample is a
+row of a (B, N) matrix of how often each image was drawn; every interval figure is then a linear function of
+that matrix (accuracy, Dice and IoU are weighted means; the confusion matrices of all resamples are one matrix
+product with the images' one-hot (label, prediction) cells), so 1000 images x 1000 resamples take milliseconds.
+Interval: the percentile method (2.5th and 97.5th percentile of the resampled figure), seeded.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from evaluation.subsets import PerImage, per_image_overlap
+
+INTERVAL_METRICS = ("accuracy", "f1_macro", "dice", "iou")
+
+
+def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) float matrix: how often each image is drawn in each resample (rows sum to n)."""
+    if n < 1 or resamples < 1:
+        raise ValueError(f"need at least one image and one resample, got {n} images and {resamples} resamples")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n))
+    flat = (np.arange(resamples)[:, None] * n + draws).ravel()
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+
+
+def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, num_classes: int
+                      ) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1, tumour Dice and IoU (native resolution) of each resample: {name: (B,) array}.
+
+    `counts[b, j]` is how often image `index[j]` is drawn in resample b. Dice / IoU are NaN for a resample
+    without a tumour image.
+    """
+    labels, preds = table.labels[index], table.preds[index]
+    k = num_classes
+    cells = np.zeros((len(index), k * k))
+    cells[np.arange(len(index)), labels * k + preds] = 1.0
+    confusion = (counts @ cells).reshape(-1, k, k)  # (B, K, K), rows: truth
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    support, predicted = confusion.sum(2), confusion.sum(1)
+    denominator = support + predicted
+    f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0)  # zero_division=0
+    out = {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": f1.mean(1)}
+
+    native = table.native[index]
+    dice, iou = per_image_overlap(native)
+    tumour = (table.annotated[index] & ((native[:, 0] + native[:, 2]) > 0)).astype(np.float64)
+    tumour_draws = counts @ tumour
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["dice"] = np.where(tumour_draws > 0, counts @ (dice * tumour) / tumour_draws, np.nan)
+        out["iou"] = np.where(tumour_draws > 0, counts @ (iou * tumour) / tumour_draws, np.nan)
+    return out
+
+
+def bootstrap_intervals(table: PerImage, index: np.ndarray, num_classes: int, resamples: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> dict:
+    """{metric: [low, high]} for `INTERVAL_METRICS` on the images at `index`, plus the method's settings.
+
+    A metric with no defined value in any resample (e.g. Dice on a subset without tumours) gets None.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    info: dict = {"method": "percentile bootstrap, per-image resampling", "level": level, "resamples": resamples,
+                  "seed": seed}
+    if len(index) == 0:
+        return {**info, **{name: None for name in INTERVAL_METRICS}}
+    figures = resampled_figures(table, index, resample_counts(len(index), resamples, seed), num_classes)
+    tail = 100 * (1 - level) / 2
+    for name in INTERVAL_METRICS:
+        values = figures[name][np.isfinite(figures[name])]
+        info[name] = [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(
+            values) else None
+    return info

@@ -1,0 +1,80 @@
+"""Native-resolution segmentation counts: each image scored at its own size, not at the model's input size.
+
+The model predicts at the training resolution (e.g. 128x128). Scoring there compares against a mask that was
+itself resampled, which flatters or penalises small tumours depending on the resampling. Here the logits are
+mapped back to the image's original (height, width) with `datasets.geometry.logits_to_original` (bilinear on
+logits), thresholded, and compared with the original mask file binarised at >= 128. Sizes vary between images,
+so the result is one row of pixel counts (TP, FP, FN, TN) per image, for one or several thresholds at once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datasets.decode import MASK_THRESHOLD, read_grey
+from datasets.geometry import logits_to_original
+from datasets.index import Sample
+
+
+def original_mask(sample: Sample) -> Optional[np.ndarray]:
+    """The ground truth at the image's own size as a bool array; None when the image has no annotation."""
+    if not sample.has_mask:
+        return None
+    if sample.mask is None:  # no-tumour image: an empty mask of the image's size (read from the header only)
+        with Image.open(sample.image) as image:
+            width, height = image.size
+        return np.zeros((height, width), dtype=bool)
+    return read_grey(sample.mask, what="mask") >= MASK_THRESHOLD
+
+
+class NativeCounts:
+    """Per-image TP, FP, FN, TN at the original size, for each of `thresholds` (on the sigmoid).
+
+    `update(seg_logits, ids)` takes the model-size logits (B, 1, s, s) of a batch and the batch's stems;
+    counts stay on the logits' device until `counts()` (one host copy at the end).
+    """
+
+    def __init__(self, samples: Sequence[Sample], thresholds: Sequence[float], resize_mode: str = "stretch") -> None:
+        for t in thresholds:
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"segmentation threshold must be in (0, 1), got {t}")
+        self.samples = {s.stem: s for s in samples}
+        self.thresholds = [float(t) for t in thresholds]
+        # sigmoid(x) >= t  <=>  x >= log(t / (1 - t))
+        self._logit_thresholds = [math.log(t / (1.0 - t)) for t in self.thresholds]
+        self.resize_mode = resize_mode
+        self._rows: dict[str, Optional[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def update(self, seg_logits: torch.Tensor, ids: Sequence[str]) -> None:
+        if seg_logits.shape[0] != len(ids):
+            raise ValueError(f"{seg_logits.shape[0]} segmentation outputs for {len(ids)} ids")
+        cuts = torch.tensor(self._logit_thresholds, device=seg_logits.device).view(-1, 1, 1)
+        for i, stem in enumerate(ids):
+            truth_np = original_mask(self.samples[stem])
+            if truth_np is None:
+                self._rows[stem] = None
+                continue
+            logits = logits_to_original(seg_logits[i:i + 1].float(), truth_np.shape, self.resize_mode)[0, 0]
+            truth = torch.from_numpy(truth_np).to(logits.device)
+            pred = logits.unsqueeze(0) >= cuts  # (thresholds, H, W)
+            tp = (pred & truth).flatten(1).sum(1)
+            fp = pred.flatten(1).sum(1) - tp
+            fn = truth.sum() - tp
+            tn = truth.numel() - tp - fp - fn
+            self._rows[stem] = torch.stack([tp, fp, fn, tn], 1)
+
+    def counts(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(counts (N, thresholds, 4) int64 in the order of `ids`, annotated (N,) bool); unannotated rows are 0."""
+        out = np.zeros((len(ids), len(self.thresholds), 4), dtype=np.int64)
+        annotated = np.zeros(len(ids), dtype=bool)
+        for n, stem in enumerate(ids):
+            row = self._rows[stem]
+            if row is not None:
+                out[n] = row.cpu().numpy()
+                annotated[n] = True
+        return out, annotated

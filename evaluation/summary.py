@@ -1,0 +1,63 @@
+"""The console summary of test.py: every figure for each subset side by side, with 95 % intervals."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from evaluation.subsets import SUBSET_LABELS, SUBSETS
+
+# Rows of the printed summary: (key in the metric dict, label, what it averages over).
+SUMMARY_ROWS = [
+    ("accuracy", "Accuracy", "all images"),
+    ("precision_macro", "Precision (macro)", "mean over classes"),
+    ("recall_macro", "Recall (macro)", "mean over classes"),
+    ("f1_macro", "F1 (macro)", "mean over classes"),
+    ("f1_weighted", "F1 (weighted)", "classes weighted by support"),
+    ("dice", "Dice (tumour, per image)", "mean over images with tumour, native size"),
+    ("iou", "IoU (tumour, per image)", "mean over images with tumour, native size"),
+    ("dice_global", "Dice (tumour, global)", "summed TP/FP/FN, native size"),
+    ("iou_global", "IoU (tumour, global)", "summed TP/FP/FN, native size"),
+    ("dice_2class", "Dice (2-class mean)", "background and tumour, global, native size"),
+    ("miou_2class", "mIoU (2-class mean)", "background and tumour, global, native size"),
+    ("dice_all_images", "Dice (all images)", "per image, empty/empty = 1, native size"),
+    ("sensitivity", "Sensitivity", "tumour pixels, global, native size"),
+    ("specificity", "Specificity", "background pixels, global, native size"),
+    ("pixel_accuracy", "Pixel accuracy", "all pixels, native size"),
+    ("empty_fp_rate", "False-positive rate on empty masks", "images without tumour"),
+    ("dice_train_res", "Dice (tumour, per image), training res.", "mean over images with tumour"),
+    ("iou_train_res", "IoU (tumour, per image), training res.", "mean over images with tumour"),
+    ("num_images", "Images", "count"),
+    ("num_tumour_images", "Images with tumour", "count"),
+]
+
+
+def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def format_value(key: str, figures: dict, interval: Optional[list] = None) -> str:
+    """`99.30` for a fraction (percent), `99.30 [98.80, 99.70]` with its interval, counts as integers."""
+    value = figures.get(key)
+    if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if key.startswith("num_"):
+        return str(int(value))
+    if key == "loss":
+        return f"{value:.4f}"
+    shown = f"{100 * value:.2f}"
+    return f"{shown} [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else shown
+
+
+def summary_table(subsets: dict[str, dict], headline: str) -> str:
+    """One column per subset present (all, leak-free, leaked), the headline subset marked with `*`."""
+    names = [name for name in SUBSETS if name in subsets]
+    header = ("metric", *[SUBSET_LABELS[n] + (" *" if n == headline else "") for n in names], "averaged over")
+    rows = []
+    for key, label, over in SUMMARY_ROWS:
+        if not any(isinstance(subsets[n].get(key), (int, float)) for n in names):
+            continue
+        cells = [format_value(key, subsets[n], (subsets[n].get("ci95") or {}).get(key)) for n in names]
+        rows.append((label, *cells, over))
+    return format_table(rows, header)
