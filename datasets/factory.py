@@ -50,6 +50,8 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
         cache_dir=data_cfg.cache_dir,
         verbose=verbose,
         name=name,
+        intensity_norm=data_cfg.intensity_norm,
+        percentile_range=data_cfg.percentile_range,
     )
 
 

@@ -55,6 +55,16 @@ class AugmentConfig:
     p_random_resized_crop: float = 0.0
     crop_scale: list = field(default_factory=lambda: [0.8, 1.0])  # area fraction kept
     crop_ratio: list = field(default_factory=lambda: [0.9, 1.1])  # aspect ratio range of the crop
+    # MRI acquisition shifts (datasets/mri_shifts.py, the transforms of the shift benchmark), each with its own
+    # probability, at a severity drawn uniformly from mri_severity (0: identity, 1-3: the benchmark's levels)
+    p_bias_field: float = 0.0
+    p_mri_gamma: float = 0.0
+    p_mri_noise: float = 0.0  # Rician
+    p_low_resolution: float = 0.0  # blur + downsample + upsample
+    p_mri_intensity: float = 0.0  # global scale and offset
+    p_mri_contrast: float = 0.0  # window change
+    p_mri_rotate_zoom: float = 0.0
+    mri_severity: list = field(default_factory=lambda: [0.0, 2.0])
 
 
 @dataclass
@@ -77,6 +87,10 @@ class DataConfig:
     pin_memory: bool = True
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # imagenet: fixed mean/std above; zscore: per image, mean/std of the head (pixels above the image mean);
+    # percentile: per image, clip to the percentile_range and scale to [0, 1], then mean/std above
+    intensity_norm: str = "imagenet"
+    percentile_range: list = field(default_factory=lambda: [0.5, 99.5])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -184,6 +198,7 @@ class Config:
 # Values that are checked beyond their type.
 _CHOICES = {
     "data.cache": ("none", "ram", "disk"),
+    "data.intensity_norm": ("imagenet", "zscore", "percentile"),
     "optim.name": ("adamw", "sgd"),
     "sched.name": ("cosine", "plateau", "step", "none"),
     "train.amp": ("auto", "none", "fp16", "bf16"),
@@ -286,6 +301,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.class_weights': {len(cw)} weights for {cfg.model.num_classes} classes")
     if cfg.train.grad_accum_steps < 1:
         raise ConfigError("config key 'train.grad_accum_steps' must be >= 1")
+    low, high = (list(cfg.data.percentile_range) + [None, None])[:2]
+    if len(cfg.data.percentile_range) != 2 or not 0.0 <= low < high <= 100.0:
+        raise ConfigError(f"config key 'data.percentile_range': got {cfg.data.percentile_range}; expected [low, high] "
+                          "with 0 <= low < high <= 100")
+    low, high = (list(cfg.data.augment.mri_severity) + [None, None])[:2]
+    if len(cfg.data.augment.mri_severity) != 2 or not 0.0 <= low <= high <= 3.0:
+        raise ConfigError(f"config key 'data.augment.mri_severity': got {cfg.data.augment.mri_severity}; expected "
+                          "[low, high] with 0 <= low <= high <= 3")
     if cfg.data.image_size < 32:
         raise ConfigError(f"config key 'data.image_size': got {cfg.data.image_size}; expected >= 32")
 
