@@ -4,6 +4,7 @@ shifts (`datasets/mri_shifts.py`), each at several severities, beside the clean 
     python -m evaluation.shift --checkpoint runs/demo/latest/best.pth --split val
     python -m evaluation.shift --checkpoint best.pth --split test --shifts gamma noise --severities 1 2 3
     python -m evaluation.shift --checkpoint lever/best.pth --reference baseline/shift_val/shift.json
+    python -m evaluation.shift --compare runs/*/latest/shift_val/shift.json      # one row per run
 
 Each shift acts on the decoded uint8 greyscale image at the model's size before normalisation, so the normal
 evaluation pipeline (intensity normalisation, `evaluation.inference.evaluate`, `evaluation.metrics`) runs
@@ -32,6 +33,7 @@ from datasets import CLASS_NAMES
 from datasets.errors import DataError
 from datasets.factory import build_eval_dataset
 from datasets.mri_shifts import MAX_SEVERITY, SEVERITIES, SHIFT_NAMES, ShiftHook, severity_params
+from datasets.transforms import MRI_AUGMENTS
 from evaluation.inference import evaluate
 from evaluation.metrics import MultiTaskMetrics
 from model.loading import load_model_from_checkpoint
@@ -92,6 +94,26 @@ def shift_table(result: dict) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
 
 
+def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
+    """Markdown table of several shift.json files (e.g. one per training lever): clean figures, the suite mean at
+    `severity` and over all severities, and the relative mCE, in percent."""
+    header = ["run", "intensity norm", "MRI augmentation", "clean acc", "clean Dice", f"sev {severity} acc",
+              f"sev {severity} Dice", "suite acc", "suite Dice", "rel. mCE acc", "rel. mCE Dice"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for path in paths:
+        r = json.loads(Path(path).read_text(encoding="utf-8"))
+        if severity not in r["mean_by_severity"]:
+            raise ValueError(f"'{path}' has no severity {severity} (it has {', '.join(r['severities'])})")
+        name = Path(r["checkpoint"]).resolve().parent.parent.name
+        sev = r["mean_by_severity"][severity]
+        cells = [r["clean"]["accuracy"], r["clean"]["dice"], sev["accuracy"], sev["dice"], r["mean"]["accuracy"],
+                 r["mean"]["dice"], r["relative_mce"]["accuracy"], r["relative_mce"]["dice"]]
+        augment = ", ".join(f"{key.removeprefix('p_')} {p:g}" for key, p in r.get("mri_augment", {}).items())
+        row = [name, r["intensity_norm"], augment or "none", *(f"{100 * c:.2f}" for c in cells)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[str] = SHIFT_NAMES,
                         severities: Sequence[float] = SEVERITIES, seed: int = 0, out_dir: Optional[Path] = None,
                         device_name: str = "auto", batch_size: Optional[int] = None,
@@ -128,7 +150,10 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
     dataset.shift = None
     result = {
         "checkpoint": str(checkpoint), "model": cfg.model.name, "split": split, "num_images": len(dataset),
-        "image_size": cfg.data.image_size, "intensity_norm": cfg.data.intensity_norm, "threshold": threshold,
+        "image_size": cfg.data.image_size, "intensity_norm": cfg.data.intensity_norm,
+        "mri_augment": {key: getattr(cfg.data.augment, key) for key, _ in MRI_AUGMENTS
+                        if getattr(cfg.data.augment, key) > 0},
+        "threshold": threshold,
         "tta": tta, "seed": seed, "shifts": list(shifts), "severities": labels,
         "severity_params": {n: {label: severity_params(n, float(s)) for s, label in zip(severities, labels)}
                             for n in shifts},
@@ -152,7 +177,9 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="best.pth / last.pth of a run")
+    parser.add_argument("--checkpoint", type=Path, help="best.pth / last.pth of a run")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="SHIFT_JSON",
+                        help="instead of scoring: one table row per shift.json (run name = its run folder)")
     parser.add_argument("--split", default="val", choices=["val", "test", "train"],
                         help="val: the run's validation split (split.json); test: the release's test split")
     parser.add_argument("--shifts", nargs="+", default=list(SHIFT_NAMES), choices=SHIFT_NAMES, metavar="SHIFT",
@@ -176,7 +203,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if (args.checkpoint is None) == (args.compare is None):
+        print("error: give --checkpoint (score a run) or --compare (tabulate shift.json files)", file=sys.stderr)
+        return 2
     try:
+        if args.compare:
+            print(compare_table(args.compare))
+            return 0
         run_shift_benchmark(args.checkpoint, args.split, args.shifts, args.severities, args.seed, args.out,
                             args.device, args.batch_size, args.num_workers, not args.no_ema, args.threshold,
                             args.tta, args.data_root, args.reference, show_progress=not args.no_progress)

@@ -1,4 +1,4 @@
-"""MRI acquisition shifts (datasets/mri_shifts.py), their use as augmentation, and per-image intensity standardisation."""
+"""MRI acquisition shifts (datasets/mri_shifts.py), their use as augmentation, per-image intensity standardisation."""
 from __future__ import annotations
 
 import random

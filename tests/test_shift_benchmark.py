@@ -108,3 +108,24 @@ def test_bad_arguments_exit_2(checkpoint, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--checkpoint", str(checkpoint), "--shifts", "motion"])
     assert exc.value.code == 2
+
+
+def test_compare_table_lists_each_run(tmp_path, capsys):
+    clean = {"accuracy": 0.9, "f1_macro": 0.8, "dice": 0.7, "iou": 0.6}
+    shifted = {"noise": {"2": {"accuracy": 0.8, "f1_macro": 0.7, "dice": 0.5, "iou": 0.4}}}
+    paths = []
+    for name, norm in (("base", "imagenet"), ("zscore", "zscore")):
+        run = tmp_path / name / "20260101-000000"
+        run.mkdir(parents=True)
+        result = {"checkpoint": str(run / "best.pth"), "intensity_norm": norm, "severities": ["2"],
+                  "mri_augment": {"p_bias_field": 0.3} if name == "zscore" else {}, "clean": clean,
+                  "shifted": shifted, **summarise(clean, shifted, ["2"])}
+        paths.append(run / "shift.json")
+        paths[-1].write_text(json.dumps(result))
+    assert main(["--compare", *map(str, paths)]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 4
+    assert rows[2].startswith("| base | imagenet | none | 90.00 | 70.00 | 80.00 | 50.00 | 80.00 | 50.00 | 10.00 "
+                              "| 20.00")
+    assert rows[3].startswith("| zscore | zscore | bias_field 0.3 |")
+    assert main([]) == 2

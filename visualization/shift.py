@@ -28,10 +28,10 @@ def shift_figure(result: dict) -> Figure:
         ax.set_xticks(xs, labels=["clean"] + list(severities))
         ax.set_xlabel("severity")
         ax.set_ylabel(f"{label} (%)")
-        ax.set_title(f"{label}: drop {100 * result['drop'][key]:.1f} pts", fontsize=9)
+        ax.set_title(f"{label}: drop {100 * result['drop'][key] + 0.0:.1f} pts", fontsize=9)
         ax.grid(alpha=0.3)
         if i == 0:
-            ax.legend(fontsize=7, loc="lower left")
+            ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"Acquisition shifts: {result['model']}, {result['split']} split ({result['num_images']} images, "
                  f"{result['image_size']}px)", fontsize=10)
     return fig
