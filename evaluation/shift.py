@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from torch.utils.data import DataLoader
 
 from datasets import CLASS_NAMES
@@ -108,7 +107,10 @@ def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
         sev = r["mean_by_severity"][severity]
         cells = [r["clean"]["accuracy"], r["clean"]["dice"], sev["accuracy"], sev["dice"], r["mean"]["accuracy"],
                  r["mean"]["dice"], r["relative_mce"]["accuracy"], r["relative_mce"]["dice"]]
-        augment = ", ".join(f"{key.removeprefix('p_')} {p:g}" for key, p in r.get("mri_augment", {}).items())
+        by_p: dict[float, list[str]] = {}
+        for key, p in r.get("mri_augment", {}).items():
+            by_p.setdefault(p, []).append(key.removeprefix("p_").removeprefix("mri_"))
+        augment = "; ".join(f"{', '.join(names)} at {p:g}" for p, names in by_p.items())
         row = [name, r["intensity_norm"], augment or "none", *(f"{100 * c:.2f}" for c in cells)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -220,5 +222,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

@@ -118,7 +118,7 @@ def test_compare_table_lists_each_run(tmp_path, capsys):
         run = tmp_path / name / "20260101-000000"
         run.mkdir(parents=True)
         result = {"checkpoint": str(run / "best.pth"), "intensity_norm": norm, "severities": ["2"],
-                  "mri_augment": {"p_bias_field": 0.3} if name == "zscore" else {}, "clean": clean,
+                  "mri_augment": {"p_bias_field": 0.3, "p_mri_gamma": 0.3, "p_mri_noise": 0.5} if name == "zscore" else {}, "clean": clean,
                   "shifted": shifted, **summarise(clean, shifted, ["2"])}
         paths.append(run / "shift.json")
         paths[-1].write_text(json.dumps(result))
@@ -127,5 +127,5 @@ def test_compare_table_lists_each_run(tmp_path, capsys):
     assert len(rows) == 4
     assert rows[2].startswith("| base | imagenet | none | 90.00 | 70.00 | 80.00 | 50.00 | 80.00 | 50.00 | 10.00 "
                               "| 20.00")
-    assert rows[3].startswith("| zscore | zscore | bias_field 0.3 |")
+    assert rows[3].startswith("| zscore | zscore | bias_field, gamma at 0.3; noise at 0.5 |")
     assert main([]) == 2
