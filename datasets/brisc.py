@@ -4,8 +4,9 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -47,6 +48,8 @@ class BriscDataset(Dataset):
         verbose: bool = True,
         name: Optional[str] = None,
         resize: str = "stretch",
+        intensity_norm: str = "imagenet",
+        percentile_range: Sequence[float] = (0.5, 99.5),
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
@@ -59,7 +62,11 @@ class BriscDataset(Dataset):
             self.samples = self._restrict(self.samples, stems)
         self.stems = [s.stem for s in self.samples]
         self.labels = [s.label for s in self.samples]
-        self.transform = build_transform(self.image_size, train, augment, in_channels, mean, std)
+        self.transform = build_transform(self.image_size, train, augment, in_channels, mean, std, intensity_norm,
+                                         percentile_range)
+        # Optional (image, mask, stem) -> (image, mask) on the decoded uint8 arrays before the transform
+        # (the acquisition-shift benchmark sets it).
+        self.shift: Optional[Callable[[np.ndarray, np.ndarray, str], tuple[np.ndarray, np.ndarray]]] = None
         self._warn_unannotated()
         self.cache_mode = cache
         self.cache = (
@@ -99,6 +106,8 @@ class BriscDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
         image, mask = self.cache.get(i) if self.cache is not None else load_sample(sample, self.image_size, self.resize)
+        if self.shift is not None:
+            image, mask = self.shift(image, mask, sample.stem)
         image_t, mask_t = self.transform(image, mask)
         return {
             "image": image_t,

@@ -53,6 +53,8 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
         verbose=verbose,
         name=name,
         resize=data_cfg.resize,
+        intensity_norm=data_cfg.intensity_norm,
+        percentile_range=data_cfg.percentile_range,
     )
 
 

@@ -19,6 +19,13 @@ from torch.utils.data import get_worker_info
 from utils.config import AugmentConfig, DataConfig
 
 from .decode import MASK_THRESHOLD, read_grey, to_square
+from .mri_shifts import MriShiftAugment
+
+INTENSITY_NORMS = ("imagenet", "zscore", "percentile")
+# (config key, shift name) of the MRI acquisition-shift augmentations, in the order they are applied
+MRI_AUGMENTS = (("p_mri_rotate_zoom", "rotate_zoom"), ("p_mri_intensity", "intensity"), ("p_mri_contrast", "contrast"),
+                ("p_mri_gamma", "gamma"), ("p_bias_field", "bias_field"), ("p_low_resolution", "low_resolution"),
+                ("p_mri_noise", "noise"))
 
 
 def _sym(limit: float) -> tuple[float, float]:
@@ -63,6 +70,8 @@ def train_pipeline(image_size: int, aug: AugmentConfig) -> A.Compose:
         (aug.p_noise, lambda p: A.GaussNoise(std_range=tuple(aug.noise_std), p=p)),
     ]
     transforms = [make(p) for p, make in steps if p > 0]
+    transforms += [MriShiftAugment(name, aug.mri_severity, p=getattr(aug, key))
+                   for key, name in MRI_AUGMENTS if getattr(aug, key) > 0]
     # The cached image is already at the training size; the resize only matters for other inputs.
     return A.Compose([A.Resize(image_size, image_size), *transforms])
 
@@ -84,8 +93,31 @@ def channel_stats(mean: Sequence[float], std: Sequence[float], in_channels: int)
     raise ValueError(f"{len(mean)} mean/std values do not fit in_channels={in_channels} (give 1 or {in_channels})")
 
 
+def standardise(grey: torch.Tensor, method: str, percentile_range: Sequence[float] = (0.5, 99.5)) -> torch.Tensor:
+    """Per-image intensity standardisation of a float (1, H, W) image in 0..255, invariant to a global gain.
+
+    zscore: (x - mean) / std over the head, taken as the pixels above the image's mean (background is dark in MRI);
+    percentile: clip to the image's percentiles and scale that range to 0..255 (the ImageNet statistics follow).
+    """
+    if method == "zscore":
+        head = grey[grey > grey.mean()]
+        head = head if head.numel() >= 2 else grey.flatten()
+        return (grey - head.mean()) / head.std().clamp_min(1e-6)
+    if method == "percentile":
+        q = torch.tensor([percentile_range[0] / 100.0, percentile_range[1] / 100.0])
+        low, high = torch.quantile(grey.flatten(), q).tolist()
+        if high <= low:
+            return torch.zeros_like(grey)
+        return (grey.clamp(low, high) - low) * (255.0 / (high - low))
+    raise ValueError(f"unknown intensity normalisation '{method}'; expected one of {', '.join(INTENSITY_NORMS)}")
+
+
 class SampleTransform:
-    """(grey uint8 HxW image, 0/255 uint8 HxW mask) -> (float CxHxW normalised image, float 1xHxW {0,1} mask)."""
+    """(grey uint8 HxW image, 0/255 uint8 HxW mask) -> (float CxHxW normalised image, float 1xHxW {0,1} mask).
+
+    This is the one place where images become model inputs (training, test.py, test.py --input, the benchmarks),
+    so `intensity_norm` acts on all of them alike.
+    """
 
     def __init__(
         self,
@@ -93,10 +125,16 @@ class SampleTransform:
         in_channels: int = 3,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        intensity_norm: str = "imagenet",
+        percentile_range: Sequence[float] = (0.5, 99.5),
     ) -> None:
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        if intensity_norm not in INTENSITY_NORMS:
+            raise ValueError(f"intensity_norm must be one of {', '.join(INTENSITY_NORMS)}, got {intensity_norm!r}")
         self.pipeline = pipeline
+        self.in_channels = in_channels
+        self.intensity_norm, self.percentile_range = intensity_norm, tuple(percentile_range)
         mean, std = channel_stats(mean, std, in_channels)
         # normalised = pixel * scale + offset, with pixel in 0..255
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
@@ -134,8 +172,13 @@ class SampleTransform:
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         self._follow_torch_seed()
         out = self.pipeline(image=image, mask=mask)
-        grey = torch.from_numpy(np.ascontiguousarray(out["image"])).unsqueeze(0).float()
-        image_t = torch.addcmul(self.offset, grey, self.scale)  # broadcasts the grey channel to C channels
+        grey = torch.from_numpy(np.ascontiguousarray(out["image"])).reshape(1, *out["image"].shape[:2]).float()
+        if self.intensity_norm == "zscore":
+            image_t = standardise(grey, "zscore").repeat(self.in_channels, 1, 1)
+        else:
+            if self.intensity_norm == "percentile":
+                grey = standardise(grey, "percentile", self.percentile_range)
+            image_t = torch.addcmul(self.offset, grey, self.scale)  # broadcasts the grey channel to C channels
         mask_t = torch.from_numpy(np.ascontiguousarray(out["mask"]) >= MASK_THRESHOLD).unsqueeze(0).float()
         return image_t, mask_t
 
@@ -147,10 +190,13 @@ def build_transform(
     in_channels: int = 3,
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
+    intensity_norm: str = "imagenet",
+    percentile_range: Sequence[float] = (0.5, 99.5),
 ) -> SampleTransform:
     """The training (augmenting) or evaluation (resize + normalise) transform."""
     pipeline = train_pipeline(image_size, augment or AugmentConfig()) if train else eval_pipeline(image_size)
-    return SampleTransform(pipeline, in_channels=in_channels, mean=mean, std=std)
+    return SampleTransform(pipeline, in_channels=in_channels, mean=mean, std=std, intensity_norm=intensity_norm,
+                           percentile_range=percentile_range)
 
 
 def load_image_for_inference(path: Union[str, Path], data_cfg: DataConfig) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -159,7 +205,8 @@ def load_image_for_inference(path: Union[str, Path], data_cfg: DataConfig) -> tu
     (`geometry.logits_to_original` with the same resize mode)."""
     grey = read_grey(Path(path))
     transform = build_transform(data_cfg.image_size, train=False, in_channels=data_cfg.in_channels,
-                                mean=data_cfg.mean, std=data_cfg.std)
+                                mean=data_cfg.mean, std=data_cfg.std, intensity_norm=data_cfg.intensity_norm,
+                                percentile_range=data_cfg.percentile_range)
     empty = np.zeros((data_cfg.image_size, data_cfg.image_size), np.uint8)
     image, _ = transform(to_square(grey, data_cfg.image_size, data_cfg.resize), empty)
     return image, (grey.shape[1], grey.shape[0])

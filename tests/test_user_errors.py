@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import typing
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch

@@ -65,6 +65,16 @@ class AugmentConfig:
     p_random_resized_crop: float = spec(0.0, **PROB)
     crop_scale: list = spec(factory=lambda: [0.8, 1.0], pair=True, each={"gt": 0, "le": 1})  # area fraction kept
     crop_ratio: list = spec(factory=lambda: [0.9, 1.1], pair=True, each={"gt": 0})  # aspect ratio of the crop
+    # MRI acquisition shifts (datasets/mri_shifts.py, the transforms of the shift benchmark), each with its own
+    # probability, at a severity drawn uniformly from mri_severity (0: identity, 1-3: the benchmark's levels)
+    p_bias_field: float = spec(0.0, **PROB)
+    p_mri_gamma: float = spec(0.0, **PROB)
+    p_mri_noise: float = spec(0.0, **PROB)  # Rician
+    p_low_resolution: float = spec(0.0, **PROB)  # blur + downsample + upsample
+    p_mri_intensity: float = spec(0.0, **PROB)  # global scale and offset
+    p_mri_contrast: float = spec(0.0, **PROB)  # window change
+    p_mri_rotate_zoom: float = spec(0.0, **PROB)
+    mri_severity: list = spec(factory=lambda: [0.0, 2.0], pair=True, each={"ge": 0, "le": 3})
 
 
 @dataclass
@@ -98,6 +108,10 @@ class DataConfig:
     pin_memory: bool = True
     mean: list = spec(factory=lambda: [0.485, 0.456, 0.406], each={"ge": 0, "le": 1})
     std: list = spec(factory=lambda: [0.229, 0.224, 0.225], each={"gt": 0})
+    # imagenet: fixed mean/std above; zscore: per image, mean/std of the head (pixels above the image mean);
+    # percentile: per image, clip to the percentile_range and scale to [0, 1], then mean/std above
+    intensity_norm: str = spec("imagenet", choices=("imagenet", "zscore", "percentile"))
+    percentile_range: list = spec(factory=lambda: [0.5, 99.5], pair=True, each={"ge": 0, "le": 100})
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
