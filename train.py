@@ -39,12 +39,16 @@ def main(argv: list[str] | None = None) -> int:
                       "starting a new one")
         from engine.loops import NonFiniteLossError  # heavy imports after the config is known to be valid
         from engine.trainer import train
+        from model.pretrained import PretrainedWeightsError
 
         try:
             run_dir = train(cfg, resume, show_progress=not args.no_progress)
         except NonFiniteLossError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
+        except PretrainedWeightsError as exc:  # offline without a local weights file, or a file that does not fit
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

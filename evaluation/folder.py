@@ -40,11 +40,12 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
         image, original_size = load_image_for_inference(path, cfg.data)
         outputs = predict(model, image.unsqueeze(0).to(device), tta=tta)
         probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu()
-        mask = (torch.sigmoid(outputs["seg"].float())[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
-        mask = cv2.resize(mask, original_size, interpolation=cv2.INTER_NEAREST)  # back to (width, height)
-        cv2.imwrite(str(out_dir / "masks" / f"{path.stem}_mask.png"), mask)
-        row = {"file": path.name, "predicted_class": CLASS_NAMES[int(probs.argmax())],
-               "tumour_pixels": int((mask > 0).sum())}
+        row = {"file": path.name, "predicted_class": CLASS_NAMES[int(probs.argmax())]}
+        if "seg" in outputs:  # classification-only models write the CSV alone
+            mask = (torch.sigmoid(outputs["seg"].float())[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
+            mask = cv2.resize(mask, original_size, interpolation=cv2.INTER_NEAREST)  # back to (width, height)
+            cv2.imwrite(str(out_dir / "masks" / f"{path.stem}_mask.png"), mask)
+            row["tumour_pixels"] = int((mask > 0).sum())
         row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
         rows.append(row)
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:

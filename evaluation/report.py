@@ -17,7 +17,7 @@ from datasets import CLASS_NAMES
 from datasets.factory import build_eval_dataset
 from losses import MultiTaskLoss
 from model.loading import load_model_from_checkpoint
-from utils.config import Config
+from utils.config import Config, ConfigError
 from evaluation.inference import evaluate, move_batch, predict
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 from utils.runs import write_json_atomic
@@ -120,9 +120,13 @@ def run_test(opts: TestOptions) -> dict:
     out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / f"test_{opts.split}{'_tta' if opts.tta else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
     num_classes = cfg.model.num_classes
+    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))
 
     threshold = cfg.eval.threshold if opts.threshold is None else opts.threshold
     tuning = None
+    if opts.tune_threshold and not has_seg:
+        raise ConfigError(f"--tune-threshold: model '{cfg.model.name}' has no segmentation output, so there is no "
+                          "mask threshold to tune; drop the option")
     if opts.tune_threshold:
         val_ds = build_eval_dataset(cfg.data, "val", split_path)
         threshold, scores = tune_threshold(model, _loader(cfg, val_ds, opts.batch_size, opts.num_workers), device,
@@ -138,7 +142,7 @@ def run_test(opts: TestOptions) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     results.update({
         "model": cfg.model.name, "params": num_params, "split": opts.split, "data_root": str(cfg.data.root),
-        "num_images": len(dataset), "threshold": threshold, "tta": opts.tta, "checkpoint": str(opts.checkpoint),
+        "num_images": len(dataset), "threshold": threshold if has_seg else None, "tta": opts.tta, "checkpoint": str(opts.checkpoint),
         "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size, "ema_weights": bool(opts.use_ema and
                                                                                           ckpt.get("ema")),
     })
@@ -158,8 +162,9 @@ def run_test(opts: TestOptions) -> dict:
                               class_names=CLASS_NAMES, target_layer=opts.gradcam_layer, mean=cfg.data.mean,
                               std=cfg.data.std)
 
+    shown = f"threshold {threshold:.2f}" if has_seg else "classification only"
     print(f"\n{cfg.model.name} ({num_params:,} parameters), {opts.split} split: {len(dataset)} images, "
-          f"threshold {threshold:.2f}{', flip TTA' if opts.tta else ''}")
+          f"{shown}{', flip TTA' if opts.tta else ''}")
     print(summary_table(results))
     print("\nPer-class report (scikit-learn):\n" + report)
     print(f"results written to {out_dir}")

@@ -123,7 +123,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | adam (L2 weight decay in the gradient) | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
@@ -184,7 +184,7 @@ class Config:
 # Values that are checked beyond their type.
 _CHOICES = {
     "data.cache": ("none", "ram", "disk"),
-    "optim.name": ("adamw", "sgd"),
+    "optim.name": ("adamw", "adam", "sgd"),
     "sched.name": ("cosine", "plateau", "step", "none"),
     "train.amp": ("auto", "none", "fp16", "bf16"),
     "train.monitor_mode": ("max", "min"),
