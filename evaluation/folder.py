@@ -34,14 +34,15 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     if not files:
         raise FileNotFoundError(f"--input '{input_dir}' holds no .jpg/.png/.bmp/.tif images")
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "predictions"
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))  # classification-only models write the CSV alone
+    (out_dir / "masks" if has_seg else out_dir).mkdir(parents=True, exist_ok=True)
     rows = []
     for path in files:
         image, original_size = load_image_for_inference(path, cfg.data)
         outputs = predict(model, image.unsqueeze(0).to(device), tta=tta)
         probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu()
         row = {"file": path.name, "predicted_class": CLASS_NAMES[int(probs.argmax())]}
-        if "seg" in outputs:  # classification-only models write the CSV alone
+        if has_seg:
             mask = (torch.sigmoid(outputs["seg"].float())[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
             mask = cv2.resize(mask, original_size, interpolation=cv2.INTER_NEAREST)  # back to (width, height)
             cv2.imwrite(str(out_dir / "masks" / f"{path.stem}_mask.png"), mask)
@@ -52,6 +53,6 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"{len(rows)} images: masks in {out_dir / 'masks'}, classes and probabilities in "
-          f"{out_dir / 'predictions.csv'}")
+    masks = f"masks in {out_dir / 'masks'}, " if has_seg else ""
+    print(f"{len(rows)} images: {masks}classes and probabilities in {out_dir / 'predictions.csv'}")
     return out_dir

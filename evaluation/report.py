@@ -142,7 +142,8 @@ def run_test(opts: TestOptions) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     results.update({
         "model": cfg.model.name, "params": num_params, "split": opts.split, "data_root": str(cfg.data.root),
-        "num_images": len(dataset), "threshold": threshold if has_seg else None, "tta": opts.tta, "checkpoint": str(opts.checkpoint),
+        "num_images": len(dataset), "threshold": threshold if has_seg else None, "tta": opts.tta,
+        "checkpoint": str(opts.checkpoint),
         "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size, "ema_weights": bool(opts.use_ema and
                                                                                           ckpt.get("ema")),
     })

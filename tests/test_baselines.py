@@ -109,7 +109,8 @@ def test_pad_to_multiple():
 
 
 @pytest.mark.parametrize("name, millions", [("unet", 31.04), ("light_unet", 1.93), ("segformer", 3.72),
-                                            ("segnext", 4.23)])
+                                            ("segnext", 4.23), ("hac_caspp_unet", 18.30),
+                                            ("efficientnet_b0_cls", 4.01)])
 def test_parameter_counts(name, millions):
     assert count_parameters(build_model(name)) / 1e6 == pytest.approx(millions, abs=0.01)
 

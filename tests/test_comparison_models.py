@@ -228,6 +228,17 @@ def test_efficientnet_b0_cls_trains_and_tests_without_segmentation_figures(tiny_
     with pytest.raises(ConfigError, match="--tune-threshold.*no segmentation output"):
         run_test(options)
 
+    from evaluation.folder import predict_folder
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for image in sorted((tiny_brisc / "classification_task" / "test" / "glioma").glob("*.jpg"))[:2]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    predict_folder(run_dir / "best.pth", folder, tmp_path / "pred")
+    rows = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("file,predicted_class,p_glioma")
+    assert not (tmp_path / "pred" / "masks").exists()
+
 
 def test_efficientnet_b0_cls_offline_training_fails_with_one_line(tiny_brisc, tmp_path, monkeypatch, capsys):
     import train
