@@ -17,6 +17,11 @@ eval mode, so deep-supervision heads are neither run nor timed. Per model:
 - with --metrics: accuracy, two-class mIoU, tumour Dice and macro F1 from test.py's metrics.json files, with
   the setting each was scored with (split, subset, resolution, threshold, TTA); files that differ in split,
   subset or resolution are refused, since their figures are not comparable.
+- with --train-step: the median wall time of one training step (forward in training mode, loss, backward, AdamW
+  step; `utils.flops.time_train_step`) per batch, and the step-time ratio to the fastest model at the same batch
+  size and precision (1.000 = fastest; 1.37 would be 37 % slower), for comparing training cost side by side;
+- a model without a segmentation output (classification only) is timed the same way; its loss is the
+  cross-entropy alone;
 
 Writes a Markdown table to stdout and benchmark.csv, benchmark.json, radar.png to --out; the environment
 (device name, torch version, threads, precision, batch size) is stored with the numbers.
@@ -28,6 +33,7 @@ import csv
 import glob
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -61,6 +67,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed forward passes (the median is reported)")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: leave the default)")
     parser.add_argument("--num-classes", type=int_at_least(2), default=4)
+    parser.add_argument("--train-step", action="store_true",
+                        help="also time a training step (forward, loss, backward, AdamW step) per batch")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.compile:
@@ -73,7 +81,7 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
     """One row per (precision, batch size) for the model `name`."""
     from model import build_model
     from utils.flops import (count_parameters, flop_counter_flops, latency_summary, peak_memory_mb,
-                             reset_peak_memory, thop_macs, time_forward)
+                             reset_peak_memory, thop_macs, time_forward, time_train_step)
 
     torch.manual_seed(0)
     model = build_model(name, num_classes=args.num_classes, in_channels=3, deep_supervision=True).eval()
@@ -107,9 +115,15 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
                 torch.cuda.empty_cache()
             else:
                 row.update(latency_summary(times, batch), peak_memory_mb=peak_memory_mb(device))
+            if args.train_step and row.get("latency_ms") is not None:  # last: a step changes the weights
+                steps = time_train_step(runner, x, max(1, args.warmup // 2), args.repeats, PRECISIONS[precision],
+                                        args.num_classes)
+                row["train_step_ms"] = statistics.median(steps)
+                runner.eval()
             rows.append(row)
             print(f"  {name:22s} batch {batch:3d} {precision}: "
-                  f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s",
+                  f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s"
+                  + (f", train step {_fmt(row.get('train_step_ms'), 1)} ms" if args.train_step else ""),
                   file=sys.stderr)
     del runner, model
     if device.type == "cuda":
@@ -127,6 +141,10 @@ def add_ratios(rows: list[dict]) -> None:
         group = [g["throughput_img_s"] for g in rows if (g["batch_size"], g["precision"]) ==
                  (r["batch_size"], r["precision"]) and g.get("throughput_img_s")]
         r["speed_ratio"] = r["throughput_img_s"] / max(group) if r.get("throughput_img_s") else None
+        steps = [g["train_step_ms"] for g in rows if (g["batch_size"], g["precision"]) ==
+                 (r["batch_size"], r["precision"]) and g.get("train_step_ms")]
+        if r.get("train_step_ms"):
+            r["train_step_ratio"] = r["train_step_ms"] / min(steps)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -187,6 +205,9 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
     header = ["Model", "Params (M)", "GMACs (thop)", "GFLOPs (2xMACs)", "GFLOPs (FlopCounterMode)", "Batch",
               "Precision", "Latency ms (median)", "Throughput img/s", "Peak mem MiB", "Efficiency ratio",
               "Speed ratio"]
+    with_steps = any(r.get("train_step_ms") for r in rows)
+    if with_steps:
+        header += ["Train step ms (median)", "Train step ratio"]
     if with_metrics:
         header += list(METRIC_COLUMNS.values()) + ["Test setting"]
     setting = [f"Benchmark on {env['device']}: {env['device_name']}", f"torch {env['torch']}",
@@ -208,6 +229,8 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
                  _fmt(r["gflops_flopcounter"], 3), str(r["batch_size"]), r["precision"],
                  _fmt(r.get("latency_ms"), 2), _fmt(r.get("throughput_img_s"), 1), _fmt(r.get("peak_memory_mb"), 1),
                  _fmt(r["efficiency_ratio"], 3), _fmt(r.get("speed_ratio"), 3)]
+        if with_steps:
+            cells += [_fmt(r.get("train_step_ms"), 1), _fmt(r.get("train_step_ratio"), 3)]
         if with_metrics:
             cells += [_fmt(100 * r[k], 2) if k in r else "n/a" for k in METRIC_COLUMNS]
             cells.append(r.get("test_setting", "n/a"))

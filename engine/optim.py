@@ -16,13 +16,16 @@ from utils.config import OptimConfig, SchedConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD; biases and normalisation weights get no weight decay."""
+    """AdamW, Adam (weight decay as an L2 term in the gradient, torch's Adam) or SGD; biases and normalisation
+    weights get no weight decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 

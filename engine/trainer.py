@@ -335,10 +335,11 @@ class Trainer:
 
     def _log_epoch(self, epoch: int, result: EpochResult, val: dict, improved: bool, seconds: float) -> None:
         terms = result.terms
+        seg = f" dice {val['dice']:.4f} iou {val['iou']:.4f}" if "dice" in val else ""  # absent: classification only
         self.log.info(
             f"epoch {epoch:3d}/{self.planned_epochs} | loss {terms.get('total', float('nan')):.4f} "
             f"acc {result.accuracy:.3f} | val loss {val.get('loss', float('nan')):.4f} acc {val['accuracy']:.4f} "
-            f"f1 {val['f1_macro']:.4f} dice {val['dice']:.4f} iou {val['iou']:.4f} | "
+            f"f1 {val['f1_macro']:.4f}{seg} | "
             f"{result.images_per_second:.0f} img/s (loader wait {result.data_seconds:.1f}s) {seconds:.0f}s"
             f"{' *' if improved else ''}")
         w = self.writer
@@ -360,7 +361,8 @@ class Trainer:
 
         eval_model = self.ema.module if self.ema is not None else self.model
         log_confusion_matrix(self.writer, val["confusion_matrix"], CLASS_NAMES, epoch)
-        log_overlays(self.writer, eval_model, self.val_ds, self.device, self.cfg, epoch)
+        if "dice" in val:  # mask overlays only for a model with a segmentation output
+            log_overlays(self.writer, eval_model, self.val_ds, self.device, self.cfg, epoch)
 
     def _write_hparams(self) -> None:
         if self.writer is None:

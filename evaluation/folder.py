@@ -65,9 +65,11 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
     threshold = cfg.eval.threshold if threshold is None else threshold
     out_dir = Path(out_dir) if out_dir else fresh_output_dir(checkpoint, input_dir)
+    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))  # classification-only models write the CSV alone
     mask_dir = out_dir / "masks"
-    mask_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["file", "predicted_class", "tumour_pixels", *(f"p_{n}" for n in CLASS_NAMES), "status", "error"]
+    (mask_dir if has_seg else out_dir).mkdir(parents=True, exist_ok=True)
+    columns = ["file", "predicted_class", *(["tumour_pixels"] if has_seg else []), *(f"p_{n}" for n in CLASS_NAMES),
+               "status", "error"]
     rows, failed, written = [], [], set()
     for path in files:
         row = dict.fromkeys(columns, "")
@@ -82,21 +84,23 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
             continue
         outputs = predict(model, image.unsqueeze(0).to(device), tta=tta)
         probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu()
-        logits = logits_to_original(outputs["seg"], (height, width))
-        mask = (torch.sigmoid(logits)[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
-        cv2.imwrite(str(mask_dir / f"{path.stem}{MASK_SUFFIX}"), mask)
-        written.add(f"{path.stem}{MASK_SUFFIX}")
-        row.update(status="ok", predicted_class=CLASS_NAMES[int(probs.argmax())],
-                   tumour_pixels=int((mask > 0).sum()))
+        row.update(status="ok", predicted_class=CLASS_NAMES[int(probs.argmax())])
+        if has_seg:
+            logits = logits_to_original(outputs["seg"], (height, width), cfg.data.resize)
+            mask = (torch.sigmoid(logits)[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
+            cv2.imwrite(str(mask_dir / f"{path.stem}{MASK_SUFFIX}"), mask)
+            written.add(f"{path.stem}{MASK_SUFFIX}")
+            row["tumour_pixels"] = int((mask > 0).sum())
         row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
         rows.append(row)
-    stale = remove_stale_masks(mask_dir, written)
+    stale = remove_stale_masks(mask_dir, written) if has_seg else 0
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"{len(rows) - len(failed)} of {len(rows)} images predicted: masks in {mask_dir}, classes and "
-          f"probabilities in {out_dir / 'predictions.csv'}")
+    masks = f"masks in {mask_dir}, " if has_seg else ""
+    print(f"{len(rows) - len(failed)} of {len(rows)} images predicted: {masks}classes and probabilities in "
+          f"{out_dir / 'predictions.csv'}")
     if stale:
         print(f"removed {stale} mask(s) of an earlier run from {mask_dir}")
     if failed:

@@ -37,8 +37,12 @@ def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> dict:
         return outputs
     flipped = model(torch.flip(images, dims=[3]))
     cls_prob = (F.softmax(outputs["cls"].float(), 1) + F.softmax(flipped["cls"].float(), 1)) / 2
-    seg_prob = (torch.sigmoid(outputs["seg"].float()) + torch.sigmoid(torch.flip(flipped["seg"].float(), dims=[3]))) / 2
-    return {"cls": torch.log(cls_prob.clamp_min(1e-12)), "seg": torch.logit(seg_prob, eps=1e-6)}
+    averaged = {"cls": torch.log(cls_prob.clamp_min(1e-12))}
+    if "seg" in outputs:  # classification-only models have no mask
+        seg_prob = (torch.sigmoid(outputs["seg"].float()) +
+                    torch.sigmoid(torch.flip(flipped["seg"].float(), dims=[3]))) / 2
+        averaged["seg"] = torch.logit(seg_prob, eps=1e-6)
+    return averaged
 
 
 @torch.no_grad()
@@ -79,5 +83,7 @@ def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, de
     results = metrics.compute()
     if loss_fn is not None:
         results["loss"] = float(loss_sum / count.clamp_min(1))
-    results["combined"] = 0.5 * (results["accuracy"] + results["dice"])
+    # The mean of the tasks the model has: accuracy and Dice, or accuracy alone for a classification-only model.
+    present = [results[key] for key in ("accuracy", "dice") if key in results]
+    results["combined"] = sum(present) / len(present)
     return results

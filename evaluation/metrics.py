@@ -25,6 +25,10 @@ empty one). With TP, FP, FN, TN pixel counts:
 - ``empty_fp_rate``: the share of images with an empty ground truth (no tumour) where at least one tumour pixel
   is predicted. Empty/empty images are perfect matches and are reported here, not in ``dice`` / ``iou``.
 
+A classification-only model (no ``seg`` in its output) gets the classification figures alone: no segmentation
+key is computed (never a zero standing for "not measured"); its per-image records have ``None`` for the mask
+fields. Mixing batches with and without ``seg`` in one evaluation is an error.
+
 Counts are accumulated on the tensors' device with no host synchronisation per batch; ``sync()`` sums them
 across torch.distributed ranks (and ``merge()`` across objects), so a sharded evaluation gives exactly the
 figures of a single process.
@@ -107,6 +111,7 @@ class MultiTaskMetrics:
         self._state: Optional[dict[str, torch.Tensor]] = None
         self._records: list[dict] = []
         self._synced = False
+        self._has_seg: Optional[bool] = None  # set by the first update: does the model predict a mask?
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         k = self.num_classes
@@ -135,6 +140,11 @@ class MultiTaskMetrics:
         if self._synced:
             raise RuntimeError("these metrics were already synchronised across ranks; call reset() before "
                                "accumulating a new evaluation")
+        has_seg = "seg" in outputs
+        if self._has_seg is not None and has_seg != self._has_seg:
+            raise ValueError("some batches of this evaluation have outputs['seg'] and others not; one model "
+                             "predicts a mask for every batch or for none")
+        self._has_seg = has_seg
         logits = outputs["cls"].detach()
         device = logits.device
         state = self.state_tensors(device)
@@ -146,6 +156,10 @@ class MultiTaskMetrics:
         # index_add_ rather than bincount: bincount reads the maximum back to the host on CUDA.
         state["confusion"].view(-1).index_add_(0, labels * k + preds, torch.ones_like(labels))
 
+        if not has_seg:
+            if self.keep_per_image:
+                self._keep_records(batch, labels, logits, None)
+            return
         per_image = self._segmentation_counts(outputs["seg"].detach(), batch, device)
         tp, fp, fn, tn = (per_image[name] for name in ("tp", "fp", "fn", "tn"))
         annotated = per_image["annotated"]
@@ -186,9 +200,16 @@ class MultiTaskMetrics:
         return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "annotated": annotated, "dice": dice, "iou": iou}
 
     def _keep_records(self, batch: dict, labels: torch.Tensor, logits: torch.Tensor,
-                      per_image: dict[str, torch.Tensor]) -> None:
+                      per_image: Optional[dict[str, torch.Tensor]]) -> None:
         probs = torch.softmax(logits.float(), 1)
         prob, pred = probs.max(1)
+        if per_image is None:  # no segmentation output: the mask fields are None
+            zeros = torch.zeros_like(labels)
+            per_image = {"dice": zeros, "iou": zeros, "tp": zeros, "fn": zeros, "fp": zeros, "tn": zeros,
+                         "annotated": torch.zeros_like(labels, dtype=torch.bool)}
+            no_mask = True
+        else:
+            no_mask = False
         numbers = torch.stack([
             labels.double(), pred.double(), prob.double(), probs.gather(1, labels.unsqueeze(1)).squeeze(1).double(),
             per_image["dice"].double(), per_image["iou"].double(), (per_image["tp"] + per_image["fn"]).double(),
@@ -201,7 +222,8 @@ class MultiTaskMetrics:
             self._records.append({
                 "id": image_id, "label": int(label), "pred": int(pred_cls), "prob": p_pred, "prob_true": p_true,
                 "dice": dice if annotated else None, "iou": iou if annotated else None,
-                "tumour_pixels": int(true_pixels) if annotated else None, "pred_pixels": int(pred_pixels),
+                "tumour_pixels": int(true_pixels) if annotated else None,
+                "pred_pixels": None if no_mask else int(pred_pixels),
                 "annotated": bool(annotated), "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
             })
 
@@ -216,6 +238,10 @@ class MultiTaskMetrics:
         for name, tensor in other._state.items():
             mine[name] += tensor.to(device=mine[name].device, dtype=mine[name].dtype)
         self._records.extend(other._records)
+        if other._has_seg is not None:
+            if self._has_seg is not None and self._has_seg != other._has_seg:
+                raise ValueError("cannot merge metrics with a segmentation output into metrics without one")
+            self._has_seg = other._has_seg
         return self
 
     def sync(self) -> None:
@@ -245,7 +271,8 @@ class MultiTaskMetrics:
         """Every figure of `METRIC_DEFINITIONS_MD` as Python floats (counts as ints, the matrix as lists)."""
         state = {name: tensor.cpu().tolist() for name, tensor in self.state_tensors().items()}
         results = classification_figures(state["confusion"], self.class_names)
-        results.update(segmentation_figures(state["pixels"], state["images"], state["overlap"]))
+        if self._has_seg is not False:  # no figures for a task the model does not have
+            results.update(segmentation_figures(state["pixels"], state["images"], state["overlap"]))
         return results
 
     def per_image_records(self) -> list[dict]:

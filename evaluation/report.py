@@ -120,10 +120,16 @@ def validation_pass(model: nn.Module, cfg: Config, split_path: Path, device: tor
             "labels": torch.cat(labels).numpy()}
 
 
-def per_image_table(records: list[dict], logits: np.ndarray, native: NativeCounts, planes: dict[str, str]
-                    ) -> PerImage:
-    """Align MultiTaskMetrics' per-image records (training resolution) with the native counts and logits."""
+def per_image_table(records: list[dict], logits: np.ndarray, native: Optional[NativeCounts],
+                    planes: dict[str, str]) -> PerImage:
+    """Align MultiTaskMetrics' per-image records (training resolution) with the native counts and logits;
+    `native` is None for a classification-only model (no segmentation figures at all)."""
     stems = [r["id"] for r in records]
+    if native is None:
+        none = np.zeros((len(stems), 4), dtype=np.int64)
+        return PerImage(stems=stems, labels=np.array([r["label"] for r in records], dtype=np.int64), logits=logits,
+                        planes=[planes[s] for s in stems], annotated=np.zeros(len(stems), dtype=bool), native=none,
+                        train_res=none, has_seg=False)
     native_counts, annotated = native.counts(stems)
     return PerImage(stems=stems, labels=np.array([r["label"] for r in records], dtype=np.int64), logits=logits,
                     planes=[planes[s] for s in stems], annotated=annotated, native=native_counts[:, 0],
@@ -195,7 +201,11 @@ def run_test(opts: TestOptions) -> dict:
     run_dir = Path(opts.checkpoint).resolve().parent
     split_path = run_dir / "split.json"
     num_classes = cfg.model.num_classes
+    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))
 
+    if opts.tune_threshold and not has_seg:
+        raise ConfigError(f"--tune-threshold: model '{cfg.model.name}' has no segmentation output, so there is no "
+                          "mask threshold to tune; drop the option")
     threshold, tuning, temperature = fit_on_validation(model, cfg, split_path, device, opts)
     out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / output_folder_name(
         opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate,
@@ -208,14 +218,15 @@ def run_test(opts: TestOptions) -> dict:
     logit_parts: list[torch.Tensor] = []
 
     def keep(outputs: dict, batch: dict) -> None:
-        native.update(outputs["seg"], batch["id"])
+        if has_seg:
+            native.update(outputs["seg"], batch["id"])
         logit_parts.append(outputs["cls"].cpu())
 
     loss_fn = MultiTaskLoss(cfg.loss, class_counts=ckpt.get("class_counts")).to(device)
     counted = evaluate(model, _loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
                        tta=opts.tta, show_progress=opts.show_progress, desc=f"test {opts.split}", on_batch=keep)
     records = metrics.per_image_records()
-    table = per_image_table(records, torch.cat(logit_parts).numpy(), native,
+    table = per_image_table(records, torch.cat(logit_parts).numpy(), native if has_seg else None,
                             {sample.stem: sample.plane for sample in dataset.samples})
 
     leaked, leak_info = leak_check(Path(cfg.data.root), opts.split, split_path, dataset.samples,
@@ -236,7 +247,7 @@ def run_test(opts: TestOptions) -> dict:
     results = {key: value for key, value in subsets[headline].items()}
     results.update({
         "model": cfg.model.name, "params": num_params, "split": opts.split, "data_root": str(cfg.data.root),
-        "headline_subset": headline, "resolution": "native", "threshold": threshold,
+        "headline_subset": headline, "resolution": "native", "threshold": threshold if has_seg else None,
         "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
         "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
         "resize": cfg.data.resize, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
@@ -260,9 +271,10 @@ def run_test(opts: TestOptions) -> dict:
                               class_names=CLASS_NAMES, target_layer=opts.gradcam_layer, mean=cfg.data.mean,
                               std=cfg.data.std)
 
+    shown = f"threshold {threshold:.2f}" if has_seg else "classification only"
     print(f"\n{cfg.model.name} ({num_params:,} parameters), {opts.split} split: {len(dataset)} images, "
-          f"threshold {threshold:.2f}{' (tuned on val)' if opts.tune_threshold else ''}"
-          f"{', flip TTA' if opts.tta else ''}; segmentation at each image's own size")
+          f"{shown}{' (tuned on val)' if opts.tune_threshold else ''}"
+          f"{', flip TTA' if opts.tta else ''}{'; segmentation at each image' + chr(39) + 's own size' if has_seg else ''}")
     print_summary(results, bootstrap=opts.bootstrap > 0)
     print("\nPer-class report (scikit-learn, all images):\n" + report)
     print(f"results written to {out_dir}")

@@ -31,6 +31,7 @@ class PerImage:
     annotated: np.ndarray  # (N,) bool: the image takes part in the segmentation figures
     native: np.ndarray  # (N, 4) int TP, FP, FN, TN at the image's own size
     train_res: np.ndarray  # (N, 4) int TP, FP, FN, TN at the training resolution
+    has_seg: bool = True  # False for a classification-only model: no segmentation figures
 
     @property
     def preds(self) -> np.ndarray:
@@ -68,6 +69,8 @@ def subset_figures(table: PerImage, index: np.ndarray, class_names: Sequence[str
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (table.labels[index], table.preds[index]), 1)
     results = classification_figures(confusion.tolist(), class_names)
+    if not table.has_seg:
+        return results
     annotated = table.annotated[index]
     results.update(_segmentation(table.native[index], annotated))
     for key, value in _segmentation(table.train_res[index], annotated).items():

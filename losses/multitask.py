@@ -6,6 +6,8 @@
   convention: with weights, the mean is ``sum(w_y * loss) / sum(w_y)``).
 - ``seg``: the weighted sum of the active segmentation terms (see `losses.segmentation`) on ``outputs["seg"]``;
   each active term is also reported as ``seg_<term>`` (unweighted).
+  A classification-only model (no ``seg`` in its output) needs ``seg_weight = 0`` and no positive aux weight:
+  otherwise the loss raises a ``ConfigError`` naming those keys.
 - ``aux_i``: the same weighted sum on the i-th deep-supervision output. Auxiliary logits are *upsampled*
   (bilinear) to the mask size rather than the mask being downsampled: a downsampled binary mask is either
   aliased (nearest: small or thin tumours vanish at stride 16-32) or no longer binary (area averaging: BCE and
@@ -30,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses.segmentation import SegmentationLoss
-from utils.config import LossConfig, check_loss
+from utils.config import ConfigError, LossConfig, check_loss
 
 
 def balanced_class_weights(class_counts: Sequence[int]) -> list[float]:
@@ -84,7 +86,7 @@ class MultiTaskLoss(nn.Module):
                          "or a list with one weight per class")
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.autocast(device_type=outputs["seg"].device.type, enabled=False):
+        with torch.autocast(device_type=outputs["cls"].device.type, enabled=False):
             terms, weighted = self._terms(outputs, batch)
         total = torch.stack(weighted).sum()
         logged = {name: value.detach() for name, value in terms.items()}
@@ -99,6 +101,9 @@ class MultiTaskLoss(nn.Module):
             weighted.append(self.cls_weight * terms["cls"])
         if self.seg_loss is None:
             return terms, weighted
+        if "seg" not in outputs:
+            raise ConfigError("the model has no segmentation output (a classification-only model) but the loss "
+                              "scores one: set loss.seg_weight=0 and loss.aux_weights=[]")
 
         target, image_weight = _segmentation_target(batch)
         if self.seg_weight > 0:

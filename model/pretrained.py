@@ -13,13 +13,15 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from utils.errors import UserError
+
 IMAGENET = "imagenet"
 _HUB_TIMEOUT_S = 3.0
 # Top-level key prefixes of ImageNet classifier heads: present in classification checkpoints, absent from encoders.
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "head_drop.", "_fc.", "conv_head.", "_conv_head.", "bn2.")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError):
     """Pretrained weights that cannot be fetched or do not fit the encoder."""
 
 

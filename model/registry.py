@@ -4,6 +4,8 @@ Models register themselves with the `register_model` decorator. Every registered
 `num_classes`, `in_channels` and `deep_supervision` keyword arguments and honours the output contract:
 `forward(x)` returns a dict with `cls` (B, num_classes) logits, `seg` (B, 1, H, W) logits at the input
 resolution and, in training mode with deep supervision on, `aux` (list of segmentation logits).
+A classification-only model (class attribute `tasks = ("cls",)`, e.g. `efficientnet_b0_cls`) returns `cls` alone:
+no mask, never a fake one.
 """
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = spec("adamw", choices=("adamw", "sgd"))
+    name: str = spec("adamw", choices=("adamw", "adam", "sgd"))  # adam: L2 weight decay in the gradient
     lr: float = spec(1e-3, gt=0)  # 0 is refused: a run at learning rate 0 trains nothing
     weight_decay: float = spec(1e-4, ge=0)
     momentum: float = spec(0.9, ge=0, lt=1)  # sgd only

@@ -203,6 +203,47 @@ def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int,
     return times
 
 
+def time_train_step(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int,
+                    dtype: Optional[torch.dtype] = None, num_classes: int = 4) -> list[float]:
+    """Wall-clock milliseconds of `repeats` training steps on `x` after `warmup` untimed ones.
+
+    A step is what the training loop does per batch: zero the gradients, forward in training mode, a loss
+    (cross-entropy on ``cls`` plus BCE on ``seg`` and every ``aux`` output the model returns, with fixed random
+    targets), backward and an AdamW step. The model is left in training mode with changed weights: time it last.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = x.device
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, num_classes, (x.shape[0],), generator=generator).to(device)
+    masks = (torch.rand(x.shape[0], 1, *x.shape[-2:], generator=generator) > 0.9).float().to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, dtype):
+            out = model(x)
+        loss = nn.functional.cross_entropy(out["cls"].float(), labels)
+        for logits in ([out["seg"]] if "seg" in out else []) + list(out.get("aux") or []):
+            logits = nn.functional.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear")
+            loss = loss + nn.functional.binary_cross_entropy_with_logits(logits, masks)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
 def latency_summary(times_ms: list[float], batch_size: int) -> dict[str, float]:
     """Median / min / mean latency per batch (ms) and throughput (images/s from the median)."""
     median = statistics.median(times_ms)
