@@ -13,7 +13,6 @@ import sys
 from datasets.errors import DataError
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError, load_config
-from utils.runs import resolve_resume
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,20 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.opts)
-        resume = None
-        if args.resume:
-            resume = resolve_resume(args.resume, cfg.experiment.work_dir, cfg.experiment.name)
-            if resume is None:
-                print(f"--resume auto: no earlier run of '{cfg.experiment.name}' in {cfg.experiment.work_dir}; "
-                      "starting a new one")
         from engine.loops import NonFiniteLossError  # heavy imports after the config is known to be valid
-        from engine.trainer import train
+        from engine.resume import prepare_resume
+        from engine.trainer import TrainingInterrupted, train
 
+        resume = prepare_resume(args.resume, cfg, args.config, args.opts) if args.resume else None
+        if resume is not None and resume.finished:
+            return 0  # "nothing to resume" was printed with the run's final checkpoint
         try:
-            run_dir = train(cfg, resume, show_progress=not args.no_progress)
+            run_dir = train(cfg, resume, show_progress=not args.no_progress, config_file=args.config)
         except NonFiniteLossError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
+        except TrainingInterrupted as exc:
+            print(exc, file=sys.stderr)
+            return 130
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from utils.config import Config
 from evaluation.inference import evaluate, move_batch, predict
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 from utils.runs import write_json_atomic
-from utils.runtime import select_device
+from utils.runtime import eval_dtype, select_device
 
 # Rows of the printed summary: (key in the metric dict, label, what it averages over).
 SUMMARY_ROWS = [
@@ -134,7 +134,7 @@ def run_test(opts: TestOptions) -> dict:
     metrics = MultiTaskMetrics(num_classes, CLASS_NAMES, threshold=threshold, keep_per_image=True)
     loss_fn = MultiTaskLoss(cfg.loss, class_counts=ckpt.get("class_counts")).to(device)
     results = evaluate(model, _loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
-                       tta=opts.tta, show_progress=opts.show_progress, desc=f"test {opts.split}")
+                       eval_dtype(cfg.eval, device), tta=opts.tta, show_progress=opts.show_progress, desc=f"test {opts.split}")
     num_params = sum(p.numel() for p in model.parameters())
     results.update({
         "model": cfg.model.name, "params": num_params, "split": opts.split, "data_root": str(cfg.data.root),

@@ -152,8 +152,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     ema: bool = False
     ema_decay: float = 0.999
-    monitor: str = "dice"  # validation metric used for best.pth and early stopping (or "loss")
-    monitor_mode: str = "max"  # max | min
+    monitor: str = "dice"  # validation metric for best.pth, early stopping and the plateau schedule (MONITOR_MODES)
+    monitor_mode: str = "auto"  # auto (min for loss-like metrics, max for the others) | max | min
     early_stop_patience: int = 0  # epochs without improvement before stopping (0: off)
     time_budget_min: float = 0.0  # wall-clock budget; training ends cleanly when it is spent (0: off)
     log_every_steps: int = 20
@@ -167,6 +167,8 @@ class EvalConfig:
     threshold: float = 0.5
     tta: bool = False
     batch_size: int = 32
+    # Autocast precision of validation and test.py alike (so test.py --split val reproduces best_val.json)
+    precision: str = "fp32"  # fp32 | fp16 (CUDA) | bf16
 
 
 @dataclass
@@ -187,8 +189,28 @@ _CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "sched.name": ("cosine", "plateau", "step", "none"),
     "train.amp": ("auto", "none", "fp16", "bf16"),
-    "train.monitor_mode": ("max", "min"),
+    "train.monitor_mode": ("auto", "max", "min"),
+    "eval.precision": ("fp32", "fp16", "bf16"),
 }
+
+# Validation metrics that `train.monitor` may name, each with the direction that is better ("auto" mode).
+# Per-class metrics are named `precision_<class>`, `recall_<class>`, `f1_<class>`.
+MONITOR_MODES = {
+    "loss": "min", "empty_fp_rate": "min",
+    **{name: "max" for name in (
+        "combined", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "recall_weighted",
+        "f1_macro", "f1_weighted", "dice", "iou", "dice_global", "iou_global", "dice_2class", "miou_2class",
+        "dice_all_images", "iou_all_images", "pixel_accuracy", "sensitivity", "specificity")},
+    **{f"{kind}_{cls}": "max" for kind in ("precision", "recall", "f1")
+       for cls in ("glioma", "meningioma", "no_tumor", "pituitary")},
+}
+
+
+def monitor_mode(train_cfg: "TrainConfig") -> str:
+    """'min' or 'max' for the monitored metric: the explicit `train.monitor_mode`, else the metric's own."""
+    if train_cfg.monitor_mode != "auto":
+        return train_cfg.monitor_mode
+    return MONITOR_MODES[train_cfg.monitor]
 
 
 # --------------------------------------------------------------------------------------------- merging
@@ -286,6 +308,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.class_weights': {len(cw)} weights for {cfg.model.num_classes} classes")
     if cfg.train.grad_accum_steps < 1:
         raise ConfigError("config key 'train.grad_accum_steps' must be >= 1")
+    if cfg.train.monitor not in MONITOR_MODES:
+        close = difflib.get_close_matches(cfg.train.monitor, list(MONITOR_MODES), n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key 'train.monitor': unknown validation metric {cfg.train.monitor!r}.{hint} "
+                          f"Valid names: {', '.join(MONITOR_MODES)}")
     if cfg.data.image_size < 32:
         raise ConfigError(f"config key 'data.image_size': got {cfg.data.image_size}; expected >= 32")
 
@@ -320,6 +347,40 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     except ConfigError as exc:
         where = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{exc}{where}") from None
+
+
+def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{'section.key': value} for every leaf of a config (dict- and list-valued keys are leaves)."""
+    flat: dict[str, Any] = {}
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            flat.update(flatten_config(value, f"{prefix}{f.name}."))
+        else:
+            flat[f"{prefix}{f.name}"] = value
+    return flat
+
+
+def override_keys(path: Optional[Union[str, Path]], overrides: Optional[list[str]]) -> set[str]:
+    """The dotted keys that a YAML file and `--opts` overrides set (a section names all its keys)."""
+    keys: set[str] = set()
+
+    def walk(raw: Any, prefix: str) -> None:
+        if isinstance(raw, dict) and raw:
+            for key, value in raw.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            keys.add(prefix.rstrip("."))
+
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            walk(yaml.safe_load(handle) or {}, "")
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        walk(_nest(key_path, value), "")
+    leaves = flatten_config(Config())
+    # `model.kwargs: {...}` is one leaf although its value is a mapping.
+    return {next((leaf for leaf in leaves if key == leaf or key.startswith(leaf + ".")), key) for key in keys}
 
 
 def config_to_dict(cfg: Config) -> dict:
