@@ -27,6 +27,7 @@ from utils.checkpoint import atomic_save, capture_rng_state, read_checkpoint, re
 from utils.config import Config, config_to_dict, monitor_mode, save_config
 from engine.distributed import (barrier, broadcast_buffers, broadcast_flag, broadcast_int, cleanup_distributed,
                                 init_distributed)
+from engine.budget import STOP_KINDS, epochs_that_fit, stop_code, stop_message
 from engine.ema import build_ema
 from engine.loaders import build_loaders, seed_epoch
 from engine.logs import epoch_line, summary_line, write_epoch_scalars, write_hparams
@@ -38,10 +39,6 @@ from engine.optim import LRSchedule, build_optimizer
 from utils.runs import new_run_dir, point_latest, read_history, setup_logger, write_history, write_json_atomic
 from utils.runtime import amp_dtype as select_amp_dtype
 from utils.runtime import eval_dtype, seed_everything, select_device
-
-# Why training ended, as broadcast by rank 0 (0: it goes on) and saved in checkpoints as `stopped`.
-STOP_KINDS = {1: "epochs", 2: "time_budget", 3: "early_stop"}
-
 
 class TrainingInterrupted(Exception):
     """Ctrl-C (SIGINT) during training; the message says where it stopped and how to resume."""
@@ -250,34 +247,18 @@ class Trainer:
         Rank 0 plans and broadcasts: ranks with their own clocks could plan different cosine lengths."""
         if self.cfg.train.time_budget_min <= 0 or not epoch_seconds:
             return
-        per_epoch = sum(epoch_seconds[-3:]) / len(epoch_seconds[-3:])
-        fit = self.epoch + int(self._time_left() // per_epoch)
-        planned = broadcast_int(max(self.epoch, min(self.cfg.train.epochs, fit)), self.device)
+        planned = broadcast_int(epochs_that_fit(self.cfg.train, self.epoch, self._time_left(), epoch_seconds),
+                                self.device)
         if planned != self.planned_epochs:
             self.planned_epochs = planned
             self.schedule.set_total_epochs(planned)
-            self.log.info(f"time budget: {self._time_left() / 60:.1f} min left, ~{per_epoch:.0f} s per epoch -> "
-                          f"training for {planned} epochs")
+            self.log.info(f"time budget: {self._time_left() / 60:.1f} min left -> training for {planned} epochs")
 
     def _stop_decision(self, epoch_seconds: list[float]) -> Optional[str]:
         """Whether training ends after this epoch and why (a STOP_KINDS value); rank 0 decides for every rank."""
-        train_cfg, code = self.cfg.train, 0
-        budget = train_cfg.time_budget_min > 0
-        if self.epoch >= train_cfg.epochs:
-            code = 1
-        elif budget and (self._time_left() <= 0 or self.epoch >= self.planned_epochs
-                         or self._time_left() < 0.5 * epoch_seconds[-1]):
-            code = 2
-        elif train_cfg.early_stop_patience > 0 and self.bad_epochs >= train_cfg.early_stop_patience:
-            code = 3
+        code = stop_code(self.cfg.train, self.epoch, self.planned_epochs, self.bad_epochs, self._time_left(),
+                         epoch_seconds[-1])
         return STOP_KINDS.get(broadcast_int(code, self.device))
-
-    def _stop_message(self) -> str:
-        train_cfg = self.cfg.train
-        return {"epochs": "finished the configured epochs",
-                "time_budget": f"time budget of {train_cfg.time_budget_min} min spent",
-                "early_stop": f"early stopping: no {train_cfg.monitor} improvement for "
-                              f"{train_cfg.early_stop_patience} epochs"}.get(self.stopped, "stopped")
 
     def _metrics(self) -> MultiTaskMetrics:
         return MultiTaskMetrics(self.cfg.model.num_classes, CLASS_NAMES, threshold=self.cfg.eval.threshold)
@@ -333,7 +314,7 @@ class Trainer:
             raise
         except KeyboardInterrupt:
             raise self._interrupted() from None
-        self.log.info(summary_line(self.epoch, self._stop_message(), cfg.train.monitor, self.best_metric,
+        self.log.info(summary_line(self.epoch, stop_message(self.stopped, cfg.train), cfg.train.monitor, self.best_metric,
                                    self.best_epoch, self.elapsed() / 60))
         self._write_hparams()
         self._close()
