@@ -32,6 +32,20 @@ def finished_run(tiny_brisc, tmp_path_factory) -> Path:
     return (work / "base" / "latest").resolve()
 
 
+def _main(args: list[str], capsys) -> tuple[int, str, str]:
+    """train.py in this process, for commands that stop before training (no interpreter start-up to pay)."""
+    import train
+
+    args = [str(REPO / a) if a == "configs/demo.yaml" else a for a in args[1:]]
+    threads = torch.get_num_threads()  # train.threads would otherwise stay set for the rest of the session
+    try:
+        code = train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def _copy_run(run: Path, tmp_path: Path, name: str = "copy") -> Path:
     """A private copy of a run (its own experiment folder) for a test that changes it."""
     target = tmp_path / name / run.name
@@ -56,22 +70,22 @@ def test_loss_monitor_keeps_the_lowest_loss_and_test_py_reproduces_best_val(fini
         assert single[key] == pytest.approx(best_val[key], abs=1e-6), key
 
 
-def test_failed_start_leaves_no_run_directory_and_keeps_latest(finished_run, tiny_brisc, tmp_path):
+def test_failed_start_leaves_no_run_directory_and_keeps_latest(finished_run, tiny_brisc, tmp_path, capsys):
     run = _copy_run(finished_run, tmp_path, "base")
     (run.parent / "latest").symlink_to(run.name)
-    proc = run_entry(_train(tmp_path / "missing", tmp_path, "base"), cwd=REPO)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    code, out, err = _main(_train(tmp_path / "missing", tmp_path, "base"), capsys)
+    assert code == 2 and "missing" in err, out + err
     assert (run.parent / "latest").resolve() == run
     assert sorted(p.name for p in run.parent.iterdir()) == sorted([run.name, "latest"])
 
 
-def test_resume_auto_on_a_finished_run_says_nothing_to_resume(finished_run, tiny_brisc, tmp_path):
+def test_resume_auto_on_a_finished_run_says_nothing_to_resume(finished_run, tiny_brisc, tmp_path, capsys):
     run = _copy_run(finished_run, tmp_path, "base")
     before = (run / "last.pth").read_bytes()
-    proc = run_entry(_train(tiny_brisc, tmp_path, "base") + ["--resume", "auto"], cwd=REPO)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"resuming {run}" in proc.stdout
-    assert "nothing to resume" in proc.stdout and str(run / "last.pth") in proc.stdout
+    code, out, err = _main(_train(tiny_brisc, tmp_path, "base") + ["--resume", "auto"], capsys)
+    assert code == 0, out + err
+    assert f"resuming {run}" in out
+    assert "nothing to resume" in out and str(run / "last.pth") in out
     assert (run / "last.pth").read_bytes() == before
 
 
@@ -90,7 +104,7 @@ def test_resume_auto_starts_afresh_when_the_newest_run_has_no_checkpoint(finishe
     assert [row["epoch"] for row in json.loads((fresh / "history.json").read_text())] == [1]
 
 
-def test_resume_applies_allowed_changes_and_refuses_the_others(finished_run, tmp_path):
+def test_resume_applies_allowed_changes_and_refuses_the_others(finished_run, tmp_path, capsys):
     run = _copy_run(finished_run, tmp_path)
     other = tmp_path / "longer.yaml"
     other.write_text("train:\n  epochs: 3\neval:\n  threshold: 0.4\n")
@@ -106,8 +120,8 @@ def test_resume_applies_allowed_changes_and_refuses_the_others(finished_run, tmp
 
     before = (run / "last.pth").read_bytes()
     other.write_text("train:\n  epochs: 4\ndata:\n  image_size: 96\n")
-    proc = run_entry(["train.py", "--config", str(other), "--resume", str(run)], cwd=REPO)
-    assert proc.returncode == 2 and "'data.image_size' cannot change" in proc.stderr, proc.stdout + proc.stderr
+    code, out, err = _main(["train.py", "--config", str(other), "--resume", str(run)], capsys)
+    assert code == 2 and "'data.image_size' cannot change" in err, out + err
     assert (run / "last.pth").read_bytes() == before
 
 
@@ -127,7 +141,7 @@ def test_resume_from_best_starts_a_new_run_and_leaves_the_old_one(finished_run, 
     assert best_epoch in epochs
 
 
-def test_a_run_its_budget_stopped_is_not_trained_on_resume(tiny_brisc, tmp_path):
+def test_a_run_its_budget_stopped_is_not_trained_on_resume(tiny_brisc, tmp_path, capsys):
     proc = run_entry(_train(tiny_brisc, tmp_path, "budget", "train.epochs=5", "train.time_budget_min=0.0001"),
                      cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -135,9 +149,9 @@ def test_a_run_its_budget_stopped_is_not_trained_on_resume(tiny_brisc, tmp_path)
     ckpt = torch.load(run / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["stopped"] == "time_budget"
     before = (run / "last.pth").read_bytes()
-    proc = run_entry(["train.py", "--config", "configs/demo.yaml", "--resume", str(run)], cwd=REPO)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "nothing to resume" in proc.stdout and "time budget" in proc.stdout
+    code, out, err = _main(["train.py", "--config", "configs/demo.yaml", "--resume", str(run)], capsys)
+    assert code == 0, out + err
+    assert "nothing to resume" in out and "time budget" in out
     assert (run / "last.pth").read_bytes() == before
 
 
