@@ -12,7 +12,6 @@ import sys
 
 from utils.cli import add_debug_flag, run_main
 from utils.config import load_config
-from utils.runs import resolve_resume
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,22 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     """Train; a mistake in the config, data or checkpoint raises a `UserError` (printed by `run_main`)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.opts)
-    resume = None
-    if args.resume:
-        resume = resolve_resume(args.resume, cfg.experiment.work_dir, cfg.experiment.name)
-        if resume is None:
-            print(f"--resume auto: no earlier run of '{cfg.experiment.name}' in {cfg.experiment.work_dir}; "
-                  "starting a new one")
     from engine.loops import NonFiniteLossError  # heavy imports after the config is known to be valid
-    from engine.trainer import train
+    from engine.resume import prepare_resume
+    from engine.trainer import TrainingInterrupted, train
     from model import check_model_name
     from utils.runtime import amp_dtype, select_device
 
     # Values that need the model registry or the machine, checked before anything is written.
     check_model_name(cfg.model.name)
     amp_dtype(cfg.train, select_device(cfg.train.device))
+    resume = prepare_resume(args.resume, cfg, args.config, args.opts) if args.resume else None
+    if resume is not None and resume.finished:
+        return 0  # "nothing to resume" was printed with the run's final checkpoint
     try:
-        run_dir = train(cfg, resume, show_progress=not args.no_progress)
+        run_dir = train(cfg, resume, show_progress=not args.no_progress, config_file=args.config)
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return 130
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

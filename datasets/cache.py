@@ -7,8 +7,9 @@ before any DataLoader worker starts, so workers only read it:
 - `ram`: a shared-memory tensor; forked workers see it without a copy, spawned workers receive a handle.
 - `disk`: `<cache_dir>/<split>_<size>px_<n>_<key>.npy`, opened as a read-only memory map in each worker.
   It is written to a temporary file and renamed, so an interrupted fill never leaves a broken cache.
-  The key hashes the stems, labels, file sizes, image size and resize mode (not the root path), so the file can be
-  copied to another machine with the same data.
+  The key hashes the stems, labels, sizes and modification times (ns) of the image and mask files and the
+  decode settings (image size, resize mode; not the root path): an image edited in place, or another
+  decoding, gets a new cache file.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .decode import load_sample
 from .index import Sample
 
 CACHE_MODES = ("none", "ram", "disk")
-_FORMAT_VERSION = 1  # bump when the row layout or the decoding changes
+_FORMAT_VERSION = 2  # bump when the row layout or the decoding code changes
 
 
 def _row_width(size: int) -> int:
@@ -46,19 +47,31 @@ def unpack(row: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def cache_key(samples: list[Sample], size: int, resize: str = "stretch") -> str:
-    """Identifies the decoded content: names, labels and file sizes of every sample, the image size and the
-    resize mode (stretch | letterbox)."""
-    entries = [
-        (s.stem, s.label, os.path.getsize(s.image), os.path.getsize(s.mask) if s.mask is not None else -1)
-        for s in samples
-    ]
-    payload = json.dumps([_FORMAT_VERSION, size, resize, entries]).encode()
+def decode_settings(size: int, extra: Optional[dict] = None) -> dict:
+    """Every setting that changes the decoded arrays (the one place to add a new one): part of the cache key."""
+    return {"image_size": int(size), **(extra or {})}
+
+
+def _file_stamp(path: Optional[Path]) -> list[int]:
+    if path is None:
+        return [-1, -1]
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def cache_key(samples: list[Sample], settings: dict) -> str:
+    """Identifies the decoded content: name, label, size and mtime of every image and mask, and the decode
+    settings (`decode_settings`)."""
+    entries = [(s.stem, s.label, *_file_stamp(s.image), *_file_stamp(s.mask)) for s in samples]
+    payload = json.dumps([_FORMAT_VERSION, sorted(settings.items()), entries]).encode()
     return hashlib.sha1(payload).hexdigest()[:16]
 
 
 class ArrayCache:
-    """Rows of decoded samples, addressed by the sample's position in `samples`."""
+    """Rows of decoded samples, addressed by the sample's position in `samples`.
+
+    `decode`: decode settings beyond the image size (e.g. how images are resized), covered by the disk key.
+    """
 
     def __init__(
         self,
@@ -83,7 +96,8 @@ class ArrayCache:
         else:
             if cache_dir is None:
                 raise ValueError("cache='disk' needs a cache_dir")
-            self.path = Path(cache_dir) / f"{split}_{size}px_{len(samples)}_{cache_key(samples, size, resize)}.npy"
+            key = cache_key(samples, decode_settings(size, {"resize": resize}))
+            self.path = Path(cache_dir) / f"{split}_{size}px_{len(samples)}_{key}.npy"
             if not self._usable(shape):
                 self._write(samples, shape)
             elif verbose:

@@ -20,9 +20,9 @@ from typing import Optional
 
 import numpy as np
 
-from datasets.errors import DataError
 from utils.config import Config, ConfigError, load_config
-from utils.runs import new_run_dir, write_json_atomic
+from utils.cli import add_debug_flag, int_at_least, run_main
+from utils.runs import new_run_dir, point_latest, write_json_atomic
 
 HEADLINE = ("accuracy", "f1_macro", "dice", "iou", "dice_global", "iou_global", "dice_2class", "miou_2class", "loss")
 
@@ -90,26 +90,24 @@ def run_cv(cfg: Config, folds: Optional[int] = None, show_progress: bool = True)
         run_dirs.append(train(fold_cfg, show_progress=show_progress))
     out_dir = new_run_dir(cfg.experiment.work_dir, f"{cfg.experiment.name}_cv")
     write_tables(fold_results(run_dirs), out_dir, cfg.experiment.name)
+    point_latest(out_dir)
     return out_dir
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="K-fold cross-validation of one experiment config.")
     parser.add_argument("--config", required=True, help="YAML experiment file (see configs/)")
-    parser.add_argument("--folds", type=int, default=None, help="number of folds (default: data.folds)")
+    parser.add_argument("--folds", type=int_at_least(2), default=None, help="number of folds (default: data.folds)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.opts)
-        out_dir = run_cv(cfg, args.folds, show_progress=not args.no_progress)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.opts)
+    out_dir = run_cv(cfg, args.folds, show_progress=not args.no_progress)
     print((out_dir / "cv_summary.md").read_text(encoding="utf-8"))
     print(f"tables: {out_dir / 'cv_summary.md'}, {out_dir / 'cv_folds.csv'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -39,9 +39,11 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(wait_for_others: bool = True) -> None:
+    """Leave the process group (after a barrier, unless the run was interrupted and other ranks may be gone)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -50,13 +52,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's value (a decision, a number of epochs, ...) for every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([int(value)], device=device, dtype=torch.long)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """Rank 0's decision (stop training, ...) for every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    tensor = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
+    return bool(broadcast_int(1 if flag else 0, device))
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -52,12 +52,16 @@ class TrainContext:
     show_progress: bool = True
     on_log: Optional[Callable[[int, dict], None]] = None  # (global step, {name: value}) for TensorBoard
     global_step: int = 0
+    step: int = 0  # step within the current epoch (for "interrupted at epoch E step S")
     extra: dict = field(default_factory=dict)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, ctx: TrainContext, epoch: int,
-                    time_left: Optional[Callable[[], float]] = None) -> EpochResult:
-    """One pass over `loader`. Loss terms are summed on the device and read back only at log steps."""
+                    should_stop: Optional[Callable[[], bool]] = None) -> EpochResult:
+    """One pass over `loader`. Loss terms are summed on the device and read back only at log steps.
+
+    `should_stop` (e.g. "the time budget is spent", a collective under DDP) is asked every `log_every` steps,
+    so that every rank asks at the same step and no step pays for an extra synchronisation."""
     model.train()
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
@@ -70,6 +74,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, ctx: TrainContext, epo
     steps_in_epoch = len(loader)
     for step, batch in enumerate(bar, start=1):
         data_time += time.perf_counter() - tick
+        ctx.step = step
         batch = move_batch(batch, ctx.device, ctx.channels_last)
         accumulate = step % ctx.grad_accum_steps != 0 and step != steps_in_epoch
         sync_ctx = model.no_sync() if accumulate and hasattr(model, "no_sync") else contextlib.nullcontext()
@@ -104,8 +109,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, ctx: TrainContext, epo
             if ctx.on_log is not None:
                 ctx.on_log(ctx.global_step, {f"train_step/{k}": float(v) for k, v in terms.items()}
                            | {"train_step/lr": ctx.schedule.lr})
-        if time_left is not None and time_left() <= 0:
-            break  # the wall-clock budget is spent: end the epoch early, the trainer stops cleanly
+        if should_stop is not None and step % ctx.log_every == 0 and step != steps_in_epoch and should_stop():
+            break  # e.g. the wall-clock budget is spent: end the epoch early, the trainer stops cleanly
         tick = time.perf_counter()
     bar.close()
     seconds = time.perf_counter() - start

@@ -36,7 +36,7 @@ from evaluation.subsets import (HEADLINE_SUBSETS, SUBSET_LABELS, PerImage, exclu
                                 subset_figures, subset_indices)
 from evaluation.summary import summary_table
 from utils.runs import write_json_atomic
-from utils.runtime import select_device
+from utils.runtime import eval_dtype, select_device
 
 THRESHOLD_CANDIDATES = [round(t, 2) for t in np.arange(0.2, 0.81, 0.05)]
 
@@ -224,7 +224,8 @@ def run_test(opts: TestOptions) -> dict:
 
     loss_fn = MultiTaskLoss(cfg.loss, class_counts=ckpt.get("class_counts")).to(device)
     counted = evaluate(model, _loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
-                       tta=opts.tta, show_progress=opts.show_progress, desc=f"test {opts.split}", on_batch=keep)
+                       eval_dtype(cfg.eval, device), tta=opts.tta, show_progress=opts.show_progress,
+                       desc=f"test {opts.split}", on_batch=keep)
     records = metrics.per_image_records()
     table = per_image_table(records, torch.cat(logit_parts).numpy(), native if has_seg else None,
                             {sample.stem: sample.plane for sample in dataset.samples})

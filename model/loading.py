@@ -46,20 +46,24 @@ def load_model_from_checkpoint(path: Union[str, Path], device: Union[str, torch.
     """
     ckpt = read_checkpoint(path)
     cfg = config_of(ckpt, path)
-    model = build_model(cfg.model.name, **model_kwargs(cfg))
+    model = build_model(cfg.model.name, **model_kwargs(cfg, pretrained=False))
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     load_weights(model, weights, str(path), ckpt.get("model_name"))
     return model.to(device).eval(), cfg, ckpt
 
 
-def model_kwargs(cfg: Config) -> dict:
-    """Constructor arguments of the configured model."""
+def model_kwargs(cfg: Config, pretrained: bool = True) -> dict:
+    """Constructor arguments of the configured model.
+
+    `pretrained=False` leaves out `model.pretrained`: a model whose weights come from a checkpoint must not
+    need the network (or the original weights file) to load encoder weights that the checkpoint overwrites.
+    """
     kwargs = {
         "num_classes": cfg.model.num_classes,
         "in_channels": cfg.data.in_channels,
         "deep_supervision": cfg.model.deep_supervision,
     }
-    if cfg.model.pretrained:
+    if pretrained and cfg.model.pretrained:
         kwargs["pretrained"] = cfg.model.pretrained
     kwargs.update(cfg.model.kwargs)
     return kwargs

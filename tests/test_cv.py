@@ -8,6 +8,7 @@ from pathlib import Path
 
 from engine.cv import main, summarise
 from tests.helpers import REPO, run_entry
+from utils.cli import run_main
 
 TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "eval.batch_size=16", "train.device=cpu",
         "train.threads=1", "train.epochs=1", "data.cache=none", "train.image_log_every=0"]
@@ -46,6 +47,6 @@ def test_cv_trains_every_fold_and_writes_one_table(tiny_brisc, tmp_path):
 
 
 def test_cv_needs_two_folds(tmp_path, capsys):
-    assert main(["--config", str(REPO / "configs/demo.yaml"), "--opts", f"experiment.work_dir={tmp_path}"]) == 2
+    assert run_main(main, ["--config", str(REPO / "configs/demo.yaml"), "--opts", f"experiment.work_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "folds" in err and not list(tmp_path.iterdir())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.cache import cache_key
+from datasets.cache import cache_key, decode_settings
 from datasets.decode import load_sample, to_square
 from datasets.geometry import letterbox_box, logits_to_original
 from datasets.index import Sample
@@ -79,7 +79,8 @@ def test_load_sample_pads_image_and_mask_alike(tmp_path):
 
 def test_cache_key_and_inference_follow_the_resize_mode(tmp_path):
     sample = _pair(tmp_path)
-    assert cache_key([sample], 64, "letterbox") != cache_key([sample], 64, "stretch")
+    assert (cache_key([sample], decode_settings(64, {"resize": "letterbox"}))
+            != cache_key([sample], decode_settings(64, {"resize": "stretch"})))
     cfg = DataConfig(image_size=60, resize="letterbox", in_channels=1, mean=[0.0], std=[1.0])
     tensor, original = load_image_for_inference(sample.image, cfg)
     assert original == (120, 60) and tensor.shape == (1, 60, 60)

@@ -43,7 +43,7 @@ _spec.loader.exec_module(test_entry)
     ("eval.threshold=1", "a number > 0 and < 1"),
     ("data.augment.crop_scale=[0.9,0.5]", "a pair [low, high] with low <= high"),
     ("data.cache=gpu", "one of none, ram, disk"),
-    ("optim.name=adam", "one of adamw, sgd"),
+    ("optim.name=adamx", "one of adamw, adam, sgd"),
     ("sched.name=linear", "one of cosine, plateau, step, none"),
     ("train.device=gpu", "auto, cpu, cuda, cuda:N or mps"),
     ("train.ema_decay=1", "a number > 0 and < 1"),

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from utils.config import Config, ConfigError, config_from_dict
 from utils.errors import UserError
+from utils.runs import fsync_file, replace_durably
 
 FORMAT_VERSION = 1
 
@@ -39,11 +40,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file in the same folder, fsync, rename, fsync the folder: a crash or a power
+    cut leaves the previous file or the new one, never an empty or half-written one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            fsync_file(handle)
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def capture_rng_state() -> dict:

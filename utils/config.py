@@ -187,8 +187,9 @@ class TrainConfig:
     grad_accum_steps: int = spec(1, ge=1)
     ema: bool = False
     ema_decay: float = spec(0.999, gt=0, lt=1)
-    monitor: str = spec("dice", nonempty=True)  # validation metric for best.pth and early stopping (or "loss")
-    monitor_mode: str = spec("max", choices=("max", "min"))
+    # validation metric for best.pth, early stopping and the plateau schedule (one of MONITOR_MODES)
+    monitor: str = spec("dice", nonempty=True)
+    monitor_mode: str = spec("auto", choices=("auto", "max", "min"))  # auto: min for loss-like metrics, else max
     early_stop_patience: int = spec(0, ge=0)  # epochs without improvement before stopping (0: off)
     time_budget_min: float = spec(0.0, ge=0)  # wall-clock budget; training ends cleanly when it is spent (0: off)
     log_every_steps: int = spec(20, ge=1)
@@ -202,6 +203,8 @@ class EvalConfig:
     threshold: float = spec(0.5, gt=0, lt=1)
     tta: bool = False
     batch_size: int = spec(32, ge=1)
+    # Autocast precision of validation and test.py alike (so test.py --split val reproduces best_val.json)
+    precision: str = spec("fp32", choices=("fp32", "fp16", "bf16"))  # fp16: CUDA only
 
 
 @dataclass
@@ -214,6 +217,26 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Validation metrics that `train.monitor` may name, each with the direction that is better ("auto" mode).
+# Per-class metrics are named `precision_<class>`, `recall_<class>`, `f1_<class>`.
+MONITOR_MODES = {
+    "loss": "min", "empty_fp_rate": "min",
+    **{name: "max" for name in (
+        "combined", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "recall_weighted",
+        "f1_macro", "f1_weighted", "dice", "iou", "dice_global", "iou_global", "dice_2class", "miou_2class",
+        "dice_all_images", "iou_all_images", "pixel_accuracy", "sensitivity", "specificity")},
+    **{f"{kind}_{cls}": "max" for kind in ("precision", "recall", "f1")
+       for cls in ("glioma", "meningioma", "no_tumor", "pituitary")},
+}
+
+
+def monitor_mode(train_cfg: "TrainConfig") -> str:
+    """'min' or 'max' for the monitored metric: the explicit `train.monitor_mode`, else the metric's own."""
+    if train_cfg.monitor_mode != "auto":
+        return train_cfg.monitor_mode
+    return MONITOR_MODES[train_cfg.monitor]
 
 
 # --------------------------------------------------------------------------------------------- merging
@@ -358,6 +381,11 @@ def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
     if isinstance(cw, list) and len(cw) != cfg.model.num_classes:
         raise ConfigError(f"config key 'loss.class_weights': {len(cw)} weights for {cfg.model.num_classes} classes"
                           f"{_where('loss.class_weights', origins)}")
+    if cfg.train.monitor not in MONITOR_MODES:
+        close = difflib.get_close_matches(cfg.train.monitor, list(MONITOR_MODES), n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key 'train.monitor': unknown validation metric {cfg.train.monitor!r}"
+                          f"{_where('train.monitor', origins)}.{hint} Valid names: {', '.join(MONITOR_MODES)}")
 
 
 def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: Optional[str] = None) -> Config:
@@ -388,6 +416,40 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(raw, overrides, source=f"in {path}" if path is not None else None)
+
+
+def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{'section.key': value} for every leaf of a config (dict- and list-valued keys are leaves)."""
+    flat: dict[str, Any] = {}
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            flat.update(flatten_config(value, f"{prefix}{f.name}."))
+        else:
+            flat[f"{prefix}{f.name}"] = value
+    return flat
+
+
+def override_keys(path: Optional[Union[str, Path]], overrides: Optional[list[str]]) -> set[str]:
+    """The dotted keys that a YAML file and `--opts` overrides set (a section names all its keys)."""
+    keys: set[str] = set()
+
+    def walk(raw: Any, prefix: str) -> None:
+        if isinstance(raw, dict) and raw:
+            for key, value in raw.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            keys.add(prefix.rstrip("."))
+
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            walk(yaml.safe_load(handle) or {}, "")
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        walk(_nest(key_path, value), "")
+    leaves = flatten_config(Config())
+    # `model.kwargs: {...}` is one leaf although its value is a mapping.
+    return {next((leaf for leaf in leaves if key == leaf or key.startswith(leaf + ".")), key) for key in keys}
 
 
 def config_to_dict(cfg: Config) -> dict:

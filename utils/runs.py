@@ -14,7 +14,10 @@ RUN_FILES = ("config.yaml", "split.json", "last.pth", "best.pth", "history.json"
 
 
 def new_run_dir(work_dir: Union[str, Path], name: str) -> Path:
-    """A fresh, timestamped run directory (a suffix keeps two runs started in the same second apart)."""
+    """A fresh, timestamped run directory (a suffix keeps two runs started in the same second apart).
+
+    `latest` is not moved here: the trainer points it at the run once the run has really started
+    (`point_latest`), so that a start that fails leaves `latest` on the previous run."""
     base = Path(work_dir) / name
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = base / stamp
@@ -23,45 +26,44 @@ def new_run_dir(work_dir: Union[str, Path], name: str) -> Path:
         run_dir = base / f"{stamp}-{suffix}"
         suffix += 1
     run_dir.mkdir(parents=True)
-    # `<work_dir>/<name>/latest` always points at the newest run, so commands can name it without a timestamp.
+    return run_dir
+
+
+def point_latest(run_dir: Path) -> None:
+    """`<work_dir>/<name>/latest` points at `run_dir`, so commands can name the newest run without a timestamp."""
+    base = run_dir.parent
     latest = base / "latest"
     tmp_link = base / f".latest.tmp{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(run_dir.name)
     os.replace(tmp_link, latest)
-    return run_dir
 
 
-def find_latest_run(work_dir: Union[str, Path], name: str) -> Optional[Path]:
-    """The most recent run of experiment `name` that has a `last.pth`, or None."""
-    base = Path(work_dir) / name
-    if not base.is_dir():
-        return None
-    candidates = sorted((p for p in base.iterdir() if not p.is_symlink() and (p / "last.pth").is_file()),
-                        key=lambda p: p.name)
-    return candidates[-1] if candidates else None
+def replace_durably(tmp: Union[str, Path], path: Union[str, Path]) -> None:
+    """Rename the finished, fsynced file `tmp` to `path`, then fsync the folder so that the rename itself
+    survives a power cut (otherwise the folder entry may still point at the old file, or at nothing)."""
+    os.replace(tmp, path)
+    fd = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def resolve_resume(resume: str, work_dir: Union[str, Path], name: str) -> Optional[Path]:
-    """`--resume auto|RUN_DIR|CHECKPOINT` -> the checkpoint to resume from (None: start a new run)."""
-    if resume == "auto":
-        latest = find_latest_run(work_dir, name)
-        return latest / "last.pth" if latest else None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "last.pth"
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint at '{path}' (give a run directory, a .pth file "
-                                f"or 'auto')")
-    return path
+def fsync_file(handle) -> None:
+    """Flush Python's buffer and the OS cache of an open file to the disk."""
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def write_json_atomic(obj: object, path: Union[str, Path]) -> None:
+    """Write JSON to a temporary file, fsync it, rename it over `path`: a crash leaves the old or the new file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(obj, handle, indent=2)
-    os.replace(tmp, path)
+        fsync_file(handle)
+    replace_durably(tmp, path)
 
 
 def write_history(history: list[dict], run_dir: Path) -> None:
@@ -75,7 +77,8 @@ def write_history(history: list[dict], run_dir: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, run_dir / "history.csv")
+        fsync_file(handle)
+    replace_durably(tmp, run_dir / "history.csv")
 
 
 def read_history(run_dir: Path) -> list[dict]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 from typing import ContextManager, Optional
 
 import numpy as np
 import torch
 
-from utils.config import ConfigError, TrainConfig
+from utils.config import ConfigError, EvalConfig, TrainConfig
 
 
 def select_device(name: str = "auto", local_rank: int = 0, key: str = "train.device") -> torch.device:
@@ -52,7 +53,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: seed Python and NumPy from the worker's torch seed (which the loader derives
-    from its generator; the augmentation pipeline follows that seed by itself)."""
+    from its generator; the augmentation pipeline follows that seed by itself).
+
+    Workers also ignore SIGINT: Ctrl-C reaches the whole process group, and the main process alone handles it
+    (otherwise every worker prints a KeyboardInterrupt traceback and the loader reports a dead worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -77,6 +82,15 @@ def amp_dtype(train_cfg: TrainConfig, device: torch.device) -> Optional[torch.dt
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a CUDA device; on a CPU use train.amp=bf16 or none")
     return torch.float16 if mode == "fp16" else torch.bfloat16
+
+
+def eval_dtype(eval_cfg: EvalConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for validation and test.py (`eval.precision`), the same for both; None for fp32."""
+    if eval_cfg.precision == "fp32":
+        return None
+    if eval_cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("eval.precision=fp16 needs a CUDA device; on a CPU use eval.precision=bf16 or fp32")
+    return torch.float16 if eval_cfg.precision == "fp16" else torch.bfloat16
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
