@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -72,10 +73,14 @@ def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if not zipfile.is_zipfile(path):  # torch.load's own message for this suggests weights_only=False: never do that
+        raise CheckpointError(f"checkpoint '{path}' is not a complete torch.save archive (truncated, or not a "
+                              "checkpoint); pass the best.pth or last.pth of a finished save")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle, ...
-        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {exc})") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {first_line})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"'{path}' is not an EfficientMTNet framework checkpoint (no 'model'/'config' entries)")
     return ckpt
