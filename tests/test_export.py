@@ -18,6 +18,7 @@ from utils.checkpoint import atomic_save
 from utils.config import Config, config_to_dict
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 
 def _checkpoint(path: Path, image_size: int = 64, seed: int = 0) -> Path:
