@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -247,13 +248,17 @@ def run_export(args: argparse.Namespace) -> dict:
     height, width = (args.image_size * 2)[:2] if args.image_size else (cfg.data.image_size, cfg.data.image_size)
     out = args.out or args.checkpoint.with_suffix(FORMATS[args.format])
     inputs = check_inputs(cfg.data.in_channels, height, width, args.batch_size, args.dynamic)
-    export_model(model, out, args.format, inputs[0], args.dynamic, args.opset, deployment_metadata(cfg))
+    # written and checked under a temporary name, then renamed: a failed export neither leaves a file that
+    # does not reproduce the model nor destroys an earlier good one at `out`
+    pending = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
     try:
-        runner = load_runner(out, args.format, args.threads)
+        export_model(model, pending, args.format, inputs[0], args.dynamic, args.opset, deployment_metadata(cfg))
+        runner = load_runner(pending, args.format, args.threads)
         difference = check_export(runner, model, inputs, args.atol, args.format)
-    except Exception:
-        out.unlink(missing_ok=True)  # never leave a file behind that does not reproduce the model
+    except BaseException:
+        pending.unlink(missing_ok=True)
         raise
+    os.replace(pending, out)
     shapes = " and ".join("x".join(map(str, image.shape)) for image in inputs)
     print(f"wrote {out} ({args.format}, {'dynamic' if args.dynamic else 'fixed'} batch and image size, "
           f"{_size_text(out.stat().st_size)}); max |difference| from PyTorch {difference:.2g} on {shapes}")

@@ -91,11 +91,14 @@ def test_an_export_that_does_not_reproduce_pytorch_is_an_error_and_removed(tmp_p
         run = real_runner(path, fmt, threads)
         return lambda image: tuple(a + 1e-3 for a in run(image))  # e.g. a runtime with a wrong kernel
 
+    earlier = tmp_path / "best.pt"
+    earlier.write_bytes(b"an earlier export")
     monkeypatch.setattr(export, "load_runner", drifting_runner)
     assert export.main(["--checkpoint", str(ckpt), "--format", "torchscript"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the torchscript file does not reproduce PyTorch") and "\n" not in err
-    assert not (tmp_path / "best.pt").exists()
+    assert earlier.read_bytes() == b"an earlier export"  # neither replaced by the bad file nor deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pth"]
 
 
 def test_bad_checkpoint_or_format_gives_one_line(tmp_path: Path, capsys) -> None:
@@ -113,6 +116,14 @@ def test_bad_checkpoint_or_format_gives_one_line(tmp_path: Path, capsys) -> None
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: checkpoint '{bad}' is not a complete torch.save archive") and "\n" not in err
         assert not bad.with_suffix(".onnx").exists()
+
+    foreign = torch.load(_checkpoint(tmp_path / "other.pth"), weights_only=True)
+    foreign["config"]["model"]["name"] = "efficient_mtnet_v9"  # saved by a version with another model
+    atomic_save(foreign, tmp_path / "foreign.pth")
+    assert export.main(["--checkpoint", str(tmp_path / "foreign.pth"), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: checkpoint '{tmp_path / 'foreign.pth'}' holds a model this version cannot build")
+    assert "unknown model 'efficient_mtnet_v9'" in err and "\n" not in err
 
     with pytest.raises(SystemExit) as exit_info:
         export.parse_args(["--checkpoint", str(broken), "--format", "tflite"])
