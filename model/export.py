@@ -60,10 +60,11 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
-def _quiet_deprecations() -> None:
+def _quiet_export_notices() -> None:
     """Silence the notices that TorchScript tracing (which both exports use) is deprecated in favour of
-    torch.export; call inside `warnings.catch_warnings()`."""
-    for category in (DeprecationWarning, FutureWarning):
+    torch.export, and its TracerWarnings about shape-dependent Python branches (whether the trace generalises
+    is what the comparison with PyTorch on another shape checks); call inside `warnings.catch_warnings()`."""
+    for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
     warnings.filterwarnings("ignore", message=".*feature will be removed.*")
@@ -101,7 +102,7 @@ def export_model(model: nn.Module, path: Path, fmt: str, example: torch.Tensor, 
     wrapped = InferencePath(model).eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            _quiet_deprecations()
+            _quiet_export_notices()
             if fmt == "onnx":
                 axes = {"image": {0: "batch", 2: "height", 3: "width"}, "cls": {0: "batch"},
                         "seg": {0: "batch", 2: "height", 3: "width"}} if dynamic else None
@@ -146,7 +147,7 @@ def load_runner(path: Path, fmt: str, threads: int = 0) -> Runner:
         return run_onnx
     if fmt == "torchscript":
         with warnings.catch_warnings():
-            _quiet_deprecations()
+            _quiet_export_notices()
             module = torch.jit.load(str(path), map_location="cpu").eval()
 
         def run_torchscript(image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

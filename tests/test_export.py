@@ -57,6 +57,25 @@ def test_exported_file_reproduces_pytorch_at_two_sizes_and_batch_sizes(tmp_path:
         assert [name for name, _ in module.named_modules()] == [""] and not module.state_dict()
 
 
+class _WidthBakedIn(torch.nn.Module):
+    """A model whose trace does not generalise: a Python float taken from the input width becomes a constant."""
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"cls": x.mean((2, 3)), "seg": x[:, :1] * float(x.shape[-1])}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_the_non_square_check_catches_a_trace_that_does_not_generalise(tmp_path: Path, fmt: str) -> None:
+    model = _WidthBakedIn()
+    square, non_square = export.check_inputs(3, 64, 64, batch=1, dynamic=True)
+    assert non_square.shape == (2, 3, 64, 40)
+    path = export.export_model(model, tmp_path / f"m.{fmt}", fmt, square)
+    runner = export.load_runner(path, fmt)
+    assert export.check_export(runner, model, [square], 1e-4, fmt) < 1e-6  # right at the traced shape
+    with pytest.raises(export.ExportError, match=r"does not reproduce PyTorch on input \(2, 3, 64, 40\)"):
+        export.check_export(runner, model, [square, non_square], 1e-4, fmt)
+
+
 def test_command_writes_checks_and_times_the_file(tmp_path: Path, capsys) -> None:
     ckpt = _checkpoint(tmp_path / "best.pth")
     assert export.main(["--checkpoint", str(ckpt), "--format", "onnx", "--repeats", "2", "--warmup", "1"]) == 0
