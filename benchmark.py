@@ -4,6 +4,7 @@
     python benchmark.py --models efficient_mtnet unet segformer --device cpu --threads 2 --batch-sizes 1
     python benchmark.py --device cuda --batch-sizes 1 32 --precision fp16 --channels-last --compile
     python benchmark.py --metrics "runs/*/*/test_test/metrics.json" --out results/
+    python benchmark.py --models efficient_mtnet --device cpu --threads 2 --runtime onnxruntime torchscript
 
 Every model is built by name from the registry (random weights, 4 classes, 3 input channels) and measured in
 eval mode, so deep-supervision heads are neither run nor timed. Per model:
@@ -13,7 +14,10 @@ eval mode, so deep-supervision heads are neither run nor timed. Per model:
 - latency: median wall time of one forward pass of a batch after warm-up, with device synchronisation;
   throughput = batch / median latency; peak CUDA memory (max_memory_allocated; n/a on a CPU);
 - efficiency ratio = (1 / params) normalised so the smallest model is 1.000; speed ratio = throughput
-  normalised so the fastest model at the same batch size and precision is 1.000;
+  normalised so the fastest model at the same batch size, precision and runtime is 1.000;
+- with --runtime onnxruntime / torchscript: one more row per model and batch size, timing the file that
+  `python -m model.export` writes (exported to a temporary folder, checked against PyTorch on the timed input,
+  run by ONNX Runtime's CPU provider or torch.jit.load; fp32, CPU only) with the same warm-up and median;
 - with --metrics: accuracy, two-class mIoU, tumour Dice and macro F1 from test.py's metrics.json files, with
   the setting each was scored with (split, subset, resolution, threshold, TTA); files that differ in split,
   subset or resolution are refused, since their figures are not comparable.
@@ -35,6 +39,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +51,8 @@ from utils.runtime import select_device
 from evaluation.conventions import check_comparable, setting_label, setting_of
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# runtimes besides eager PyTorch ("torch") -> the model.export format they run
+EXPORTED_RUNTIMES = {"onnxruntime": "onnx", "torchscript": "torchscript"}
 # metrics.json key -> column label; values are fractions and are shown as percentages
 METRIC_COLUMNS = {"accuracy": "Acc %", "miou_2class": "mIoU % (2-class)", "dice": "Dice %", "f1_macro": "F1 %"}
 
@@ -60,6 +67,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="fp32, or autocast to fp16 / bf16")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and input")
     parser.add_argument("--compile", action="store_true", help="time the torch.compile'd model (compile in warm-up)")
+    parser.add_argument("--runtime", nargs="+", default=["torch"], choices=["torch", *EXPORTED_RUNTIMES],
+                        help="runtimes to time; the eager PyTorch (torch) rows are always there, onnxruntime and "
+                             "torchscript add a row per model and batch size (fp32, CPU)")
     parser.add_argument("--metrics", nargs="+", default=None, metavar="GLOB",
                         help="test.py metrics.json files or glob patterns to join (accuracy, mIoU, Dice, F1)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder")
@@ -106,7 +116,7 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
             row = dict(base, image_size=size, batch_size=batch, precision=precision,
-                       channels_last=args.channels_last, compiled=args.compile)
+                       channels_last=args.channels_last, compiled=args.compile, runtime="torch")
             reset_peak_memory(device)
             try:
                 times = time_forward(runner, x, args.warmup, args.repeats, PRECISIONS[precision])
@@ -125,26 +135,72 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
                   f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s"
                   + (f", train step {_fmt(row.get('train_step_ms'), 1)} ms" if args.train_step else ""),
                   file=sys.stderr)
+    for runtime in dict.fromkeys(args.runtime):  # in the given order, once each
+        if runtime in EXPORTED_RUNTIMES:
+            rows += measure_exported(model.to("cpu", memory_format=torch.contiguous_format), base, runtime, args)
     del runner, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
+def measure_exported(model: torch.nn.Module, base: dict, runtime: str, args: argparse.Namespace) -> list[dict]:
+    """Rows for `model` exported for `runtime` (fp32, CPU), timed like the PyTorch rows.
+
+    A model the exporter cannot handle gets rows without timings and a note, so one model does not stop the
+    benchmark; the largest difference from PyTorch on the timed input is kept with the row.
+    """
+    from model.export import ExportError, export_model, load_runner, max_difference
+    from utils.flops import latency_summary, time_forward
+
+    fmt = EXPORTED_RUNTIMES[runtime]
+    size, rows = args.image_size, []
+    with tempfile.TemporaryDirectory(prefix="benchmark_export_") as folder:
+        path, runner, failure = Path(folder) / f"{base['model']}.{fmt}", None, None
+        try:
+            export_model(model, path, fmt, torch.randn(args.batch_sizes[0], 3, size, size), dynamic=True)
+            runner = load_runner(path, fmt, args.threads)
+        except ExportError as exc:
+            failure = f"export failed: {exc}"
+        for batch in args.batch_sizes:
+            row = dict(base, image_size=size, batch_size=batch, precision="fp32", channels_last=False,
+                       compiled=False, runtime=runtime, latency_ms=None, throughput_img_s=None, peak_memory_mb=None)
+            if runner is None:
+                row["note"] = failure
+            else:
+                x = torch.randn(batch, 3, size, size)
+                try:
+                    row.update(max_abs_diff=max_difference(runner, model, x), file_mb=path.stat().st_size / 2**20)
+                    row.update(latency_summary(time_forward(runner, x, args.warmup, args.repeats), batch))
+                except Exception as exc:  # the runtime rejects an input the dynamic export should take
+                    row["note"] = f"{runtime} failed at batch {batch}: {type(exc).__name__}: {exc}".splitlines()[0]
+            if row.get("note"):
+                print(f"warning: {base['model']} ({runtime}): {row['note']}", file=sys.stderr)
+            rows.append(row)
+            print(f"  {base['model']:22s} batch {batch:3d} fp32 {runtime}: {_fmt(row.get('latency_ms'), 2)} ms, "
+                  f"{_fmt(row.get('throughput_img_s'), 1)} img/s", file=sys.stderr)
+    return rows
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Efficiency ratio (fewest params = 1) and speed ratio (fastest in the same batch size and precision = 1)."""
+    """Efficiency ratio (fewest params = 1) and speed ratio (fastest in the same batch size, precision and
+    runtime = 1)."""
     fewest = min(r["params"] for r in rows)
     least_compute = min(r["gmacs_thop"] for r in rows)
     for r in rows:
         r["efficiency_ratio"] = fewest / r["params"]
         r["compute_ratio"] = least_compute / r["gmacs_thop"] if r["gmacs_thop"] > 0 else None
-        group = [g["throughput_img_s"] for g in rows if (g["batch_size"], g["precision"]) ==
-                 (r["batch_size"], r["precision"]) and g.get("throughput_img_s")]
+        group = [g["throughput_img_s"] for g in rows
+                 if _speed_group(g) == _speed_group(r) and g.get("throughput_img_s")]
         r["speed_ratio"] = r["throughput_img_s"] / max(group) if r.get("throughput_img_s") else None
         steps = [g["train_step_ms"] for g in rows if (g["batch_size"], g["precision"]) ==
                  (r["batch_size"], r["precision"]) and g.get("train_step_ms")]
         if r.get("train_step_ms"):
             r["train_step_ratio"] = r["train_step_ms"] / min(steps)
+
+
+def _speed_group(row: dict) -> tuple:
+    return row["batch_size"], row["precision"], row.get("runtime", "torch")
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -203,7 +259,7 @@ def _fmt(value: object, digits: int) -> str:
 
 def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
     header = ["Model", "Params (M)", "GMACs (thop)", "GFLOPs (2xMACs)", "GFLOPs (FlopCounterMode)", "Batch",
-              "Precision", "Latency ms (median)", "Throughput img/s", "Peak mem MiB", "Efficiency ratio",
+              "Precision", "Runtime", "Latency ms (median)", "Throughput img/s", "Peak mem MiB", "Efficiency ratio",
               "Speed ratio"]
     with_steps = any(r.get("train_step_ms") for r in rows)
     if with_steps:
@@ -214,6 +270,8 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
                f"{env['torch_threads']} CPU threads", f"input {env['image_size']}x{env['image_size']}",
                f"precision {', '.join(env['precision'])}"]
     setting += ["channels_last"] * bool(env["channels_last"]) + ["torch.compile"] * bool(env["compiled"])
+    if env.get("onnxruntime"):
+        setting.append(f"onnxruntime {env['onnxruntime']} (CPU provider)")
     if env.get("load_average_1min") is not None:
         setting.append(f"load average {env['load_average_1min']} at start")
     lines = [
@@ -226,7 +284,7 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
     ]
     for r in rows:
         cells = [r["model"], _fmt(r["params"] / 1e6, 3), _fmt(r["gmacs_thop"], 3), _fmt(r["gflops_thop"], 3),
-                 _fmt(r["gflops_flopcounter"], 3), str(r["batch_size"]), r["precision"],
+                 _fmt(r["gflops_flopcounter"], 3), str(r["batch_size"]), r["precision"], r.get("runtime", "torch"),
                  _fmt(r.get("latency_ms"), 2), _fmt(r.get("throughput_img_s"), 1), _fmt(r.get("peak_memory_mb"), 1),
                  _fmt(r["efficiency_ratio"], 3), _fmt(r.get("speed_ratio"), 3)]
         if with_steps:
@@ -261,8 +319,8 @@ def draw_radar(rows: list[dict], path: Path, with_metrics: bool) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    first = (rows[0]["batch_size"], rows[0]["precision"])
-    shown = [r for r in rows if (r["batch_size"], r["precision"]) == first]
+    first = _speed_group(rows[0])
+    shown = [r for r in rows if _speed_group(r) == first]
     axes = [(k, label.replace(" %", "")) for k, label in METRIC_COLUMNS.items()] if with_metrics else []
     axes += [("efficiency_ratio", "Efficiency\n(1/params)"), ("compute_ratio", "Compute\n(1/GMACs)"),
              ("speed_ratio", f"Speed\n(img/s, batch {first[0]})")]
@@ -297,6 +355,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     names = args.models or list_models()
     for name in names:
         check_model_name(name, key="--models")
+    if device.type != "cpu" and set(args.runtime) - {"torch"}:
+        raise UserError(f"--runtime {' '.join(sorted(set(args.runtime) - {'torch'}))} times exported files on "
+                        "the CPU; use --device cpu")
     if device.type == "cpu" and "fp16" in args.precision:
         print("warning: fp16 autocast on a CPU is slow and not representative; bf16 is the CPU's mixed precision",
               file=sys.stderr)
@@ -304,7 +365,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     env = environment(device)
     env.update(image_size=args.image_size, batch_sizes=args.batch_sizes, precision=args.precision,
-               channels_last=args.channels_last, compiled=args.compile, warmup=args.warmup, repeats=args.repeats)
+               channels_last=args.channels_last, compiled=args.compile, warmup=args.warmup, repeats=args.repeats,
+               runtimes=list(dict.fromkeys(["torch", *args.runtime])))
+    if "onnxruntime" in args.runtime:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
     busy = env.get("load_average_1min")
     if device.type == "cpu" and busy is not None and busy + torch.get_num_threads() > (env["cpu_count"] or 1) + 0.5:
         advice = "a quiet machine" if torch.get_num_threads() == 1 else "--threads 1 or a quiet machine"

@@ -46,7 +46,13 @@ def load_model_from_checkpoint(path: Union[str, Path], device: Union[str, torch.
     """
     ckpt = read_checkpoint(path)
     cfg = config_of(ckpt, path)
-    model = build_model(cfg.model.name, **model_kwargs(cfg, pretrained=False))
+    try:
+        model = build_model(cfg.model.name, **model_kwargs(cfg, pretrained=False))
+    except KeyError as exc:  # a model name this version does not register
+        raise CheckpointError(f"checkpoint '{path}' holds a model this version cannot build: {exc.args[0]}") from exc
+    except (TypeError, ValueError) as exc:  # constructor arguments from another version of the model
+        raise CheckpointError(f"checkpoint '{path}' holds '{cfg.model.name}' settings this version cannot build "
+                              f"it with ({exc})") from exc
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     load_weights(model, weights, str(path), ckpt.get("model_name"))
     return model.to(device).eval(), cfg, ckpt

@@ -88,7 +88,8 @@ def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle, ...
-        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {exc})") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {first_line})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"'{path}' is not an EfficientMTNet framework checkpoint (no 'model'/'config' entries)")
     return ckpt
@@ -101,6 +102,9 @@ def _check_torch_file(path: Path) -> None:
         head = handle.read(16)
     if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # zip (torch >= 1.6) or pickle protocol >= 2
         return
+    if head.startswith(b"PK"):  # a zip whose end (the central directory) is missing: an interrupted copy or save
+        raise CheckpointError(f"checkpoint '{path}' is not a complete torch.save archive (truncated: "
+                              f"{path.stat().st_size} bytes); pass the best.pth or last.pth of a finished save")
     what = "an empty file" if not head else f"{path.stat().st_size} bytes starting with {head!r}"
     raise CheckpointError(f"'{path}' is not a PyTorch checkpoint ({what}, not a torch.save archive); pass the "
                           "best.pth or last.pth that train.py wrote in the run directory")
