@@ -2,6 +2,10 @@
 
 Works the same with one process (`python train.py`) and under `torchrun` (DistributedDataParallel; rank 0 logs,
 shows progress and writes files; validation counts are summed over ranks).
+
+The epoch loop reads top to bottom in `Trainer.fit`; its helpers are one hop away (`engine.loops`,
+`engine.loaders`, `engine.budget`, `engine.resume`, `engine.logs`). The file is a little over 400 lines
+because set-up, checkpoint contents and the loop share the trainer's state and read best side by side.
 """
 from __future__ import annotations
 

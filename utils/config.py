@@ -3,6 +3,10 @@
 A config is a tree of dataclasses (`Config` at the root). YAML files (read with `yaml.safe_load`) and
 `--opts section.key=value` overrides are merged onto the defaults and checked against the schema: an
 unknown key names the closest valid one, a wrong type or value says what is allowed.
+
+Longer than most modules on purpose: it is the whole schema, every key of every section with its default,
+its allowed values and a comment, kept in one file so that a reader finds every setting in one place. The
+rule engine itself lives in `utils/schema.py`.
 """
 from __future__ import annotations
 
