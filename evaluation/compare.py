@@ -184,8 +184,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     folders = [locate(args.a, args.split), locate(args.b, args.split)]
     result = compare(folders, args.subset, args.bootstrap, args.seed)
-    names = [f"{folder.parent.name}/{folder.name}" for folder in folders]
-    out_dir = args.out or Path(f"compare_{folders[0].parent.name}_vs_{folders[1].parent.name}")
+    # Run directories are `<work_dir>/<experiment>/<time stamp>` (reached through `latest`): name the experiment.
+    runs = [folder.resolve().parent for folder in folders]
+    names = [f"{run.parent.name}/{folder.name}" for run, folder in zip(runs, folders)]
+    out_dir = args.out or Path(f"compare_{runs[0].parent.name}_vs_{runs[1].parent.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     paired = result.pop("_paired_dice", None)
     write_json_atomic(result, out_dir / "compare.json")

@@ -1,21 +1,16 @@
 """Boundary distances, class-mask agreement and gating, and the paired comparison of two test.py results."""
 from __future__ import annotations
 
-import csv
-import json
 import math
-import shutil
 import time
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score
 
 from evaluation.agreement import gate_masks
 from evaluation.boundary import boundary_distances, brute_force_distances
 from evaluation.compare import mcnemar_exact, paired_interval, wilcoxon_p
 from evaluation.subsets import PerImage, contradictions, per_image_overlap, subset_figures
-from tests.helpers import REPO, run_entry
 
 CLASSES = ["glioma", "meningioma", "no_tumor", "pituitary"]
 NO_TUMOR = 2
