@@ -137,3 +137,29 @@ def test_paired_statistics_of_identical_and_shifted_values():
     low, high = paired_interval(a, a + 0.1, 500, 0)
     assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
     assert wilcoxon_p(a, a + 0.1) < 1e-6
+
+
+def test_boundary_intervals_follow_each_resample():
+    """Each bootstrap resample's HD95 / ASSD equal the mean over its drawn tumour images, repeats included."""
+    from evaluation.bootstrap import bootstrap_intervals, resample_counts, resampled_figures
+
+    rng = np.random.default_rng(5)
+    n = 60
+    labels = rng.integers(0, 4, n)
+    tumour = labels != NO_TUMOR
+    native = np.stack([np.where(tumour, 50, 0), np.full(n, 3), np.where(tumour, 10, 0), np.full(n, 900)], 1)
+    distances = np.where(tumour[:, None], rng.uniform(1, 40, (n, 2)), np.nan)
+    table = PerImage([f"s{i}" for i in range(n)], labels, np.eye(4)[labels], ["ax"] * n, np.ones(n, bool), native,
+                     native.copy(), distances=distances, sizes=np.full((n, 2), 30.0))
+    index = np.arange(5, n)
+    counts = resample_counts(len(index), 20, seed=2)
+    figures = resampled_figures(table, index, counts, 4)
+    draws = np.random.default_rng(2).integers(0, len(index), size=(20, len(index)))
+    for b in (0, 11, 19):
+        chosen = distances[index[draws[b]]]
+        chosen = chosen[np.isfinite(chosen[:, 0])]
+        assert figures["hd95"][b] == pytest.approx(chosen[:, 0].mean())
+        assert figures["assd"][b] == pytest.approx(chosen[:, 1].mean())
+    point = subset_figures(table, index, CLASSES)
+    interval = bootstrap_intervals(table, index, 4, resamples=300, seed=0)
+    assert interval["hd95"][0] <= point["hd95"] <= interval["hd95"][1]

@@ -124,3 +124,15 @@ def test_compare_refuses_other_images_and_conventions(scored):
     proc = run_entry(["-m", "evaluation.compare", str(run_dir), str(other), "--out", str(tmp / "z")], cwd=REPO)
     assert proc.returncode == 2 and "differ in threshold" in proc.stderr
     assert not (tmp / "x").exists() and not (tmp / "y").exists()
+
+
+def test_compare_names_a_missing_result(tmp_path, capsys):
+    from evaluation.compare import main
+    from utils.cli import run_main
+
+    assert run_main(main, [str(tmp_path / "nowhere"), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere: no metrics.json found" in err and "test.py" in err
+    (tmp_path / "metrics.json").write_text("{}")
+    assert run_main(main, [str(tmp_path), str(tmp_path)]) == 2
+    assert "no per_image.csv" in capsys.readouterr().err
