@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
+from evaluation.compare import main as compare_main
 from tests.helpers import REPO, run_entry
+from utils.cli import run_main
 
 TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.val_fraction=0.25",
         "eval.batch_size=16", "train.device=cpu", "train.threads=1", "train.epochs=1"]
@@ -90,49 +92,46 @@ def test_gated_and_ungated_figures_are_both_reported(scored):
     assert "contradiction rate" in stdout and "HD95 (pixels)" in stdout
 
 
-def test_compare_a_run_with_itself(scored):
+def test_compare_a_run_with_itself(scored, capsys):
     tmp, run_dir, _ = scored
     out = tmp / "self"
-    proc = run_entry(["-m", "evaluation.compare", str(run_dir), str(run_dir / "test_test" / "metrics.json"),
-                      "--out", str(out), "--bootstrap", "300"], cwd=REPO)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code = run_main(compare_main, [str(run_dir), str(run_dir / "test_test" / "metrics.json"), "--out", str(out),
+                                   "--bootstrap", "300"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
     result = json.loads((out / "compare.json").read_text())
     assert result["num_images"] == 14 and result["subset"] == "leak_free"
     assert set(result["figures"]) == {"accuracy", "dice", "iou", "hd95", "assd"}
     for name, figure in result["figures"].items():
         assert figure["difference"] == 0.0 and figure["ci95"] == [0.0, 0.0] and figure["p_value"] == 1.0, name
-    assert (out / "paired_dice.png").is_file() and "McNemar" in proc.stdout
+    assert (out / "paired_dice.png").is_file() and "McNemar" in stdout
 
 
-def test_compare_refuses_other_images_and_conventions(scored):
+def test_compare_refuses_other_images_and_conventions(scored, capsys):
     tmp, run_dir, _ = scored
-    proc = run_entry(["-m", "evaluation.compare", str(run_dir / "test_test"), str(run_dir / "test_test_gated"),
-                      "--out", str(tmp / "x")], cwd=REPO)
-    assert proc.returncode == 2 and "error: the results differ in gate_masks" in proc.stderr, proc.stderr
+    assert run_main(compare_main, [str(run_dir / "test_test"), str(run_dir / "test_test_gated"), "--out",
+                                   str(tmp / "x")]) == 2
+    assert "error: the results differ in gate_masks" in capsys.readouterr().err
     fewer = tmp / "fewer"
     shutil.copytree(run_dir / "test_test", fewer)
     lines = (fewer / "per_image.csv").read_text().splitlines()
     (fewer / "per_image.csv").write_text("\n".join(lines[:-1]) + "\n")
-    proc = run_entry(["-m", "evaluation.compare", str(run_dir), str(fewer), "--subset", "all",
-                      "--out", str(tmp / "y")], cwd=REPO)
-    assert proc.returncode == 2 and "different images" in proc.stderr and "Traceback" not in proc.stderr
+    assert run_main(compare_main, [str(run_dir), str(fewer), "--subset", "all", "--out", str(tmp / "y")]) == 2
+    assert "different images" in capsys.readouterr().err
     other = tmp / "threshold"
     shutil.copytree(run_dir / "test_test", other)
     metrics = json.loads((other / "metrics.json").read_text())
     metrics["threshold"] = 0.4
     (other / "metrics.json").write_text(json.dumps(metrics))
-    proc = run_entry(["-m", "evaluation.compare", str(run_dir), str(other), "--out", str(tmp / "z")], cwd=REPO)
-    assert proc.returncode == 2 and "differ in threshold" in proc.stderr
+    assert run_main(compare_main, [str(run_dir), str(other), "--out", str(tmp / "z")]) == 2
+    assert "differ in threshold" in capsys.readouterr().err
     assert not (tmp / "x").exists() and not (tmp / "y").exists()
 
 
 def test_compare_names_a_missing_result(tmp_path, capsys):
-    from evaluation.compare import main
-    from utils.cli import run_main
-
-    assert run_main(main, [str(tmp_path / "nowhere"), str(tmp_path)]) == 2
+    assert run_main(compare_main, [str(tmp_path / "nowhere"), str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere: no metrics.json found" in err and "test.py" in err
     (tmp_path / "metrics.json").write_text("{}")
-    assert run_main(main, [str(tmp_path), str(tmp_path)]) == 2
+    assert run_main(compare_main, [str(tmp_path), str(tmp_path)]) == 2
     assert "no per_image.csv" in capsys.readouterr().err

@@ -26,5 +26,5 @@ def save_paired_dice(dice_a: np.ndarray, dice_b: np.ndarray, name_a: str, name_b
     ax.set_xlabel(f"Dice, A: {name_a}")
     ax.set_ylabel(f"Dice, B: {name_b}")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, path)
