@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=None, help=">= 1 (default: config)")
     parser.add_argument("--num-workers", type=non_negative_int, default=None, help=">= 0 (default: config)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
+    parser.add_argument("--gate-masks", action=argparse.BooleanOptionalAction, default=None,
+                        help="empty the mask where the classifier says no_tumor (default: eval.gate_masks)")
     parser.add_argument("--no-progress", action="store_true")
     add_debug_flag(parser)
     return parser.parse_args(argv)
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         threshold=args.threshold, tune_threshold=args.tune_threshold, out_dir=args.out, device=args.device,
         batch_size=args.batch_size, num_workers=args.num_workers, use_ema=not args.no_ema,
         gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress,
-        subset=args.subset, calibrate=args.calibrate, bootstrap=args.bootstrap, seed=args.seed))
+        subset=args.subset, calibrate=args.calibrate, bootstrap=args.bootstrap, seed=args.seed,
+        gate_masks=args.gate_masks))
     return 0
 
 

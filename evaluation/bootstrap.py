@@ -12,7 +12,7 @@ import numpy as np
 
 from evaluation.subsets import PerImage, per_image_overlap
 
-INTERVAL_METRICS = ("accuracy", "f1_macro", "dice", "iou")
+INTERVAL_METRICS = ("accuracy", "f1_macro", "dice", "iou", "hd95", "assd")
 
 
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
@@ -50,6 +50,13 @@ def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, nu
     with np.errstate(invalid="ignore", divide="ignore"):
         out["dice"] = np.where(tumour_draws > 0, counts @ (dice * tumour) / tumour_draws, np.nan)
         out["iou"] = np.where(tumour_draws > 0, counts @ (iou * tumour) / tumour_draws, np.nan)
+        if table.distances is not None:  # HD95 / ASSD: mean over the images where they are defined
+            distances = table.distances[index]
+            defined = np.isfinite(distances[:, 0])
+            weights = counts @ defined.astype(np.float64)
+            for j, name in enumerate(("hd95", "assd")):
+                values = np.where(defined, distances[:, j], 0.0)
+                out[name] = np.where(weights > 0, counts @ values / weights, np.nan)
     return out
 
 
@@ -67,6 +74,9 @@ def bootstrap_intervals(table: PerImage, index: np.ndarray, num_classes: int, re
     figures = resampled_figures(table, index, resample_counts(len(index), resamples, seed), num_classes)
     tail = 100 * (1 - level) / 2
     for name in INTERVAL_METRICS:
+        if name not in figures:
+            info[name] = None
+            continue
         values = figures[name][np.isfinite(figures[name])]
         info[name] = [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(
             values) else None

@@ -25,8 +25,26 @@ How `test.py` scores (keys of `metrics.json`):
   (headline) figures are those of `headline_subset`: `leak_free` unless `--subset all` (for `--split train`,
   which is the training data itself, only `all` exists). The test loss `loss` is over all images.
 - **Intervals.** `ci95` (per subset): 95 % percentile bootstrap intervals from per-image resampling within the
-  subset (1000 resamples, seed 0; `--bootstrap N`, `--seed S`) for `accuracy`, `f1_macro`, `dice`, `iou`.
-  Shown as `99.30 [98.80, 99.70]`.
+  subset (1000 resamples, seed 0; `--bootstrap N`, `--seed S`) for `accuracy`, `f1_macro`, `dice`, `iou`,
+  `hd95`, `assd`. Shown as `99.30 [98.80, 99.70]`.
+- **Boundary distances** (pixels at native size). The contour of a mask is its tumour pixels with a background
+  4-neighbour (outside the image counts as background); distances are Euclidean between pixel centres. `hd95`:
+  per image, the larger of the two directed 95th percentiles of contour-to-nearest-contour distances (predicted
+  to true, true to predicted); `assd`: the mean of all those distances, both directions pooled; each averaged
+  over images with a tumour in the ground truth (`num_boundary_images`). An empty prediction on a tumour image
+  scores the image diagonal; an image with an empty ground truth has no distance (it is counted by
+  `empty_fp_rate`). BRISC 2025 has no pixel spacing, so the unit is the pixel of the image's own size.
+- **Class-mask agreement.** `contradiction_rate`: share of annotated images whose predicted class and mask
+  disagree: `no_tumor` predicted with at least one mask pixel (`num_mask_without_tumour_class`), or a tumour
+  class with an empty mask (`num_tumour_class_without_mask`). `gate_masks` (`eval.gate_masks`, `--gate-masks`;
+  off by default) empties the mask of every image predicted `no_tumor` before scoring; `mask_gating.gated` and
+  `mask_gating.ungated` (per subset) hold `dice`, `iou`, `dice_global`, `iou_global`, `dice_all_images`,
+  `empty_fp_rate`, `hd95`, `assd` and `contradiction_rate` both ways, whichever is applied. Gating removes the
+  first kind of contradiction and leaves the second (it cannot draw a mask).
+- **Per image.** `per_image.csv`: one row per image (stem, subset, plane, true and predicted class, the four
+  probabilities, `dice`, `iou`, `hd95`, `assd`, true and predicted tumour area in pixels, original width and
+  height, training-resolution Dice / IoU), as scored (gated when `gate_masks` is on): every figure above can be
+  recomputed from it.
 - **Threshold.** 0.5 unless `--threshold` or `--tune-threshold` (the best native per-image Dice on the
   validation split over 0.20, 0.25, ..., 0.80); `threshold` and `threshold_tuned` say which.
 - **Calibration.** `calibration.ece`: expected calibration error, 15 equal-width bins of the predicted class's
@@ -45,10 +63,11 @@ COMPARABLE_KEYS = ("split", "subset", "resolution")
 
 def output_folder_name(split: str, subset: str = "leak_free", tta: bool = False, threshold: float = 0.5,
                        default_threshold: float = 0.5, tuned: bool = False, calibrated: bool = False,
-                       checkpoint: str = "best", raw_weights: bool = False) -> str:
+                       checkpoint: str = "best", raw_weights: bool = False, gated: bool = False) -> str:
     """`test_<split>` for the default settings; every non-default setting adds a part, e.g.
     `test_test_tta`, `test_test_thr0.45`, `test_test_thr0.45-tuned`, `test_test_all_calibrated`,
-    `test_test_last` (another checkpoint than best.pth), `test_test_raw` (--no-ema on a run with EMA weights)."""
+    `test_test_last` (another checkpoint than best.pth), `test_test_raw` (--no-ema on a run with EMA weights),
+    `test_test_gated` (masks emptied where the classifier says no_tumor)."""
     parts = [f"test_{split}"]
     if checkpoint != "best":
         parts.append(checkpoint)
@@ -62,6 +81,8 @@ def output_folder_name(split: str, subset: str = "leak_free", tta: bool = False,
         parts.append(f"thr{threshold:.2f}" + ("-tuned" if tuned else ""))
     if calibrated:
         parts.append("calibrated")
+    if gated:
+        parts.append("gated")
     return "_".join(parts)
 
 

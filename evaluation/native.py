@@ -18,6 +18,7 @@ from PIL import Image
 from datasets.decode import MASK_THRESHOLD, read_grey
 from datasets.geometry import logits_to_original
 from datasets.index import Sample
+from evaluation.boundary import boundary_distances
 
 
 def original_mask(sample: Sample) -> Optional[np.ndarray]:
@@ -35,10 +36,12 @@ class NativeCounts:
     """Per-image TP, FP, FN, TN at the original size, for each of `thresholds` (on the sigmoid).
 
     `update(seg_logits, ids)` takes the model-size logits (B, 1, s, s) of a batch and the batch's stems;
-    counts stay on the logits' device until `counts()` (one host copy at the end).
+    counts stay on the logits' device until `counts()` (one host copy at the end). With `boundary=True`, HD95
+    and ASSD (`evaluation.boundary`) at the first threshold too, and each image's (height, width).
     """
 
-    def __init__(self, samples: Sequence[Sample], thresholds: Sequence[float], resize_mode: str = "stretch") -> None:
+    def __init__(self, samples: Sequence[Sample], thresholds: Sequence[float], resize_mode: str = "stretch",
+                 boundary: bool = False, spacing: Sequence[float] = (1.0, 1.0)) -> None:
         for t in thresholds:
             if not 0.0 < t < 1.0:
                 raise ValueError(f"segmentation threshold must be in (0, 1), got {t}")
@@ -48,6 +51,8 @@ class NativeCounts:
         self._logit_thresholds = [math.log(t / (1.0 - t)) for t in self.thresholds]
         self.resize_mode = resize_mode
         self._rows: dict[str, Optional[torch.Tensor]] = {}
+        self.boundary, self.spacing = boundary, tuple(float(v) for v in spacing)
+        self._extra: dict[str, tuple[float, float, int, int]] = {}  # stem -> (hd95, assd, height, width)
 
     @torch.no_grad()
     def update(self, seg_logits: torch.Tensor, ids: Sequence[str]) -> None:
@@ -67,6 +72,17 @@ class NativeCounts:
             fn = truth.sum() - tp
             tn = truth.numel() - tp - fp - fn
             self._rows[stem] = torch.stack([tp, fp, fn, tn], 1)
+            if self.boundary:
+                hd95, assd = boundary_distances(pred[0].cpu().numpy(), truth_np, self.spacing)
+                self._extra[stem] = (hd95, assd, *truth_np.shape)
+
+    def boundary_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """(N, 4) float: HD95, ASSD, height, width in the order of `ids`; NaN for unannotated images (HD95 /
+        ASSD are NaN for an empty ground truth too)."""
+        if not self.boundary:
+            raise RuntimeError("boundary distances are only kept with NativeCounts(..., boundary=True)")
+        nan = (math.nan,) * 4
+        return np.array([self._extra.get(stem, nan) for stem in ids], dtype=np.float64).reshape(-1, 4)
 
     def counts(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(counts (N, thresholds, 4) int64 in the order of `ids`, annotated (N,) bool); unannotated rows are 0."""

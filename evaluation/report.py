@@ -7,7 +7,6 @@ classifier temperature-scaled on the validation split only, never on the split b
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from datasets import CLASS_NAMES
+from datasets.naming import NO_TUMOR
 from datasets.factory import build_eval_dataset
 from datasets.naming import PLANES
 from losses import MultiTaskLoss
 from model.loading import load_model_from_checkpoint
 from utils.config import Config, ConfigError
+from evaluation.agreement import gate_masks, gating_figures
 from evaluation.bootstrap import bootstrap_intervals
 from evaluation.breakdowns import breakdowns
 from evaluation.calibration import calibration_summary, fit_temperature
@@ -32,6 +33,7 @@ from evaluation.inference import evaluate, move_batch, predict
 from evaluation.leaks import leak_check
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 from evaluation.native import NativeCounts
+from evaluation.per_image import per_image_rows, write_per_image_csv
 from evaluation.subsets import (HEADLINE_SUBSETS, SUBSET_LABELS, PerImage, excluded_list, per_image_overlap,
                                 subset_figures, subset_indices)
 from evaluation.summary import summary_table
@@ -61,6 +63,7 @@ class TestOptions:
     calibrate: bool = False
     bootstrap: int = 1000  # resamples for the 95 % intervals; 0: none
     seed: int = 0
+    gate_masks: Optional[bool] = None  # empty the mask when the classifier says no_tumor; None: eval.gate_masks
 
 
 def check_options(opts: TestOptions) -> None:
@@ -131,10 +134,12 @@ def per_image_table(records: list[dict], logits: np.ndarray, native: Optional[Na
                         planes=[planes[s] for s in stems], annotated=np.zeros(len(stems), dtype=bool), native=none,
                         train_res=none, has_seg=False)
     native_counts, annotated = native.counts(stems)
+    extra = native.boundary_rows(stems) if native.boundary else None
     return PerImage(stems=stems, labels=np.array([r["label"] for r in records], dtype=np.int64), logits=logits,
                     planes=[planes[s] for s in stems], annotated=annotated, native=native_counts[:, 0],
                     train_res=np.array([[r["tp"], r["fp"], r["fn"], r["tn"]] for r in records], dtype=np.int64
-                                       ).reshape(-1, 4))
+                                       ).reshape(-1, 4), distances=None if extra is None else extra[:, :2],
+                    sizes=None if extra is None else extra[:, 2:])
 
 
 def fit_on_validation(model: nn.Module, cfg: Config, split_path: Path, device: torch.device, opts: TestOptions
@@ -179,10 +184,22 @@ def print_summary(results: dict, bootstrap: bool) -> None:
     print(f"headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
           + ("; [95 % bootstrap interval]" if bootstrap else ""))
     print(summary_table(results["subsets"], headline))
+    gating = results["subsets"][headline].get("mask_gating")
+    if gating:
+        ungated, gated = gating["ungated"], gating["gated"]
+        print(f"class-mask agreement ({SUBSET_LABELS[headline]}): masks {'gated' if gating['applied'] else 'not gated'}"
+              f" (eval.gate_masks / --gate-masks); contradiction rate {_pct(ungated['contradiction_rate'])} without "
+              f"gating, {_pct(gated['contradiction_rate'])} with; empty-mask false positives "
+              f"{_pct(ungated['empty_fp_rate'])} / {_pct(gated['empty_fp_rate'])}; Dice {_pct(ungated['dice'])} / "
+              f"{_pct(gated['dice'])}")
     calibration, temperature = results["calibration"], results["temperature"]
     print(f"calibration ({SUBSET_LABELS[headline]}): ECE {100 * calibration['ece']:.2f} %, NLL "
           f"{calibration['nll']:.4f}" + (f" at temperature {temperature:.3f} (uncalibrated ECE "
                                          f"{100 * calibration['ece_uncalibrated']:.2f} %)" if temperature else ""))
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
 
 
 def run_test(opts: TestOptions) -> dict:
@@ -207,14 +224,15 @@ def run_test(opts: TestOptions) -> dict:
         raise ConfigError(f"--tune-threshold: model '{cfg.model.name}' has no segmentation output, so there is no "
                           "mask threshold to tune; drop the option")
     threshold, tuning, temperature = fit_on_validation(model, cfg, split_path, device, opts)
+    gated = bool(cfg.eval.gate_masks if opts.gate_masks is None else opts.gate_masks) and has_seg
     out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / output_folder_name(
         opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate,
-        checkpoint=Path(opts.checkpoint).stem, raw_weights=bool(not opts.use_ema and ckpt.get("ema")))
+        checkpoint=Path(opts.checkpoint).stem, raw_weights=bool(not opts.use_ema and ckpt.get("ema")), gated=gated)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = build_eval_dataset(cfg.data, opts.split, split_path)
     metrics = MultiTaskMetrics(num_classes, CLASS_NAMES, threshold=threshold, keep_per_image=True)
-    native = NativeCounts(dataset.samples, [threshold], cfg.data.resize)
+    native = NativeCounts(dataset.samples, [threshold], cfg.data.resize, boundary=True)
     logit_parts: list[torch.Tensor] = []
 
     def keep(outputs: dict, batch: dict) -> None:
@@ -229,6 +247,9 @@ def run_test(opts: TestOptions) -> dict:
     records = metrics.per_image_records()
     table = per_image_table(records, torch.cat(logit_parts).numpy(), native if has_seg else None,
                             {sample.stem: sample.plane for sample in dataset.samples})
+    ungated = table
+    if has_seg:  # score what the user asked for; keep the other way for `mask_gating`
+        table = gate_masks(ungated, NO_TUMOR) if gated else ungated
 
     leaked, leak_info = leak_check(Path(cfg.data.root), opts.split, split_path, dataset.samples,
                                    cache_dir=run_dir / "leak_check")
@@ -237,6 +258,11 @@ def run_test(opts: TestOptions) -> dict:
     if headline != opts.subset:
         print(f"note: no leak check for the {opts.split} split ({leak_info['reason']}); headline subset: all")
     subsets["all"]["loss"] = counted["loss"]
+    if has_seg:
+        other = gate_masks(ungated, NO_TUMOR)
+        for name, index in indices.items():
+            if len(index):
+                subsets[name]["mask_gating"] = gating_figures(ungated, other, index, CLASS_NAMES, applied=gated)
     if leaked is not None:
         leak_info["num_leaked"] = len(indices["leaked"])
         leak_info["excluded"] = excluded_list(leaked, table.stems, leak_info["against"])
@@ -251,7 +277,7 @@ def run_test(opts: TestOptions) -> dict:
         "headline_subset": headline, "resolution": "native", "threshold": threshold if has_seg else None,
         "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
         "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
-        "resize": cfg.data.resize, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
+        "resize": cfg.data.resize, "gate_masks": gated, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
         "loss": counted["loss"], "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
         "calibration": calibration,
     })
@@ -265,7 +291,8 @@ def run_test(opts: TestOptions) -> dict:
     save_confusion_matrix(results["confusion_matrix"], CLASS_NAMES, out_dir / "confusion_matrix.png")
     title = f"{cfg.model.name}, {opts.split} split, {SUBSET_LABELS[headline]}"
     save_breakdown_figures(calibration, breakdown, out_dir, title)
-    _write_per_image_csv(_csv_rows(records, table, leaked), out_dir / "per_image.csv")
+    subset_of = {} if leaked is None else {s: "leaked" if s in leaked else "leak_free" for s in table.stems}
+    write_per_image_csv(per_image_rows(table, subset_of, CLASS_NAMES, temperature or 1.0), out_dir / "per_image.csv")
     _write_case_grids(model, dataset, records, cfg, device, threshold, opts.tta, out_dir, save_case_grid)
     if opts.gradcam > 0:
         write_gradcam_figures(model, dataset, out_dir / "gradcam", per_class=opts.gradcam, device=device,
@@ -280,27 +307,6 @@ def run_test(opts: TestOptions) -> dict:
     print("\nPer-class report (scikit-learn, all images):\n" + report)
     print(f"results written to {out_dir}")
     return results
-
-
-def _csv_rows(records: list[dict], table: PerImage, leaked: Optional[dict]) -> list[dict]:
-    """Per-image records with the native-size Dice / IoU, the plane and the leak flag added."""
-    dice, iou = per_image_overlap(table.native)
-    rows = []
-    for n, record in enumerate(records):
-        annotated = bool(table.annotated[n])
-        rows.append({**record, "plane": table.planes[n], "dice_native": float(dice[n]) if annotated else None,
-                     "iou_native": float(iou[n]) if annotated else None,
-                     "leaked": None if leaked is None else record["id"] in leaked})
-    return rows
-
-
-def _write_per_image_csv(records: list[dict], path: Path) -> None:
-    if not records:
-        return
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
 
 
 def _write_case_grids(model, dataset, records, cfg, device, threshold, tta, out_dir, save_case_grid,

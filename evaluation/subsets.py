@@ -32,6 +32,8 @@ class PerImage:
     native: np.ndarray  # (N, 4) int TP, FP, FN, TN at the image's own size
     train_res: np.ndarray  # (N, 4) int TP, FP, FN, TN at the training resolution
     has_seg: bool = True  # False for a classification-only model: no segmentation figures
+    distances: Optional[np.ndarray] = None  # (N, 2) HD95, ASSD at native size; NaN without a tumour in the truth
+    sizes: Optional[np.ndarray] = None  # (N, 2) original height, width (NaN when unannotated)
 
     @property
     def preds(self) -> np.ndarray:
@@ -76,7 +78,38 @@ def subset_figures(table: PerImage, index: np.ndarray, class_names: Sequence[str
     for key, value in _segmentation(table.train_res[index], annotated).items():
         if not key.startswith("num_"):
             results[f"{key}_train_res"] = value
+    if table.distances is not None:
+        results.update(boundary_means(table.distances[index]))
+    if "no_tumor" in class_names:
+        results.update(agreement_figures(table.preds[index], table.native[index], annotated,
+                                         class_names.index("no_tumor")))
     return results
+
+
+def boundary_means(distances: np.ndarray) -> dict:
+    """Mean HD95 and ASSD (pixels) over the images where they are defined (tumour in the ground truth)."""
+    defined = np.isfinite(distances[:, 0])
+    if not defined.any():
+        return {"hd95": None, "assd": None, "num_boundary_images": 0}
+    return {"hd95": float(distances[defined, 0].mean()), "assd": float(distances[defined, 1].mean()),
+            "num_boundary_images": int(defined.sum())}
+
+
+def agreement_figures(preds: np.ndarray, native: np.ndarray, annotated: np.ndarray, no_tumour: int) -> dict:
+    """Share of annotated images whose class and mask disagree: predicted no_tumor with a non-empty mask, or a
+    tumour class with an empty mask (native size)."""
+    contradiction = contradictions(preds, native, no_tumour)[annotated]
+    says_none = preds[annotated] == no_tumour
+    return {"contradiction_rate": float(contradiction.mean()) if len(contradiction) else None,
+            "num_contradictions": int(contradiction.sum()),
+            "num_mask_without_tumour_class": int((contradiction & says_none).sum()),
+            "num_tumour_class_without_mask": int((contradiction & ~says_none).sum())}
+
+
+def contradictions(preds: np.ndarray, native: np.ndarray, no_tumour: int) -> np.ndarray:
+    """(N,) bool: the predicted class says no tumour and the mask has pixels, or the reverse."""
+    mask_drawn = (native[:, 0] + native[:, 1]) > 0
+    return (preds == no_tumour) == mask_drawn
 
 
 def subset_indices(stems: Sequence[str], leaked: Optional[Mapping[str, Sequence[str]]]) -> dict[str, np.ndarray]:

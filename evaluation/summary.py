@@ -6,6 +6,9 @@ from typing import Optional
 
 from evaluation.subsets import SUBSET_LABELS, SUBSETS
 
+# Figures in pixels (boundary distances), printed as they are rather than as percentages.
+PIXEL_KEYS = ("hd95", "assd")
+
 # Rows of the printed summary: (key in the metric dict, label, what it averages over).
 SUMMARY_ROWS = [
     ("accuracy", "Accuracy", "all images"),
@@ -24,6 +27,9 @@ SUMMARY_ROWS = [
     ("specificity", "Specificity", "background pixels, global, native size"),
     ("pixel_accuracy", "Pixel accuracy", "all pixels, native size"),
     ("empty_fp_rate", "False-positive rate on empty masks", "images without tumour"),
+    ("hd95", "HD95 (pixels)", "mean over images with tumour, native size"),
+    ("assd", "ASSD (pixels)", "mean over images with tumour, native size"),
+    ("contradiction_rate", "Class-mask contradictions", "no_tumor with a mask, or a tumour class without one"),
     ("dice_train_res", "Dice (tumour, per image), training res.", "mean over images with tumour"),
     ("iou_train_res", "IoU (tumour, per image), training res.", "mean over images with tumour"),
     ("num_images", "Images", "count"),
@@ -46,6 +52,8 @@ def format_value(key: str, figures: dict, interval: Optional[list] = None) -> st
         return str(int(value))
     if key == "loss":
         return f"{value:.4f}"
+    if key in PIXEL_KEYS:
+        return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
     shown = f"{100 * value:.2f}"
     return f"{shown} [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else shown
 

@@ -42,7 +42,7 @@ def test_leak_free_report_settings_and_output_folders(tmp_path):
     assert metrics["threshold"] == 0.5 and metrics["threshold_tuned"] is False and metrics["tta"] is False
     with open(default / "per_image.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted(r["id"] for r in rows if r["leaked"] == "True") == sorted(planted)
+    assert sorted(r["stem"] for r in rows if r["subset"] == "leaked") == sorted(planted)
     for name in ("reliability.png", "breakdowns.png", "confusion_matrix.png"):
         assert (default / name).is_file(), name
     assert "leak-free *" in proc.stdout and "2 of 16 images" in proc.stdout

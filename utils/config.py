@@ -209,6 +209,8 @@ class EvalConfig:
     batch_size: int = spec(32, ge=1)
     # Autocast precision of validation and test.py alike (so test.py --split val reproduces best_val.json)
     precision: str = spec("fp32", choices=("fp32", "fp16", "bf16"))  # fp16: CUDA only
+    # test.py: empty the mask where the classifier says no_tumor (both ways are reported; README says why off)
+    gate_masks: bool = False
 
 
 @dataclass
