@@ -18,7 +18,6 @@ from utils.cli import add_debug_flag, int_at_least, run_main
 from utils.errors import InputError
 
 REPO = Path(__file__).resolve().parent
-EXAMPLES_DIR = REPO / ".cache" / "app_examples"  # generated on first start; .cache/ is ignored by git
 DISCLAIMER = ("**Research tool, not a medical device.** Predictions come from a model trained for research; "
               "they are not a diagnosis and must not guide the care of a patient.")
 
@@ -30,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int_at_least(1), default=7860, help="port to serve on")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where to look for runs/*/latest/best.pth")
+    parser.add_argument("--examples-dir", type=Path, default=REPO / ".cache" / "app_examples",
+                        help="where the example slices are generated on first start (default: .cache/, ignored by git)")
     add_debug_flag(parser)
     return parser.parse_args(argv)
 
@@ -57,14 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = offered_checkpoints(args)
     from evaluation.demo import ensure_examples
 
-    ensure_examples(EXAMPLES_DIR)
+    ensure_examples(args.examples_dir)
     from streamlit.web import cli as streamlit_cli
 
     print(f"serving {checkpoints[0]} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     sys.argv = ["streamlit", "run", str(Path(__file__).resolve()), f"--server.address={args.host}",
                 f"--server.port={args.port}", "--server.headless=true", "--browser.gatherUsageStats=false",
                 "--server.fileWatcherType=none", "--global.developmentMode=false", "--client.toolbarMode=minimal",
-                "--", "--checkpoint", str(checkpoints[0]), "--runs", str(args.runs)]
+                "--", "--checkpoint", str(checkpoints[0]), "--runs", str(args.runs),
+                "--examples-dir", str(args.examples_dir)]
     return streamlit_cli.main()
 
 
@@ -102,7 +104,7 @@ def render_page(args: argparse.Namespace) -> None:
                  f"{cfg.data.image_size} px ({cfg.data.resize}), {info['weights']} weights"
                  f"{info['epoch']}, on {info['device']}. Checkpoint: {checkpoint}")
 
-    examples = demo.ensure_examples(EXAMPLES_DIR)
+    examples = demo.ensure_examples(args.examples_dir)
     upload_column, example_column = st.columns([3, 2])
     upload_column.file_uploader(f"Upload a JPEG or PNG slice (8- or 16-bit, 1 or 3 channels, any size up to "
                                 f"{demo.MAX_PIXELS / 1e6:g} megapixels)", key="upload", on_change=_choose,
@@ -146,7 +148,7 @@ def render_page(args: argparse.Namespace) -> None:
     with mask_column:
         mask = prediction.mask(threshold)
         with st.container(key="overlay"):
-            st.image(demo.overlay(grey, mask, opacity), width="stretch",
+            st.image(demo.for_display(demo.overlay(grey, mask, opacity)), width="stretch",
                      caption=f"tumour mask at threshold {threshold:.2f} over the slice at its own size"
                      if has_seg else "this model predicts no mask")
         if mask is not None:
@@ -164,7 +166,7 @@ def render_page(args: argparse.Namespace) -> None:
             st.info(f"no Grad-CAM for this model: {exc}")
         else:
             explained = CLASS_NAMES[prediction.class_index if target is None else target]
-            st.image(cam, width="stretch", caption=f"Grad-CAM: where the evidence for '{explained}' lies")
+            st.image(demo.for_display(cam), width="stretch", caption=f"Grad-CAM: where the evidence for '{explained}' lies")
 
 
 def _choose(source: tuple[str, str]) -> None:

@@ -26,6 +26,7 @@ from evaluation.folder import ImagePrediction
 MAX_PIXELS = 40_000_000  # uploads above 40 megapixels are refused before they are decoded
 HEAD_THRESHOLD = 20  # grey level (of 255) above which a pixel counts as head, the denominator of the tumour share
 MASK_COLOUR = (255, 40, 40)  # RGB of the tumour overlay
+DISPLAY_MAX_SIDE = 1024  # pixels: larger pictures are shrunk for the page only
 EXAMPLE_SEED = 17
 EXAMPLE_SIZE = (512, 512)  # (height, width), the release's most common size
 DEMO_COMMAND = "python train.py --config configs/demo.yaml"
@@ -108,6 +109,16 @@ def overlay(grey: np.ndarray, mask: Optional[np.ndarray], opacity: float) -> np.
         inside = mask > 0
         rgb[inside] = (1 - opacity) * rgb[inside] + opacity * np.asarray(MASK_COLOUR, np.float32)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def for_display(rgb: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    """A picture shrunk (area averaging) so that its longest side is at most `max_side`: the page need not send
+    a 40-megapixel PNG to the browser (downloads keep the full size)."""
+    scale = max_side / max(rgb.shape[:2])
+    if scale >= 1:
+        return rgb
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
 def gradcam_view(model: nn.Module, cfg, prediction: ImagePrediction, grey: np.ndarray,

@@ -196,6 +196,7 @@ def test_area_share_overlay_and_record_match_hand_counts(app_checkpoint, example
     assert tuple(blended[12, 12]) == tuple(round(0.5 * 100 + 0.5 * c) for c in demo.MASK_COLOUR)
     assert tuple(blended[30, 30]) == (100, 100, 100)
     assert np.array_equal(demo.overlay(grey, mask, 0.0), np.repeat(grey[..., None], 3, 2))
+    assert demo.for_display(blended, 25).shape == (20, 25, 3) and demo.for_display(blended, 50) is blended
 
     model, cfg, _ = load_model_from_checkpoint(app_checkpoint, "cpu")
     slice_grey = demo.read_upload(examples["meningioma"].read_bytes(), "m.jpg")
@@ -217,3 +218,45 @@ def test_gradcam_view_is_at_the_slice_size_and_follows_the_chosen_class(app_chec
     assert all(v.shape == (512, 400, 3) and v.dtype == np.uint8 for v in views)
     assert np.array_equal(demo.gradcam_view(model, cfg, prediction, grey), views[prediction.class_index])
     assert len({v.tobytes() for v in views}) > 1
+
+
+# ------------------------------------------------------------------------------------ the page, without a browser
+def _page(checkpoint: str, runs: str, examples_dir: str) -> None:
+    """The page script as Streamlit's AppTest runs it (a function's body becomes the script)."""
+    import importlib.util
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("app_page", REPO / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    app.render_page(app.parse_args(["--checkpoint", checkpoint, "--runs", runs, "--examples-dir", examples_dir]))
+
+
+def test_page_explains_an_unknown_architecture_and_serves_the_other_checkpoint(app_checkpoint, examples, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    unknown = save_test_checkpoint(tmp_path / "other" / "best.pth", model_name="not_a_model")
+    runs = app_checkpoint.parents[2]
+    page = AppTest.from_function(_page, args=(str(unknown), str(runs), str(examples["glioma"].parent)),
+                                 default_timeout=60)
+    page.run()
+    assert any("not a medical device" in w.value for w in page.warning)
+    assert [e.value for e in page.error] == [
+        f"cannot use this checkpoint: checkpoint '{unknown}' holds a model this version cannot build: model.name "
+        "'not_a_model' is not a registered model (python -c \"from model import list_models; print(list_models())\")"]
+    picker = page.sidebar.selectbox[0]
+    assert [str(p) for p in picker.options] == [str(unknown), str(app_checkpoint)]
+
+    picker.select(picker.options[1]).run()  # the server kept serving: pick the other run
+    assert not page.error
+    page.button(key="example_glioma").click().run()
+    model, cfg, _ = load_model_from_checkpoint(app_checkpoint, "cpu")
+    expected = predict_image(model, cfg, examples["glioma"])
+    texts = [m.value for m in page.markdown]
+    assert f"### Predicted class: {expected.predicted_class}" in texts
+    pixels = f"Tumour area: **{int((expected.mask(0.5) > 0).sum())} pixels**"
+    assert any(t.startswith(pixels) for t in texts)
+    page.sidebar.slider[0].set_value(0.3).run()  # the threshold slider re-thresholds the same prediction
+    lower = f"Tumour area: **{int((expected.mask(0.3) > 0).sum())} pixels**"
+    assert lower != pixels and any(m.value.startswith(lower) for m in page.markdown)
