@@ -104,7 +104,30 @@ def render_page(args: argparse.Namespace) -> None:
                  f"{cfg.data.image_size} px ({cfg.data.resize}), {info['weights']} weights"
                  f"{info['epoch']}, on {info['device']}. Checkpoint: {checkpoint}")
 
-    examples = demo.ensure_examples(args.examples_dir)
+    chosen = _choose_slice(args.examples_dir)
+    if chosen is None:
+        st.info("No slice yet.")
+        return
+    name, data = chosen
+    digest = hashlib.sha1(data).hexdigest()
+    try:
+        grey = demo.read_upload(data, name)
+        prediction = _predict(model, cfg, grey, tta, key=(str(checkpoint), digest, tta))
+    except DataError as exc:
+        st.error(f"cannot predict on this file: {exc}")
+        return
+    record = demo.prediction_record(prediction, grey, threshold, tta, name, checkpoint, info["name"])
+    target = None if cam_choice == "predicted class" else CLASS_NAMES.index(cam_choice)
+    _show_results(model, cfg, info, prediction, grey, record, opacity, target, key=(str(checkpoint), digest, tta))
+
+
+def _choose_slice(examples_dir: Path) -> tuple[str, bytes] | None:
+    """The uploader and the example buttons; returns (file name, bytes) of the latest choice, or None."""
+    import streamlit as st
+
+    from evaluation import demo
+
+    examples = demo.ensure_examples(examples_dir)
     upload_column, example_column = st.columns([3, 2])
     upload_column.file_uploader(f"Upload a JPEG or PNG slice (8- or 16-bit, 1 or 3 channels, any size up to "
                                 f"{demo.MAX_PIXELS / 1e6:g} megapixels)", key="upload", on_change=_choose,
@@ -118,21 +141,22 @@ def render_page(args: argparse.Namespace) -> None:
     if source is None and upload is not None:
         source = ("upload", "")
     if source is None or (source[0] == "upload" and upload is None):
-        st.info("No slice yet.")
-        return
+        return None
     if source[0] == "example":
-        name, data = Path(source[1]).name, Path(source[1]).read_bytes()
-    else:
-        name, data = upload.name, upload.getvalue()
+        return Path(source[1]).name, Path(source[1]).read_bytes()
+    return upload.name, upload.getvalue()
 
-    digest = hashlib.sha1(data).hexdigest()
-    try:
-        grey = demo.read_upload(data, name)
-        prediction = _predict(model, cfg, grey, tta, key=(str(checkpoint), digest, tta))
-    except DataError as exc:
-        st.error(f"cannot predict on this file: {exc}")
-        return
-    record = demo.prediction_record(prediction, grey, threshold, tta, name, checkpoint, info["name"])
+
+def _show_results(model, cfg, info: dict, prediction, grey, record: dict, opacity: float, target: int | None,
+                  key: tuple) -> None:
+    """Class and probabilities, the mask overlay with the area, the Grad-CAM, and the downloads."""
+    import streamlit as st
+
+    from datasets.naming import CLASS_NAMES
+    from evaluation import demo
+    from utils.errors import UserError
+
+    name, threshold, has_seg = record["file"], record.get("threshold"), prediction.tumour_probability is not None
     summary, mask_column, cam_column = st.columns(3)
     with summary:
         probs = prediction.probabilities
@@ -141,12 +165,12 @@ def render_page(args: argparse.Namespace) -> None:
                      height=200)
         st.markdown(" · ".join(f"{n}: {p:.3f}" for n, p in zip(CLASS_NAMES, probs)))
         st.markdown(f"Model latency for this image: **{prediction.seconds * 1000:.1f} ms** "
-                    f"({'with' if tta else 'without'} flip TTA, on {info['device']}); "
+                    f"({'with' if record['tta'] else 'without'} flip TTA, on {info['device']}); "
                     f"{name}, {prediction.size[0]}x{prediction.size[1]} px")
         st.download_button("Download the prediction (JSON)", demo.record_json(record),
                            f"{Path(name).stem}_prediction.json", "application/json")
     with mask_column:
-        mask = prediction.mask(threshold)
+        mask = prediction.mask(threshold) if has_seg else None
         with st.container(key="overlay"):
             st.image(demo.for_display(demo.overlay(grey, mask, opacity)), width="stretch",
                      caption=f"tumour mask at threshold {threshold:.2f} over the slice at its own size"
@@ -159,14 +183,14 @@ def render_page(args: argparse.Namespace) -> None:
             st.download_button("Download the mask (PNG)", demo.mask_png(mask), f"{Path(name).stem}_mask.png",
                                "image/png")
     with cam_column:
-        target = None if cam_choice == "predicted class" else CLASS_NAMES.index(cam_choice)
         try:
-            cam = _gradcam(model, cfg, prediction, grey, target, key=(str(checkpoint), digest, tta, target))
+            cam = _gradcam(model, cfg, prediction, grey, target, key=(*key, target))
         except (ValueError, RuntimeError, UserError) as exc:
             st.info(f"no Grad-CAM for this model: {exc}")
         else:
             explained = CLASS_NAMES[prediction.class_index if target is None else target]
-            st.image(demo.for_display(cam), width="stretch", caption=f"Grad-CAM: where the evidence for '{explained}' lies")
+            st.image(demo.for_display(cam), width="stretch",
+                     caption=f"Grad-CAM: where the evidence for '{explained}' lies")
 
 
 def _choose(source: tuple[str, str]) -> None:
