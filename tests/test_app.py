@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -233,8 +234,13 @@ def _page(checkpoint: str, runs: str, examples_dir: str) -> None:
     app.render_page(app.parse_args(["--checkpoint", checkpoint, "--runs", runs, "--examples-dir", examples_dir]))
 
 
-def test_page_explains_an_unknown_architecture_and_serves_the_other_checkpoint(app_checkpoint, examples, tmp_path):
+def test_page_explains_an_unknown_architecture_and_serves_the_other_checkpoint(app_checkpoint, examples, tmp_path,
+                                                                             monkeypatch):
     from streamlit.testing.v1 import AppTest
+
+    # AppTest installs its script as sys.modules["__main__"] and leaves it there, which would make every later
+    # multiprocessing "spawn" child (the distributed tests) run the page script: put the real one back after.
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
 
     unknown = save_test_checkpoint(tmp_path / "other" / "best.pth", model_name="not_a_model")
     runs = app_checkpoint.parents[2]
