@@ -36,6 +36,11 @@ def decode_grey(path: Path, what: str = "image") -> tuple[np.ndarray, int]:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read {what} '{path}': {exc}") from None
+    return decode_grey_buffer(data, str(path), what)
+
+
+def decode_grey_buffer(data: np.ndarray, path: str, what: str = "image") -> tuple[np.ndarray, int]:
+    """`decode_grey` of a file's bytes already in memory (uint8 array; `path` names it in errors)."""
     image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None:
         raise DataError(f"cannot decode {what} '{path}': empty, truncated or not an image file")

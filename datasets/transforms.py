@@ -199,11 +199,12 @@ def build_transform(
                            percentile_range=percentile_range)
 
 
-def load_image_for_inference(path: Union[str, Path], data_cfg: DataConfig) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Any image file as the model's normalised (C, S, S) input, decoded and placed as in training
-    (`data.resize`); also returns its original (width, height) to map a predicted mask back onto it
-    (`geometry.logits_to_original` with the same resize mode)."""
-    grey = read_grey(Path(path))
+def load_image_for_inference(path: Union[str, Path, np.ndarray], data_cfg: DataConfig
+                             ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Any image file (or its decoded uint8 greyscale array) as the model's normalised (C, S, S) input,
+    decoded and placed as in training (`data.resize`); also returns its original (width, height) to map a
+    predicted mask back onto it (`geometry.logits_to_original` with the same resize mode)."""
+    grey = path if isinstance(path, np.ndarray) else read_grey(Path(path))
     transform = build_transform(data_cfg.image_size, train=False, in_channels=data_cfg.in_channels,
                                 mean=data_cfg.mean, std=data_cfg.std, intensity_norm=data_cfg.intensity_norm,
                                 percentile_range=data_cfg.percentile_range)

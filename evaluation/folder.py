@@ -4,13 +4,17 @@ and probabilities.
 Every readable image is predicted; an unreadable one (empty, truncated, not an image, below the minimum size)
 is listed with its reason in the CSV and on the console, and the caller exits non-zero. Masks are made at each
 image's own size from bilinearly upsampled logits (`datasets.geometry.logits_to_original`), then thresholded.
+`predict_image` does this for one image; the folder loop and the web demo (app.py) both call it.
 """
 from __future__ import annotations
 
 import csv
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+import torch.nn as nn
 
 import numpy as np
 import torch
@@ -44,7 +48,60 @@ def remove_stale_masks(mask_dir: Path, written: set[str]) -> int:
     return len(stale)
 
 
+@dataclass
+class ImagePrediction:
+    """One image's prediction at its own size."""
+
+    probabilities: np.ndarray  # (num_classes,) softmax of the class logits
+    tumour_probability: Optional[np.ndarray]  # (height, width) float32 sigmoid; None for classification-only models
+    threshold: float  # the segmentation threshold `mask` applies
+    model_input: torch.Tensor  # the normalised (C, S, S) input the model saw (for Grad-CAM)
+    size: tuple[int, int]  # the image's own (width, height)
+    seconds: float  # the model's time for this image (forward pass, TTA included, and the softmax/sigmoid)
+
+    @property
+    def class_index(self) -> int:
+        return int(self.probabilities.argmax())
+
+    @property
+    def predicted_class(self) -> str:
+        return CLASS_NAMES[self.class_index]
+
+    def mask(self, threshold: Optional[float] = None) -> Optional[np.ndarray]:
+        """The 0/255 uint8 tumour mask at `threshold` (default: the prediction's own)."""
+        if self.tumour_probability is None:
+            return None
+        cut = self.threshold if threshold is None else threshold
+        return (self.tumour_probability >= cut).astype(np.uint8) * 255
+
+
 @torch.no_grad()
+def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], threshold: Optional[float] = None,
+                  tta: bool = False) -> ImagePrediction:
+    """Classify and segment one image file (or its decoded uint8 greyscale array) with the preprocessing of
+    training (`load_image_for_inference`); the mask is mapped back to the image's own size.
+
+    `cfg` is the checkpoint's config; `threshold` defaults to `cfg.eval.threshold`. Raises `DataError` for an
+    unreadable image.
+    """
+    from datasets.transforms import load_image_for_inference
+
+    model_input, (width, height) = load_image_for_inference(image, cfg.data)
+    device = next(model.parameters()).device
+    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))
+    start = time.perf_counter()
+    outputs = predict(model, model_input.unsqueeze(0).to(device), tta=tta)
+    probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu().numpy()  # .cpu() waits for the device
+    tumour = None
+    if has_seg:
+        logits = logits_to_original(outputs["seg"], (height, width), cfg.data.resize)
+        tumour = torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32)
+    seconds = time.perf_counter() - start
+    return ImagePrediction(probabilities=probs, tumour_probability=tumour,
+                           threshold=cfg.eval.threshold if threshold is None else float(threshold),
+                           model_input=model_input, size=(width, height), seconds=seconds)
+
+
 def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], device_name: str = "auto",
                    threshold: Optional[float] = None, tta: bool = False, use_ema: bool = True) -> list[str]:
     """Classify and segment every image in `input_dir`; write `<stem>_mask.png` files and `predictions.csv`.
@@ -52,8 +109,6 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     Returns the names of the files that could not be predicted (also in the CSV with their reason).
     """
     import cv2
-
-    from datasets.transforms import load_image_for_inference
 
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
@@ -63,7 +118,6 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
         raise DataError(f"--input '{input_dir}' holds no {'/'.join(sorted(IMAGE_SUFFIXES))} images")
     device = select_device(device_name, key="--device")
     model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
-    threshold = cfg.eval.threshold if threshold is None else threshold
     out_dir = Path(out_dir) if out_dir else fresh_output_dir(checkpoint, input_dir)
     has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))  # classification-only models write the CSV alone
     mask_dir = out_dir / "masks"
@@ -75,23 +129,20 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
         row = dict.fromkeys(columns, "")
         row["file"] = path.name
         try:
-            image, (width, height) = load_image_for_inference(path, cfg.data)
+            result = predict_image(model, cfg, path, threshold, tta)
         except DataError as exc:
             row.update(status="failed", error=str(exc))
             failed.append(path.name)
             print(f"failed: {path.name}: {exc}")
             rows.append(row)
             continue
-        outputs = predict(model, image.unsqueeze(0).to(device), tta=tta)
-        probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu()
-        row.update(status="ok", predicted_class=CLASS_NAMES[int(probs.argmax())])
+        row.update(status="ok", predicted_class=result.predicted_class)
         if has_seg:
-            logits = logits_to_original(outputs["seg"], (height, width), cfg.data.resize)
-            mask = (torch.sigmoid(logits)[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
+            mask = result.mask()
             cv2.imwrite(str(mask_dir / f"{path.stem}{MASK_SUFFIX}"), mask)
             written.add(f"{path.stem}{MASK_SUFFIX}")
             row["tumour_pixels"] = int((mask > 0).sum())
-        row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
+        row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
         rows.append(row)
     stale = remove_stale_masks(mask_dir, written) if has_seg else 0
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
