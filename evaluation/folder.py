@@ -66,10 +66,11 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     threshold = cfg.eval.threshold if threshold is None else threshold
     out_dir = Path(out_dir) if out_dir else fresh_output_dir(checkpoint, input_dir)
     has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))  # classification-only models write the CSV alone
+    has_cls = "cls" in getattr(model, "tasks", ("cls", "seg"))  # segmentation-only runs write no class columns
     mask_dir = out_dir / "masks"
     (mask_dir if has_seg else out_dir).mkdir(parents=True, exist_ok=True)
-    columns = ["file", "predicted_class", *(["tumour_pixels"] if has_seg else []), *(f"p_{n}" for n in CLASS_NAMES),
-               "status", "error"]
+    columns = ["file", *(["predicted_class"] if has_cls else []), *(["tumour_pixels"] if has_seg else []),
+               *(f"p_{n}" for n in (CLASS_NAMES if has_cls else [])), "status", "error"]
     rows, failed, written = [], [], set()
     for path in files:
         row = dict.fromkeys(columns, "")
@@ -83,15 +84,17 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
             rows.append(row)
             continue
         outputs = predict(model, image.unsqueeze(0).to(device), tta=tta)
-        probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu()
-        row.update(status="ok", predicted_class=CLASS_NAMES[int(probs.argmax())])
+        row["status"] = "ok"
+        if has_cls:
+            probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu()
+            row["predicted_class"] = CLASS_NAMES[int(probs.argmax())]
+            row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
         if has_seg:
             logits = logits_to_original(outputs["seg"], (height, width), cfg.data.resize)
             mask = (torch.sigmoid(logits)[0, 0] >= threshold).cpu().numpy().astype(np.uint8) * 255
             cv2.imwrite(str(mask_dir / f"{path.stem}{MASK_SUFFIX}"), mask)
             written.add(f"{path.stem}{MASK_SUFFIX}")
             row["tumour_pixels"] = int((mask > 0).sum())
-        row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
         rows.append(row)
     stale = remove_stale_masks(mask_dir, written) if has_seg else 0
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:

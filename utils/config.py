@@ -232,6 +232,11 @@ MONITOR_MODES = {
 }
 
 
+# The task each validation metric belongs to ("loss" and "combined" exist for every run).
+CLS_MONITORS = {"accuracy", *(k for k in MONITOR_MODES if k.startswith(("precision_", "recall_", "f1_")))}
+SEG_MONITORS = set(MONITOR_MODES) - CLS_MONITORS - {"loss", "combined"}
+
+
 def monitor_mode(train_cfg: "TrainConfig") -> str:
     """'min' or 'max' for the monitored metric: the explicit `train.monitor_mode`, else the metric's own."""
     if train_cfg.monitor_mode != "auto":
@@ -388,6 +393,16 @@ def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
                           f"{_where('train.monitor', origins)}.{hint} Valid names: {', '.join(MONITOR_MODES)}")
 
 
+def _check_monitor_task(cfg: Config, origins: dict[str, str]) -> None:
+    """A single-task run (`loss.cls_weight: 0` or `loss.seg_weight: 0`) cannot monitor the other task's metric."""
+    for weight_key, weight, metrics, task in (("loss.cls_weight", cfg.loss.cls_weight, CLS_MONITORS, "classification"),
+                                              ("loss.seg_weight", cfg.loss.seg_weight, SEG_MONITORS, "segmentation")):
+        if weight == 0 and cfg.train.monitor in metrics:
+            raise ConfigError(f"config key 'train.monitor': {cfg.train.monitor!r} is a {task} metric but "
+                              f"{weight_key}=0 makes this a run without {task}{_where('train.monitor', origins)}; "
+                              "monitor 'combined' (the task trained), 'loss' or a metric of the trained task")
+
+
 def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: Optional[str] = None) -> Config:
     """Defaults <- `raw` <- `overrides`, validated; `source` says where `raw` came from (e.g. "in exp.yaml")."""
     cfg = Config()
@@ -398,6 +413,7 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: O
         _merge(cfg, _nest(path, value), f"from --opts {text}", origins)
     check_values(cfg, origins)
     validate(cfg, origins)
+    _check_monitor_task(cfg, origins)
     return cfg
 
 
