@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from datasets import CLASS_NAMES
-from datasets.factory import build_eval_dataset
+from datasets.factory import build_eval_dataset, sample_index
 from datasets.naming import PLANES
 from losses import MultiTaskLoss
 from model.loading import load_model_from_checkpoint
@@ -241,7 +241,7 @@ def run_test(opts: TestOptions) -> dict:
                             {sample.stem: sample.plane for sample in dataset.samples})
 
     leaked, leak_info = leak_check(Path(cfg.data.root), opts.split, split_path, dataset.samples,
-                                   cache_dir=run_dir / "leak_check")
+                                   cache_dir=run_dir / "leak_check", index=sample_index(cfg.data))
     indices, subsets = score_subsets(table, leaked, num_classes, opts.bootstrap, opts.seed)
     headline = opts.subset if opts.subset in indices else "all"
     if headline != opts.subset:
