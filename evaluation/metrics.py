@@ -209,7 +209,9 @@ class MultiTaskMetrics:
 
     def _keep_records(self, batch: dict, labels: torch.Tensor, logits: Optional[torch.Tensor],
                       per_image: Optional[dict[str, torch.Tensor]]) -> None:
-        if logits is None:  # no class output: pred and probabilities are None in the records
+        # no class output: pred and probabilities are None in the records (labels may be -1: a layout without
+        # classes, clamped only for the gather below, whose value is unused then)
+        if logits is None:
             probs = torch.full((labels.shape[0], self.num_classes), float("nan"), device=labels.device)
         else:
             probs = torch.softmax(logits.float(), 1)
@@ -222,7 +224,7 @@ class MultiTaskMetrics:
         else:
             no_mask = False
         numbers = torch.stack([
-            labels.double(), pred.double(), prob.double(), probs.gather(1, labels.unsqueeze(1)).squeeze(1).double(),
+            labels.double(), pred.double(), prob.double(), probs.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1).double(),
             per_image["dice"].double(), per_image["iou"].double(), (per_image["tp"] + per_image["fn"]).double(),
             (per_image["tp"] + per_image["fp"]).double(), per_image["annotated"].double(),
             per_image["tp"].double(), per_image["fp"].double(), per_image["fn"].double(), per_image["tn"].double(),
