@@ -224,7 +224,8 @@ class MultiTaskMetrics:
         else:
             no_mask = False
         numbers = torch.stack([
-            labels.double(), pred.double(), prob.double(), probs.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1).double(),
+            labels.double(), pred.double(), prob.double(),
+            probs.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1).double(),
             per_image["dice"].double(), per_image["iou"].double(), (per_image["tp"] + per_image["fn"]).double(),
             (per_image["tp"] + per_image["fp"]).double(), per_image["annotated"].double(),
             per_image["tp"].double(), per_image["fp"].double(), per_image["fn"].double(), per_image["tn"].double(),

@@ -237,8 +237,8 @@ def run_test(opts: TestOptions) -> dict:
                        eval_dtype(cfg.eval, device), tta=opts.tta, show_progress=opts.show_progress,
                        desc=f"test {opts.split}", on_batch=keep)
     records = metrics.per_image_records()
-    table = per_image_table(records, torch.cat(logit_parts).numpy() if has_cls else None, native if has_seg else None,
-                            {sample.stem: sample.plane for sample in dataset.samples})
+    table = per_image_table(records, torch.cat(logit_parts).numpy() if has_cls else None,
+                            native if has_seg else None, {sample.stem: sample.plane for sample in dataset.samples})
 
     leaked, leak_info = leak_check(Path(cfg.data.root), opts.split, split_path, dataset.samples,
                                    cache_dir=run_dir / "leak_check", index=sample_index(cfg.data))

@@ -63,6 +63,12 @@ def test_assign_tasks_drops_the_untrained_head_from_predictions():
         for tta in (False, True):
             assert set(predict(model, torch.randn(2, 3, 32, 32), tta=tta)) == {"seg"}  # ... but is not scored
 
+    from visualization.cases import _case_caption, _predict_cases
+
+    masks, classes = _predict_cases(model, torch.randn(2, 3, 32, 32), 0.5, (32, 32))
+    assert masks.shape == (2, 32, 32) and classes == [None, None]  # no class caption from the untrained head
+    assert _case_caption(masks[0], masks[0], "").startswith(("Dice", "no false"))
+
     cls_model = build_model("efficientnet_b0_cls")
     with pytest.raises(ConfigError, match=r"loss\.seg_weight.*no segmentation output"):
         assign_tasks(cls_model, config_from_dict({"model": {"name": "efficientnet_b0_cls"}}))
