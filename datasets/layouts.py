@@ -23,6 +23,9 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
+from utils.cli import add_debug_flag, non_negative_int, positive_int, run_main
+from utils.errors import InputError
+
 from .index import classification_dir, masks_dir
 from .naming import CLASS_NAMES, NO_TUMOR
 from .synthetic import generate
@@ -86,13 +89,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=LAYOUTS)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--train", type=int, default=200, help="images of the generated train split")
-    parser.add_argument("--test", type=int, default=40, help="images of the generated test split")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=positive_int, default=200, help="images of the generated train split")
+    parser.add_argument("--test", type=positive_int, default=40, help="images of the generated test split")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    generate_layout(args.out, args.format, args.train, args.test, args.seed)
+    try:
+        generate_layout(args.out, args.format, args.train, args.test, args.seed)
+    except (FileExistsError, ValueError) as exc:
+        raise InputError(str(exc)) from exc
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
