@@ -87,7 +87,8 @@ class DataConfig:
     train_dir: str = spec("Training", nonempty=True)  # imagefolder: the train split's folder
     test_dir: str = spec("Testing", nonempty=True)  # imagefolder: the test split's folder
     class_map: dict = field(default_factory=dict)  # imagefolder: folder name -> class (e.g. notumor: no_tumor)
-    mask_suffix: str = ""  # pairs: a mask's stem is its image's stem + this (e.g. _mask)
+    # pairs: a mask's stem is its image's stem + this (e.g. _mask; empty: the same stem)
+    mask_suffix: str = spec("", pattern=r"[A-Za-z0-9_.-]*", pattern_help="letters, digits, '_', '.' or '-' (or empty)")
     mask_threshold: int = spec(128, ge=1, le=255)  # pairs: grey level from which a mask pixel is tumour
     test_fraction: float = spec(0.2, gt=0, lt=1)  # pairs without train/ and test/ folders: seeded test share
     # When the root does not exist and `synthetic` is true, a BRISC-layout dataset is generated there once.
