@@ -181,3 +181,36 @@ def test_segmentation_only_run_trains_tests_and_tabulates_without_class_figures(
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[5] == "–" and cells[6] == "–"  # accuracy and macro-F1 (leak-free): empty, not 0
     assert cells[7] not in ("–", "0.00")  # Dice is there
+
+
+class _SegOnlyNet(torch.nn.Module):
+    """A model without a class head (`tasks = ("seg",)`): its output has no `cls` key."""
+
+    tasks = ("seg",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"seg": self.conv(x)}
+
+
+def test_a_model_without_a_class_head_trains_and_evaluates():
+    from evaluation.inference import evaluate
+
+    cfg = config_from_dict({"loss": {"cls_weight": 0, "aux_weights": []}, "train": {"monitor": "combined"}})
+    model = _SegOnlyNet()
+    assert assign_tasks(model, cfg) == ("seg",)
+    with pytest.raises(ConfigError, match=r"loss\.cls_weight.*no classification output"):
+        assign_tasks(_SegOnlyNet(), config_from_dict({"train": {"monitor": "combined"}}))
+    batch = {**_seg_batch(4, 16), "image": torch.randn(4, 3, 16, 16)}
+    total, terms = MultiTaskLoss(cfg.loss)(model(batch["image"]), batch)
+    total.backward()
+    assert "cls" not in terms and model.conv.weight.grad is not None
+    results = evaluate(model, [batch, batch], MultiTaskMetrics(4), torch.device("cpu"), MultiTaskLoss(cfg.loss),
+                       show_progress=False)
+    assert not CLS_KEYS & set(results) and results["num_images"] == 8
+    assert results["combined"] == results["dice"] and results["loss"] == pytest.approx(total.item(), rel=1e-5)
+    with torch.no_grad():
+        assert set(predict(model, batch["image"], tta=True)) == {"seg"}
