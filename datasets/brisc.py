@@ -50,6 +50,7 @@ class BriscDataset(Dataset):
         resize: str = "stretch",
         intensity_norm: str = "imagenet",
         percentile_range: Sequence[float] = (0.5, 99.5),
+        index: Optional[Callable[[Path, str], list]] = None,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
@@ -57,7 +58,8 @@ class BriscDataset(Dataset):
         self.in_channels, self.resize = in_channels, resize
         self.name = name or split
         self.class_names = list(CLASS_NAMES)
-        self.samples = index_split(self.root, split)
+        # `index(root, split)` lists the samples: BRISC by default, another layout's indexer (datasets/factory.py)
+        self.samples = (index or index_split)(self.root, split)
         if stems is not None:
             self.samples = self._restrict(self.samples, stems)
         self.stems = [s.stem for s in self.samples]
@@ -92,7 +94,7 @@ class BriscDataset(Dataset):
         return kept
 
     def _warn_unannotated(self) -> None:
-        unannotated = [s.stem for s in self.samples if not s.has_mask]
+        unannotated = [s.stem for s in self.samples if s.segmented and not s.has_mask]
         if unannotated:
             warnings.warn(
                 f"{self.name}: {len(unannotated)} tumour image(s) under '{self.root}' have no mask file "
@@ -131,9 +133,16 @@ class BriscDataset(Dataset):
         annotated = sum(1 for s in self.samples if s.mask is not None)
         missing = sum(1 for s in self.samples if not s.has_mask)
         mode = "train augmentations" if self.train else "eval transforms"
+        if all(label < 0 for label in self.labels):  # data.format pairs
+            classes = "none (a layout without classes: segmentation only)"
+        if not any(s.plane for s in self.samples):
+            planes = "unknown"
+        masks = f"tumour masks: {annotated} ({missing} missing)"
+        if not any(s.segmented for s in self.samples):  # data.format imagefolder
+            masks = "no masks (a layout without masks: classification only)"
         return (
             f"[data] {self.name}: {len(self)} images from {self.root} ({self.split}), {self.image_size}px "
             f"{self.resize}, {self.in_channels} ch, {mode}, cache={self.cache_mode}\n"
             f"       classes: {classes}\n"
-            f"       planes:  {planes}; tumour masks: {annotated} ({missing} missing)"
+            f"       planes:  {planes}; {masks}"
         )

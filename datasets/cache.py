@@ -62,7 +62,7 @@ def _file_stamp(path: Optional[Path]) -> list[int]:
 def cache_key(samples: list[Sample], settings: dict) -> str:
     """Identifies the decoded content: name, label, size and mtime of every image and mask, and the decode
     settings (`decode_settings`)."""
-    entries = [(s.stem, s.label, *_file_stamp(s.image), *_file_stamp(s.mask)) for s in samples]
+    entries = [(s.stem, s.label, *_file_stamp(s.image), *_file_stamp(s.mask), s.mask_threshold) for s in samples]
     payload = json.dumps([_FORMAT_VERSION, sorted(settings.items()), entries]).encode()
     return hashlib.sha1(payload).hexdigest()[:16]
 

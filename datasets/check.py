@@ -292,9 +292,27 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="thumbnail correlation for near duplicates in the manifest (default %(default)s)")
     parser.add_argument("--confounds", action="store_true",
                         help="also measure how well trivial file/image properties predict the class (train split)")
+    layout = parser.add_argument_group("other layouts (the data.* keys of the same names)")
+    layout.add_argument("--format", choices=("brisc", "imagefolder", "pairs"), default="brisc")
+    layout.add_argument("--train-dir", default="Training")
+    layout.add_argument("--test-dir", default="Testing")
+    layout.add_argument("--class-map", nargs="*", default=[], metavar="FOLDER=CLASS")
+    layout.add_argument("--mask-suffix", default="")
+    layout.add_argument("--mask-threshold", type=positive_int, default=MASK_THRESHOLD)
+    layout.add_argument("--test-fraction", type=open_unit_float, default=0.2)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.format != "brisc":  # datasets/check_layouts.py: the loader's indexer, then every file decoded
+        from .check_layouts import check_layout, layout_index
+
+        if any("=" not in entry for entry in args.class_map):
+            parser.error("--class-map entries look like FOLDER=CLASS")
+        index = layout_index(args.format, args.train_dir, args.test_dir, dict(e.split("=", 1) for e in args.class_map),
+                             args.mask_suffix, args.mask_threshold, args.test_fraction)
+        report = check_layout(Path(args.root), index, args.format, args.examples, args.workers)
+        print(report.render() + f"\nchecked in {time.perf_counter() - start:.1f} s")
+        return 0 if report.ok else 1
     report = check_dataset(args.root, examples=args.examples, workers=args.workers)
     print(report.render())
     if args.manifest and report.ok:

@@ -71,9 +71,9 @@ def resize_image(image: np.ndarray, size: Union[int, tuple[int, int]]) -> np.nda
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def binarize(mask: np.ndarray) -> np.ndarray:
-    """0/255 uint8 from a grey mask (threshold 128)."""
-    return np.where(mask >= MASK_THRESHOLD, np.uint8(255), np.uint8(0))
+def binarize(mask: np.ndarray, threshold: int = MASK_THRESHOLD) -> np.ndarray:
+    """0/255 uint8 from a grey mask (tumour from `threshold`, 128 by default)."""
+    return np.where(mask >= threshold, np.uint8(255), np.uint8(0))
 
 
 def resize_mask(mask: np.ndarray, size: Union[int, tuple[int, int]]) -> np.ndarray:
@@ -112,4 +112,5 @@ def load_sample(sample: Sample, size: int, resize: str = "stretch") -> tuple[np.
             f"mask '{sample.mask}' is {mask.shape[1]}x{mask.shape[0]} but its image '{sample.image}' is "
             f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size"
         )
-    return to_square(image, size, resize), to_square(binarize(mask), size, resize, is_mask=True)
+    return to_square(image, size, resize), to_square(binarize(mask, sample.mask_threshold), size, resize,
+                                                     is_mask=True)

@@ -1,19 +1,33 @@
 """Datasets from a `DataConfig`: the data root (generated when synthetic), the train/val split, the test split."""
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from utils.config import DataConfig
 
 from .brisc import BriscDataset
 from .duplicates import find_groups
 from .errors import GET_DATA_HINT, DataError
-from .index import index_split
+from .imagefolder import index_imagefolder
+from .index import Sample, index_split
+from .pairs import index_pairs
 from .splits import fold_split, load_split, make_split, save_split
 
 EVAL_SPLITS = ("train", "val", "test")
+
+
+def sample_index(data_cfg: DataConfig) -> Callable[[Path, str], list[Sample]]:
+    """`index(root, split)` for the layout `data.format` names (brisc, imagefolder or pairs)."""
+    if data_cfg.format == "imagefolder":
+        return functools.partial(index_imagefolder, train_dir=data_cfg.train_dir, test_dir=data_cfg.test_dir,
+                                 extra_map=data_cfg.class_map)
+    if data_cfg.format == "pairs":
+        return functools.partial(index_pairs, mask_suffix=data_cfg.mask_suffix, mask_threshold=data_cfg.mask_threshold,
+                                 test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed)
+    return index_split
 
 
 def ensure_data_root(data_cfg: DataConfig) -> Path:
@@ -29,6 +43,12 @@ def ensure_data_root(data_cfg: DataConfig) -> Path:
     from .synthetic import generate  # imported here so `python -m datasets.synthetic` runs without a warning
 
     try:
+        if data_cfg.format != "brisc":  # a fake copy of the other layout
+            from .layouts import generate_layout
+
+            generate_layout(root, data_cfg.format, data_cfg.synthetic_train, data_cfg.synthetic_test,
+                            data_cfg.synthetic_seed)
+            return root
         generate(root, data_cfg.synthetic_train, data_cfg.synthetic_test, data_cfg.synthetic_seed,
                  train_duplicates=data_cfg.synthetic_train_duplicates, leaks=data_cfg.synthetic_leaks)
     except FileExistsError:
@@ -55,6 +75,7 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
         resize=data_cfg.resize,
         intensity_norm=data_cfg.intensity_norm,
         percentile_range=data_cfg.percentile_range,
+        index=sample_index(data_cfg),
     )
 
 
@@ -69,7 +90,7 @@ def _resolve_split(data_cfg: DataConfig, root: Path, split_path: Path) -> dict:
         split_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data_cfg.split_file, split_path)
         return split
-    samples = index_split(root, "train")
+    samples = sample_index(data_cfg)(root, "train")
     stems, labels = [s.stem for s in samples], [s.label for s in samples]
     groups = None
     if data_cfg.group_duplicates:

@@ -19,11 +19,13 @@ class Sample:
     plane: str
     image: Path
     mask: Optional[Path]  # None: no mask file (no-tumour images never have one)
+    segmented: bool = True  # False: the layout has no masks at all (data.format imagefolder)
+    mask_threshold: int = 128  # grey level from which a mask pixel is tumour (data.mask_threshold for pairs)
 
     @property
     def has_mask(self) -> bool:
-        """Whether the mask is known: a no-tumour image has an empty mask by definition."""
-        return self.label == NO_TUMOR or self.mask is not None
+        """Whether the mask is known: a no-tumour image has an empty mask by definition (in a layout with masks)."""
+        return self.segmented and (self.label == NO_TUMOR or self.mask is not None)
 
 
 def classification_dir(root: Path, split: str) -> Path:
@@ -99,11 +101,11 @@ def index_split(root: Union[str, Path], split: str) -> list[Sample]:
             samples.append(Sample(stem=name.stem, label=label, plane=name.plane, image=path, mask=mask))
 
     samples.sort(key=lambda s: s.stem)
-    _check_unique(samples)
+    check_unique(samples)
     return samples
 
 
-def _check_unique(samples: list[Sample]) -> None:
+def check_unique(samples: list[Sample]) -> None:
     seen: dict[str, Path] = {}
     for sample in samples:
         if sample.stem in seen:

@@ -10,9 +10,10 @@ from utils.config import Config, config_to_dict
 def epoch_line(epoch: int, planned: int, result: EpochResult, val: dict, improved: bool, seconds: float) -> str:
     terms = result.terms
     seg = f" dice {val['dice']:.4f} iou {val['iou']:.4f}" if "dice" in val else ""  # absent: classification only
-    return (f"epoch {epoch:3d}/{planned} | loss {terms.get('total', float('nan')):.4f} "
-            f"acc {result.accuracy:.3f} | val loss {val.get('loss', float('nan')):.4f} acc {val['accuracy']:.4f} "
-            f"f1 {val['f1_macro']:.4f}{seg} | "
+    train_acc = f" acc {result.accuracy:.3f}" if result.accuracy is not None else ""  # absent: segmentation only
+    val_cls = f" acc {val['accuracy']:.4f} f1 {val['f1_macro']:.4f}" if "accuracy" in val else ""
+    return (f"epoch {epoch:3d}/{planned} | loss {terms.get('total', float('nan')):.4f}{train_acc} "
+            f"| val loss {val.get('loss', float('nan')):.4f}{val_cls}{seg} | "
             f"{result.images_per_second:.0f} img/s (loader wait {result.data_seconds:.1f}s) {seconds:.0f}s"
             f"{' *' if improved else ''}")
 
@@ -28,7 +29,8 @@ def summary_line(epochs: int, reason: str, monitor: str, best_metric: Optional[f
 def write_epoch_scalars(writer, epoch: int, result: EpochResult, val: dict, lr: float) -> None:
     for name, value in result.terms.items():
         writer.add_scalar(f"train/{name}", value, epoch)
-    writer.add_scalar("train/accuracy", result.accuracy, epoch)
+    if result.accuracy is not None:
+        writer.add_scalar("train/accuracy", result.accuracy, epoch)
     writer.add_scalar("train/images_per_second", result.images_per_second, epoch)
     writer.add_scalar("lr", lr, epoch)
     for name, value in val.items():

@@ -24,7 +24,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class EpochResult:
     terms: dict  # mean of every loss term over the epoch
-    accuracy: float  # training classification accuracy (on augmented images)
+    accuracy: Optional[float]  # training classification accuracy (on augmented images); None without that task
     images: int
     seconds: float
     data_seconds: float  # time spent waiting for the loader
@@ -95,7 +95,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, ctx: TrainContext, epo
         for name, value in terms.items():
             value = value.detach().float() * batch_size
             sums[name] = sums[name] + value if name in sums else value
-        correct += (outputs["cls"].detach().argmax(1) == batch["label"]).sum()
+        if "cls" in terms:  # a run that trains classification (untrained heads are not scored)
+            correct += (outputs["cls"].detach().argmax(1) == batch["label"]).sum()
 
         if step % ctx.log_every == 0 or step == steps_in_epoch:
             loss_now = float(total.detach())
@@ -115,7 +116,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, ctx: TrainContext, epo
     bar.close()
     seconds = time.perf_counter() - start
     means = {name: float(value) / max(images, 1) for name, value in sums.items()}
-    return EpochResult(means, float(correct) / max(images, 1), images, seconds, data_time)
+    accuracy = float(correct) / max(images, 1) if "cls" in sums else None
+    return EpochResult(means, accuracy, images, seconds, data_time)
 
 
 def _optimizer_step(model: nn.Module, ctx: TrainContext) -> None:

@@ -26,7 +26,7 @@ from datasets.factory import build_train_val
 from losses import MultiTaskLoss
 from model import build_model
 from model.freeze import set_encoder_frozen
-from model.loading import load_weights, model_kwargs
+from model.loading import assign_tasks, load_weights, model_kwargs
 from utils.checkpoint import atomic_save, capture_rng_state, read_checkpoint, restore_rng_state, unwrap_model
 from utils.config import Config, config_to_dict, monitor_mode, save_config
 from engine.distributed import (barrier, broadcast_buffers, broadcast_flag, broadcast_int, cleanup_distributed,
@@ -92,6 +92,7 @@ class Trainer:
 
         # Model, loss, optimisation. Pretrained encoder weights are not read when a checkpoint overwrites them.
         self.model = build_model(cfg.model.name, **model_kwargs(cfg, pretrained=resume_ckpt is None)).to(self.device)
+        self.tasks = assign_tasks(self.model, cfg)  # a single-task run evaluates the trained head alone
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.num_params = sum(p.numel() for p in self.model.parameters())
@@ -392,7 +393,8 @@ class Trainer:
         from visualization.tensorboard import log_confusion_matrix, log_overlays
 
         eval_model = self.ema.module if self.ema is not None else self.model
-        log_confusion_matrix(self.writer, val["confusion_matrix"], CLASS_NAMES, epoch)
+        if "confusion_matrix" in val:  # absent in a segmentation-only run
+            log_confusion_matrix(self.writer, val["confusion_matrix"], CLASS_NAMES, epoch)
         if "dice" in val:  # mask overlays only for a model with a segmentation output
             log_overlays(self.writer, eval_model, self.val_ds, self.device, self.cfg, epoch)
 

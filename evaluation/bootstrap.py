@@ -25,15 +25,12 @@ def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
 
 
-def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, num_classes: int
-                      ) -> dict[str, np.ndarray]:
-    """Accuracy, macro-F1, tumour Dice and IoU (native resolution) of each resample: {name: (B,) array}.
-
-    `counts[b, j]` is how often image `index[j]` is drawn in resample b. Dice / IoU are NaN for a resample
-    without a tumour image.
-    """
+def _resampled_classification(table: PerImage, index: np.ndarray, counts: np.ndarray, k: int
+                              ) -> dict[str, np.ndarray]:
+    if not table.has_cls:  # a segmentation-only run: no classification figure, hence no interval
+        nothing = np.full(counts.shape[0], np.nan)
+        return {"accuracy": nothing, "f1_macro": nothing}
     labels, preds = table.labels[index], table.preds[index]
-    k = num_classes
     cells = np.zeros((len(index), k * k))
     cells[np.arange(len(index)), labels * k + preds] = 1.0
     confusion = (counts @ cells).reshape(-1, k, k)  # (B, K, K), rows: truth
@@ -41,7 +38,17 @@ def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, nu
     support, predicted = confusion.sum(2), confusion.sum(1)
     denominator = support + predicted
     f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0)  # zero_division=0
-    out = {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": f1.mean(1)}
+    return {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": f1.mean(1)}
+
+
+def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, num_classes: int
+                      ) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1, tumour Dice and IoU (native resolution) of each resample: {name: (B,) array}.
+
+    `counts[b, j]` is how often image `index[j]` is drawn in resample b. Dice / IoU are NaN for a resample
+    without a tumour image.
+    """
+    out = _resampled_classification(table, index, counts, num_classes)
 
     native = table.native[index]
     dice, iou = per_image_overlap(native)

@@ -43,7 +43,7 @@ def breakdowns(table: PerImage, index: np.ndarray, class_names: Sequence[str], p
         if len(members):
             figures = subset_figures(table, members, class_names)
             keys = [key for key in BREAKDOWN_KEYS if key != "f1_macro"]  # one class: its own F1 instead
-            out["class"][name] = {**_pick(figures, keys), "f1": figures[f"f1_{name}"]}
+            out["class"][name] = {**_pick(figures, keys), "f1": figures.get(f"f1_{name}")}  # None: no cls
     fraction = tumour_fraction(table)[index]
     tumour = np.nan_to_num(fraction) > 0
     if tumour.sum() >= len(TERCILES):

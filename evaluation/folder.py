@@ -60,12 +60,12 @@ class ImagePrediction:
     seconds: float  # the model's time for this image (forward pass, TTA included, and the softmax/sigmoid)
 
     @property
-    def class_index(self) -> int:
-        return int(self.probabilities.argmax())
+    def class_index(self) -> Optional[int]:
+        return None if self.probabilities is None else int(self.probabilities.argmax())
 
     @property
-    def predicted_class(self) -> str:
-        return CLASS_NAMES[self.class_index]
+    def predicted_class(self) -> Optional[str]:
+        return None if self.probabilities is None else CLASS_NAMES[self.class_index]
 
     def mask(self, threshold: Optional[float] = None) -> Optional[np.ndarray]:
         """The 0/255 uint8 tumour mask at `threshold` (default: the prediction's own)."""
@@ -91,7 +91,8 @@ def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], th
     has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))
     start = time.perf_counter()
     outputs = predict(model, model_input.unsqueeze(0).to(device), tta=tta)
-    probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu().numpy()  # .cpu() waits for the device
+    # .cpu() waits for the device; a segmentation-only run has no class output
+    probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu().numpy() if "cls" in outputs else None
     tumour = None
     if has_seg:
         logits = logits_to_original(outputs["seg"], (height, width), cfg.data.resize)
@@ -120,10 +121,11 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
     out_dir = Path(out_dir) if out_dir else fresh_output_dir(checkpoint, input_dir)
     has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))  # classification-only models write the CSV alone
+    has_cls = "cls" in getattr(model, "tasks", ("cls", "seg"))  # segmentation-only runs write no class columns
     mask_dir = out_dir / "masks"
     (mask_dir if has_seg else out_dir).mkdir(parents=True, exist_ok=True)
-    columns = ["file", "predicted_class", *(["tumour_pixels"] if has_seg else []), *(f"p_{n}" for n in CLASS_NAMES),
-               "status", "error"]
+    columns = ["file", *(["predicted_class"] if has_cls else []), *(["tumour_pixels"] if has_seg else []),
+               *(f"p_{n}" for n in (CLASS_NAMES if has_cls else [])), "status", "error"]
     rows, failed, written = [], [], set()
     for path in files:
         row = dict.fromkeys(columns, "")
@@ -136,13 +138,15 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
             print(f"failed: {path.name}: {exc}")
             rows.append(row)
             continue
-        row.update(status="ok", predicted_class=result.predicted_class)
+        row["status"] = "ok"
+        if has_cls:
+            row["predicted_class"] = result.predicted_class
+            row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
         if has_seg:
             mask = result.mask()
             cv2.imwrite(str(mask_dir / f"{path.stem}{MASK_SUFFIX}"), mask)
             written.add(f"{path.stem}{MASK_SUFFIX}")
             row["tumour_pixels"] = int((mask > 0).sum())
-        row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
         rows.append(row)
     stale = remove_stale_masks(mask_dir, written) if has_seg else 0
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:

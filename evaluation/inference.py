@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from evaluation.metrics import MultiTaskMetrics
+from utils.checkpoint import unwrap_model
 from utils.runtime import autocast
 
 
@@ -26,18 +27,29 @@ def move_batch(batch: dict, device: torch.device, channels_last: bool = False) -
     return out
 
 
+def run_outputs(model: nn.Module, outputs: dict) -> dict:
+    """The outputs of the tasks the run trains (`model.tasks`, set by `model.loading.assign_tasks`): a
+    segmentation-only run of a two-head model drops its untrained `cls` logits, so no table shows them."""
+    tasks = getattr(unwrap_model(model), "tasks", None)
+    if tasks is None:
+        return outputs
+    return {key: value for key, value in outputs.items() if key in tasks or key not in ("cls", "seg")}
+
+
 def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> dict:
     """Eval-mode forward; with `tta`, average the probabilities of the image and its horizontal flip.
 
     The averaged probabilities are returned as logits again (log-softmax for `cls`, logit for `seg`), so every
     consumer of the output contract works unchanged.
     """
-    outputs = model(images)
+    outputs = run_outputs(model, model(images))
     if not tta:
         return outputs
     flipped = model(torch.flip(images, dims=[3]))
-    cls_prob = (F.softmax(outputs["cls"].float(), 1) + F.softmax(flipped["cls"].float(), 1)) / 2
-    averaged = {"cls": torch.log(cls_prob.clamp_min(1e-12))}
+    averaged = {}
+    if "cls" in outputs:  # segmentation-only runs have no class output
+        cls_prob = (F.softmax(outputs["cls"].float(), 1) + F.softmax(flipped["cls"].float(), 1)) / 2
+        averaged["cls"] = torch.log(cls_prob.clamp_min(1e-12))
     if "seg" in outputs:  # classification-only models have no mask
         seg_prob = (torch.sigmoid(outputs["seg"].float()) +
                     torch.sigmoid(torch.flip(flipped["seg"].float(), dims=[3]))) / 2

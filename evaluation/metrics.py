@@ -112,6 +112,7 @@ class MultiTaskMetrics:
         self._records: list[dict] = []
         self._synced = False
         self._has_seg: Optional[bool] = None  # set by the first update: does the model predict a mask?
+        self._has_cls: Optional[bool] = None  # ... and a class (False: a segmentation-only run)
 
     def _new_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         k = self.num_classes
@@ -120,6 +121,7 @@ class MultiTaskMetrics:
             "pixels": torch.zeros(4, dtype=torch.long, device=device),  # TP, FP, FN, TN
             "images": torch.zeros(4, dtype=torch.long, device=device),  # annotated, tumour, empty, empty with FP
             "overlap": torch.zeros(4, dtype=_sum_dtype(device), device=device),  # sums of per-image Dice / IoU
+            "seen": torch.zeros(1, dtype=torch.long, device=device),  # images evaluated (also without a class output)
         }
 
     def state_tensors(self, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
@@ -140,21 +142,27 @@ class MultiTaskMetrics:
         if self._synced:
             raise RuntimeError("these metrics were already synchronised across ranks; call reset() before "
                                "accumulating a new evaluation")
-        has_seg = "seg" in outputs
-        if self._has_seg is not None and has_seg != self._has_seg:
-            raise ValueError("some batches of this evaluation have outputs['seg'] and others not; one model "
-                             "predicts a mask for every batch or for none")
-        self._has_seg = has_seg
-        logits = outputs["cls"].detach()
-        device = logits.device
+        has_seg, has_cls = "seg" in outputs, "cls" in outputs
+        if not (has_seg or has_cls):
+            raise ValueError("outputs have neither 'cls' nor 'seg'; nothing to score")
+        if (self._has_seg is not None and has_seg != self._has_seg) or (
+                self._has_cls is not None and has_cls != self._has_cls):
+            raise ValueError("some batches of this evaluation have outputs['seg'] (or ['cls']) and others not; "
+                             "one model predicts each task for every batch or for none")
+        self._has_seg, self._has_cls = has_seg, has_cls
+        device = (outputs["cls"] if has_cls else outputs["seg"]).device
         state = self.state_tensors(device)
         labels = batch["label"].to(device=device, dtype=torch.long)
-        preds = logits.argmax(1)
-        k = self.num_classes
-        if logits.shape[1] != k:
-            raise ValueError(f"outputs['cls'] has {logits.shape[1]} classes, the metrics were built for {k}")
-        # index_add_ rather than bincount: bincount reads the maximum back to the host on CUDA.
-        state["confusion"].view(-1).index_add_(0, labels * k + preds, torch.ones_like(labels))
+        state["seen"] += labels.shape[0]
+        logits = None
+        if has_cls:
+            logits = outputs["cls"].detach()
+            preds = logits.argmax(1)
+            k = self.num_classes
+            if logits.shape[1] != k:
+                raise ValueError(f"outputs['cls'] has {logits.shape[1]} classes, the metrics were built for {k}")
+            # index_add_ rather than bincount: bincount reads the maximum back to the host on CUDA.
+            state["confusion"].view(-1).index_add_(0, labels * k + preds, torch.ones_like(labels))
 
         if not has_seg:
             if self.keep_per_image:
@@ -199,10 +207,15 @@ class MultiTaskMetrics:
         iou = torch.where(union > 0, tp.to(dtype) / union.clamp_min(1), torch.ones_like(union))
         return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "annotated": annotated, "dice": dice, "iou": iou}
 
-    def _keep_records(self, batch: dict, labels: torch.Tensor, logits: torch.Tensor,
+    def _keep_records(self, batch: dict, labels: torch.Tensor, logits: Optional[torch.Tensor],
                       per_image: Optional[dict[str, torch.Tensor]]) -> None:
-        probs = torch.softmax(logits.float(), 1)
-        prob, pred = probs.max(1)
+        # no class output: pred and probabilities are None in the records (labels may be -1: a layout without
+        # classes, clamped only for the gather below, whose value is unused then)
+        if logits is None:
+            probs = torch.full((labels.shape[0], self.num_classes), float("nan"), device=labels.device)
+        else:
+            probs = torch.softmax(logits.float(), 1)
+        prob, pred = probs.max(1) if logits is not None else (probs[:, 0], torch.zeros_like(labels))
         if per_image is None:  # no segmentation output: the mask fields are None
             zeros = torch.zeros_like(labels)
             per_image = {"dice": zeros, "iou": zeros, "tp": zeros, "fn": zeros, "fp": zeros, "tn": zeros,
@@ -211,7 +224,8 @@ class MultiTaskMetrics:
         else:
             no_mask = False
         numbers = torch.stack([
-            labels.double(), pred.double(), prob.double(), probs.gather(1, labels.unsqueeze(1)).squeeze(1).double(),
+            labels.double(), pred.double(), prob.double(),
+            probs.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1).double(),
             per_image["dice"].double(), per_image["iou"].double(), (per_image["tp"] + per_image["fn"]).double(),
             (per_image["tp"] + per_image["fp"]).double(), per_image["annotated"].double(),
             per_image["tp"].double(), per_image["fp"].double(), per_image["fn"].double(), per_image["tn"].double(),
@@ -219,8 +233,10 @@ class MultiTaskMetrics:
         ids = batch.get("id") or [str(len(self._records) + i) for i in range(len(numbers))]
         for image_id, row in zip(ids, numbers):
             label, pred_cls, p_pred, p_true, dice, iou, true_pixels, pred_pixels, annotated, tp, fp, fn, tn = row
+            no_cls = logits is None
             self._records.append({
-                "id": image_id, "label": int(label), "pred": int(pred_cls), "prob": p_pred, "prob_true": p_true,
+                "id": image_id, "label": int(label), "pred": None if no_cls else int(pred_cls),
+                "prob": None if no_cls else p_pred, "prob_true": None if no_cls else p_true,
                 "dice": dice if annotated else None, "iou": iou if annotated else None,
                 "tumour_pixels": int(true_pixels) if annotated else None,
                 "pred_pixels": None if no_mask else int(pred_pixels),
@@ -242,6 +258,10 @@ class MultiTaskMetrics:
             if self._has_seg is not None and self._has_seg != other._has_seg:
                 raise ValueError("cannot merge metrics with a segmentation output into metrics without one")
             self._has_seg = other._has_seg
+        if other._has_cls is not None:
+            if self._has_cls is not None and self._has_cls != other._has_cls:
+                raise ValueError("cannot merge metrics with a classification output into metrics without one")
+            self._has_cls = other._has_cls
         return self
 
     def sync(self) -> None:
@@ -270,7 +290,11 @@ class MultiTaskMetrics:
     def compute(self) -> dict:
         """Every figure of `METRIC_DEFINITIONS_MD` as Python floats (counts as ints, the matrix as lists)."""
         state = {name: tensor.cpu().tolist() for name, tensor in self.state_tensors().items()}
-        results = classification_figures(state["confusion"], self.class_names)
+        results = {}
+        if self._has_cls is not False:  # a segmentation-only run has no classification figures
+            results.update(classification_figures(state["confusion"], self.class_names))
+        else:
+            results["num_images"] = int(state["seen"][0])
         if self._has_seg is not False:  # no figures for a task the model does not have
             results.update(segmentation_figures(state["pixels"], state["images"], state["overlap"]))
         return results

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets.decode import MASK_THRESHOLD, read_grey
+from datasets.decode import read_grey
 from datasets.geometry import logits_to_original
 from datasets.index import Sample
 from evaluation.boundary import boundary_distances
@@ -29,7 +29,7 @@ def original_mask(sample: Sample) -> Optional[np.ndarray]:
         with Image.open(sample.image) as image:
             width, height = image.size
         return np.zeros((height, width), dtype=bool)
-    return read_grey(sample.mask, what="mask") >= MASK_THRESHOLD
+    return read_grey(sample.mask, what="mask") >= sample.mask_threshold
 
 
 class NativeCounts:

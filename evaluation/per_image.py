@@ -31,18 +31,19 @@ def _cell(value: float) -> Optional[float]:
 def per_image_rows(table: PerImage, subset_of: dict[str, str], class_names: Sequence[str],
                    temperature: float = 1.0) -> list[dict]:
     """The rows of per_image.csv; `subset_of` maps a stem to `leak_free` / `leaked` (missing: `all`)."""
-    probs = _softmax(table.logits / temperature)
-    preds = table.preds
+    probs = _softmax(table.logits / temperature) if table.has_cls else None
+    preds = table.preds if table.has_cls else None
     dice, iou = per_image_overlap(table.native)
     dice_tr, iou_tr = per_image_overlap(table.train_res)
     rows = []
     for n, stem in enumerate(table.stems):
         annotated = bool(table.annotated[n]) and table.has_seg
         tp, fp, fn, _ = (int(v) for v in table.native[n])
-        row = {"stem": stem, "subset": subset_of.get(stem, "all"), "plane": table.planes[n],
-               "true_class": class_names[table.labels[n]], "pred_class": class_names[preds[n]],
-               "correct": int(table.labels[n] == preds[n])}
-        row.update({f"prob_{name}": float(probs[n, k]) for k, name in enumerate(class_names)})
+        row = {"stem": stem, "subset": subset_of.get(stem, "all"), "plane": table.planes[n]}
+        if table.has_cls:  # a segmentation-only run has no class columns
+            row.update({"true_class": class_names[table.labels[n]], "pred_class": class_names[preds[n]],
+                        "correct": int(table.labels[n] == preds[n])})
+            row.update({f"prob_{name}": float(probs[n, k]) for k, name in enumerate(class_names)})
         distances = table.distances[n] if table.distances is not None and annotated else (math.nan, math.nan)
         sizes = table.sizes[n] if table.sizes is not None else (math.nan, math.nan)
         row.update({"dice": float(dice[n]) if annotated else None, "iou": float(iou[n]) if annotated else None,

@@ -18,8 +18,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from datasets import CLASS_NAMES
+from datasets.factory import build_eval_dataset, sample_index
 from datasets.naming import NO_TUMOR
-from datasets.factory import build_eval_dataset
 from datasets.naming import PLANES
 from losses import MultiTaskLoss
 from model.loading import load_model_from_checkpoint
@@ -114,16 +114,18 @@ def validation_pass(model: nn.Module, cfg: Config, split_path: Path, device: tor
                       leave=False, disable=not opts.show_progress):
         batch = move_batch(batch, device)
         outputs = predict(model, batch["image"], tta=opts.tta)
-        native.update(outputs["seg"].float(), batch["id"])
-        logits.append(outputs["cls"].float().cpu())
+        if "seg" in outputs:
+            native.update(outputs["seg"].float(), batch["id"])
+        if "cls" in outputs:
+            logits.append(outputs["cls"].float().cpu())
         labels.append(batch["label"].cpu())
         ids += list(batch["id"])
     counts, annotated = native.counts(ids)
-    return {"counts": counts, "annotated": annotated, "logits": torch.cat(logits).numpy(),
+    return {"counts": counts, "annotated": annotated, "logits": torch.cat(logits).numpy() if logits else None,
             "labels": torch.cat(labels).numpy()}
 
 
-def per_image_table(records: list[dict], logits: np.ndarray, native: Optional[NativeCounts],
+def per_image_table(records: list[dict], logits: Optional[np.ndarray], native: Optional[NativeCounts],
                     planes: dict[str, str]) -> PerImage:
     """Align MultiTaskMetrics' per-image records (training resolution) with the native counts and logits;
     `native` is None for a classification-only model (no segmentation figures at all)."""
@@ -193,6 +195,8 @@ def print_summary(results: dict, bootstrap: bool) -> None:
               f"{_pct(ungated['empty_fp_rate'])} / {_pct(gated['empty_fp_rate'])}; Dice {_pct(ungated['dice'])} / "
               f"{_pct(gated['dice'])}")
     calibration, temperature = results["calibration"], results["temperature"]
+    if calibration is None:  # a segmentation-only run
+        return
     print(f"calibration ({SUBSET_LABELS[headline]}): ECE {100 * calibration['ece']:.2f} %, NLL "
           f"{calibration['nll']:.4f}" + (f" at temperature {temperature:.3f} (uncalibrated ECE "
                                          f"{100 * calibration['ece_uncalibrated']:.2f} %)" if temperature else ""))
@@ -219,12 +223,17 @@ def run_test(opts: TestOptions) -> dict:
     split_path = run_dir / "split.json"
     num_classes = cfg.model.num_classes
     has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))
+    has_cls = "cls" in getattr(model, "tasks", ("cls", "seg"))  # False: a segmentation-only run
+    for flag, used in (("--calibrate", opts.calibrate), ("--gradcam", opts.gradcam > 0)):
+        if used and not has_cls:
+            raise ConfigError(f"{flag}: the run of '{cfg.model.name}' trains no classifier (loss.cls_weight=0), so "
+                              "there are no class scores to use; drop the option")
 
     if opts.tune_threshold and not has_seg:
         raise ConfigError(f"--tune-threshold: model '{cfg.model.name}' has no segmentation output, so there is no "
                           "mask threshold to tune; drop the option")
     threshold, tuning, temperature = fit_on_validation(model, cfg, split_path, device, opts)
-    gated = bool(cfg.eval.gate_masks if opts.gate_masks is None else opts.gate_masks) and has_seg
+    gated = bool(cfg.eval.gate_masks if opts.gate_masks is None else opts.gate_masks) and has_seg and has_cls
     out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / output_folder_name(
         opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate,
         checkpoint=Path(opts.checkpoint).stem, raw_weights=bool(not opts.use_ema and ckpt.get("ema")), gated=gated)
@@ -238,27 +247,28 @@ def run_test(opts: TestOptions) -> dict:
     def keep(outputs: dict, batch: dict) -> None:
         if has_seg:
             native.update(outputs["seg"], batch["id"])
-        logit_parts.append(outputs["cls"].cpu())
+        if has_cls:
+            logit_parts.append(outputs["cls"].cpu())
 
     loss_fn = MultiTaskLoss(cfg.loss, class_counts=ckpt.get("class_counts")).to(device)
     counted = evaluate(model, _loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
                        eval_dtype(cfg.eval, device), tta=opts.tta, show_progress=opts.show_progress,
                        desc=f"test {opts.split}", on_batch=keep)
     records = metrics.per_image_records()
-    table = per_image_table(records, torch.cat(logit_parts).numpy(), native if has_seg else None,
-                            {sample.stem: sample.plane for sample in dataset.samples})
+    table = per_image_table(records, torch.cat(logit_parts).numpy() if has_cls else None,
+                            native if has_seg else None, {sample.stem: sample.plane for sample in dataset.samples})
     ungated = table
-    if has_seg:  # score what the user asked for; keep the other way for `mask_gating`
+    if has_seg and has_cls:  # score what the user asked for; keep the other way for `mask_gating`
         table = gate_masks(ungated, NO_TUMOR) if gated else ungated
 
     leaked, leak_info = leak_check(Path(cfg.data.root), opts.split, split_path, dataset.samples,
-                                   cache_dir=run_dir / "leak_check")
+                                   cache_dir=run_dir / "leak_check", index=sample_index(cfg.data))
     indices, subsets = score_subsets(table, leaked, num_classes, opts.bootstrap, opts.seed)
     headline = opts.subset if opts.subset in indices else "all"
     if headline != opts.subset:
         print(f"note: no leak check for the {opts.split} split ({leak_info['reason']}); headline subset: all")
     subsets["all"]["loss"] = counted["loss"]
-    if has_seg:
+    if has_seg and has_cls:  # gating needs the classifier
         other = gate_masks(ungated, NO_TUMOR)
         for name, index in indices.items():
             if len(index):
@@ -267,7 +277,7 @@ def run_test(opts: TestOptions) -> dict:
         leak_info["num_leaked"] = len(indices["leaked"])
         leak_info["excluded"] = excluded_list(leaked, table.stems, leak_info["against"])
     calibration = calibration_summary(table.logits[indices[headline]], table.labels[indices[headline]],
-                                      1.0 if temperature is None else temperature)
+                                      1.0 if temperature is None else temperature) if has_cls else None
     breakdown = breakdowns(table, indices[headline], CLASS_NAMES, list(PLANES))
 
     num_params = sum(p.numel() for p in model.parameters())
@@ -285,10 +295,11 @@ def run_test(opts: TestOptions) -> dict:
         results["threshold_tuning"] = tuning
     write_json_atomic(results, out_dir / "metrics.json")
 
-    report = metrics.classification_report(digits=4)
-    (out_dir / "classification_report.txt").write_text(report + "\n", encoding="utf-8")
+    report = metrics.classification_report(digits=4) if has_cls else ""
     (out_dir / "metric_definitions.md").write_text(METRIC_DEFINITIONS_MD + "\n" + CONVENTIONS_MD, encoding="utf-8")
-    save_confusion_matrix(results["confusion_matrix"], CLASS_NAMES, out_dir / "confusion_matrix.png")
+    if has_cls:  # a segmentation-only run writes no classification report or confusion matrix
+        (out_dir / "classification_report.txt").write_text(report + "\n", encoding="utf-8")
+        save_confusion_matrix(results["confusion_matrix"], CLASS_NAMES, out_dir / "confusion_matrix.png")
     title = f"{cfg.model.name}, {opts.split} split, {SUBSET_LABELS[headline]}"
     save_breakdown_figures(calibration, breakdown, out_dir, title)
     subset_of = {} if leaked is None else {s: "leaked" if s in leaked else "leak_free" for s in table.stems}
@@ -304,7 +315,8 @@ def run_test(opts: TestOptions) -> dict:
           f"{shown}{' (tuned on val)' if opts.tune_threshold else ''}"
           f"{', flip TTA' if opts.tta else ''}{'; segmentation at each image' + chr(39) + 's own size' if has_seg else ''}")
     print_summary(results, bootstrap=opts.bootstrap > 0)
-    print("\nPer-class report (scikit-learn, all images):\n" + report)
+    if has_cls:
+        print("\nPer-class report (scikit-learn, all images):\n" + report)
     print(f"results written to {out_dir}")
     return results
 

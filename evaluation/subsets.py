@@ -26,7 +26,7 @@ class PerImage:
 
     stems: list[str]
     labels: np.ndarray  # (N,) int
-    logits: np.ndarray  # (N, K) class logits (log-probabilities under TTA; softmax is the same)
+    logits: Optional[np.ndarray]  # (N, K) class logits (log-probabilities under TTA); None: no class output
     planes: list[str]
     annotated: np.ndarray  # (N,) bool: the image takes part in the segmentation figures
     native: np.ndarray  # (N, 4) int TP, FP, FN, TN at the image's own size
@@ -34,6 +34,11 @@ class PerImage:
     has_seg: bool = True  # False for a classification-only model: no segmentation figures
     distances: Optional[np.ndarray] = None  # (N, 2) HD95, ASSD at native size; NaN without a tumour in the truth
     sizes: Optional[np.ndarray] = None  # (N, 2) original height, width (NaN when unannotated)
+
+    @property
+    def has_cls(self) -> bool:
+        """False for a segmentation-only run: no classification figures."""
+        return self.logits is not None
 
     @property
     def preds(self) -> np.ndarray:
@@ -67,10 +72,14 @@ def subset_figures(table: PerImage, index: np.ndarray, class_names: Sequence[str
     """Every figure of `evaluation.metrics` for the images at `index`; segmentation at native resolution, and
     the training-resolution figures under the same names with the suffix `_train_res`."""
     index = np.asarray(index, dtype=np.int64)
-    k = len(class_names)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (table.labels[index], table.preds[index]), 1)
-    results = classification_figures(confusion.tolist(), class_names)
+    results: dict = {}
+    if table.has_cls:
+        k = len(class_names)
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (table.labels[index], table.preds[index]), 1)
+        results.update(classification_figures(confusion.tolist(), class_names))
+    else:
+        results["num_images"] = len(index)
     if not table.has_seg:
         return results
     annotated = table.annotated[index]
@@ -80,7 +89,7 @@ def subset_figures(table: PerImage, index: np.ndarray, class_names: Sequence[str
             results[f"{key}_train_res"] = value
     if table.distances is not None:
         results.update(boundary_means(table.distances[index]))
-    if "no_tumor" in class_names:
+    if table.has_cls and "no_tumor" in class_names:
         results.update(agreement_figures(table.preds[index], table.native[index], annotated,
                                          class_names.index("no_tumor")))
     return results

@@ -86,7 +86,8 @@ class MultiTaskLoss(nn.Module):
                          "or a list with one weight per class")
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.autocast(device_type=outputs["cls"].device.type, enabled=False):
+        device = (outputs["cls"] if "cls" in outputs else outputs["seg"]).device
+        with torch.autocast(device_type=device.type, enabled=False):
             terms, weighted = self._terms(outputs, batch)
         total = torch.stack(weighted).sum()
         logged = {name: value.detach() for name, value in terms.items()}
@@ -97,6 +98,9 @@ class MultiTaskLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         weighted: list[torch.Tensor] = []
         if self.cls_weight > 0:
+            if "cls" not in outputs:
+                raise ConfigError("the model has no classification output (a segmentation-only model) but the loss "
+                                  "scores one: set loss.cls_weight=0")
             terms["cls"] = self.classification(outputs["cls"], batch["label"])
             weighted.append(self.cls_weight * terms["cls"])
         if self.seg_loss is None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import CheckpointError, config_of, read_checkpoint, unwrap_model
-from utils.config import Config
+from utils.config import Config, ConfigError
 
 from .registry import build_model
 
@@ -55,7 +55,31 @@ def load_model_from_checkpoint(path: Union[str, Path], device: Union[str, torch.
                               f"it with ({exc})") from exc
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     load_weights(model, weights, str(path), ckpt.get("model_name"))
+    assign_tasks(model, cfg)
     return model.to(device).eval(), cfg, ckpt
+
+
+TASKS = ("cls", "seg")
+
+
+def assign_tasks(model: nn.Module, cfg: Config) -> tuple[str, ...]:
+    """Set and return `model.tasks`: the tasks the model predicts (its class attribute `tasks`, both by default)
+    that the run trains (`loss.cls_weight` / `loss.seg_weight` > 0).
+
+    A single-task run of a two-head model (e.g. `loss.cls_weight: 0`) evaluates the trained head alone:
+    `evaluation.inference.predict` drops the outputs of the other task, so no untrained head reaches a table.
+    A loss that scores a task the model does not predict is a `ConfigError` naming the key.
+    """
+    declared = tuple(getattr(model, "tasks", TASKS))
+    weights = {"cls": ("loss.cls_weight", cfg.loss.cls_weight), "seg": ("loss.seg_weight", cfg.loss.seg_weight)}
+    for task, (key, weight) in weights.items():
+        if weight > 0 and task not in declared:
+            what = "classification" if task == "cls" else "segmentation"
+            raise ConfigError(f"config key '{key}': model '{cfg.model.name}' has no {what} output, so {key} "
+                              f"must be 0 (got {weight:g}){' and loss.aux_weights=[]' if task == 'seg' else ''}")
+    tasks = tuple(task for task in declared if weights[task][1] > 0)
+    model.tasks = tasks
+    return tasks
 
 
 def model_kwargs(cfg: Config, pretrained: bool = True) -> dict:

@@ -84,6 +84,17 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     root: str = spec("data/demo_brisc", nonempty=True)
+    # Layout of data.root: brisc (BRISC 2025), imagefolder (<root>/<train_dir|test_dir>/<class>/*, classification
+    # only) or pairs (<root>/images + <root>/masks matched by stem, or <root>/{train,test}/{images,masks};
+    # segmentation only). See datasets/imagefolder.py and datasets/pairs.py.
+    format: str = spec("brisc", choices=("brisc", "imagefolder", "pairs"))
+    train_dir: str = spec("Training", nonempty=True)  # imagefolder: the train split's folder
+    test_dir: str = spec("Testing", nonempty=True)  # imagefolder: the test split's folder
+    class_map: dict = field(default_factory=dict)  # imagefolder: folder name -> class (e.g. notumor: no_tumor)
+    # pairs: a mask's stem is its image's stem + this (e.g. _mask; empty: the same stem)
+    mask_suffix: str = spec("", pattern=r"[A-Za-z0-9_.-]*", pattern_help="letters, digits, '_', '.' or '-' (or empty)")
+    mask_threshold: int = spec(128, ge=1, le=255)  # pairs: grey level from which a mask pixel is tumour
+    test_fraction: float = spec(0.2, gt=0, lt=1)  # pairs without train/ and test/ folders: seeded test share
     # When the root does not exist and `synthetic` is true, a BRISC-layout dataset is generated there once.
     synthetic: bool = False
     synthetic_train: int = spec(400, ge=1)  # classification images in the generated train split
@@ -236,6 +247,11 @@ MONITOR_MODES = {
     **{f"{kind}_{cls}": "max" for kind in ("precision", "recall", "f1")
        for cls in ("glioma", "meningioma", "no_tumor", "pituitary")},
 }
+
+
+# The task each validation metric belongs to ("loss" and "combined" exist for every run).
+CLS_MONITORS = {"accuracy", *(k for k in MONITOR_MODES if k.startswith(("precision_", "recall_", "f1_")))}
+SEG_MONITORS = set(MONITOR_MODES) - CLS_MONITORS - {"loss", "combined"}
 
 
 def monitor_mode(train_cfg: "TrainConfig") -> str:
@@ -394,6 +410,21 @@ def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
                           f"{_where('train.monitor', origins)}.{hint} Valid names: {', '.join(MONITOR_MODES)}")
 
 
+def _check_monitor_task(cfg: Config, origins: dict[str, str]) -> None:
+    """A single-task run (`loss.cls_weight: 0` or `loss.seg_weight: 0`) cannot monitor the other task's metric;
+    a layout without masks (imagefolder) or without classes (pairs) trains one task only."""
+    for fmt, key, task in (("imagefolder", "loss.seg_weight", "masks"), ("pairs", "loss.cls_weight", "classes")):
+        if cfg.data.format == fmt and getattr(cfg.loss, key.split(".")[1]) > 0:
+            raise ConfigError(f"config key '{key}': data.format={fmt} has no {task}, so {key} must be 0"
+                              f"{' and loss.aux_weights=[]' if task == 'masks' else ''}{_where(key, origins)}")
+    for weight_key, weight, metrics, task in (("loss.cls_weight", cfg.loss.cls_weight, CLS_MONITORS, "classification"),
+                                              ("loss.seg_weight", cfg.loss.seg_weight, SEG_MONITORS, "segmentation")):
+        if weight == 0 and cfg.train.monitor in metrics:
+            raise ConfigError(f"config key 'train.monitor': {cfg.train.monitor!r} is a {task} metric but "
+                              f"{weight_key}=0 makes this a run without {task}{_where('train.monitor', origins)}; "
+                              "monitor 'combined' (the task trained), 'loss' or a metric of the trained task")
+
+
 def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: Optional[str] = None) -> Config:
     """Defaults <- `raw` <- `overrides`, validated; `source` says where `raw` came from (e.g. "in exp.yaml")."""
     cfg = Config()
@@ -404,6 +435,7 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: O
         _merge(cfg, _nest(path, value), f"from --opts {text}", origins)
     check_values(cfg, origins)
     validate(cfg, origins)
+    _check_monitor_task(cfg, origins)
     return cfg
 
 

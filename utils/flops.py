@@ -225,7 +225,8 @@ def time_train_step(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(device, dtype):
             out = model(x)
-        loss = nn.functional.cross_entropy(out["cls"].float(), labels)
+        # every output the model has: a segmentation-only model has no class logits
+        loss = nn.functional.cross_entropy(out["cls"].float(), labels) if "cls" in out else x.new_zeros(())
         for logits in ([out["seg"]] if "seg" in out else []) + list(out.get("aux") or []):
             logits = nn.functional.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear")
             loss = loss + nn.functional.binary_cross_entropy_with_logits(logits, masks)

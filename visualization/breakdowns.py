@@ -43,10 +43,13 @@ def breakdown_figure(breakdown: dict, title: str = "") -> Figure:
         names = list(members)
         x = np.arange(len(names))
         for offset, key, colour in ((-0.2, "accuracy", "#4c72b0"), (0.2, "dice", "#dd8452")):
-            values = [100 * members[n].get(key, 0.0) for n in names]
-            bars = ax.bar(x + offset, values, width=0.38, color=colour, label=key)
+            values = [100 * members[n][key] if members[n].get(key) is not None else np.nan for n in names]
+            if all(np.isnan(values)):  # a task the run does not have: no bars rather than zeros
+                continue
+            bars = ax.bar(x + offset, np.nan_to_num(values), width=0.38, color=colour, label=key)
             for bar, value in zip(bars, values):
-                ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", fontsize=7)
+                if not np.isnan(value):
+                    ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", fontsize=7)
         labels = [f"{n}\n({members[n].get('num_images', 0)})" for n in names]
         ax.set_xticks(x, labels=labels, fontsize=8)
         ax.set_title(grouping.replace("_", " "), fontsize=10)

@@ -97,12 +97,13 @@ def select_cases(labels: Sequence[int], num: int) -> list[int]:
 
 def _case_caption(pred_mask: np.ndarray, true_mask: np.ndarray, class_name: str) -> str:
     """Predicted class, and the case's Dice (tumour images) or false-positive pixels (empty ground truth)."""
+    prefix = f"{class_name} · " if class_name else ""  # no class: a segmentation-only run
     if not true_mask.any():
         fp = int(pred_mask.sum())
-        return f"{class_name} · {'no false positive' if fp == 0 else f'{fp} false-positive px'}"
+        return f"{prefix}{'no false positive' if fp == 0 else f'{fp} false-positive px'}"
     inter = float(np.logical_and(pred_mask, true_mask).sum())
     dice = 2 * inter / (float(pred_mask.sum()) + float(true_mask.sum()))
-    return f"{class_name} · Dice {dice:.3f}"
+    return f"{prefix}Dice {dice:.3f}"
 
 
 @torch.no_grad()
@@ -117,7 +118,9 @@ def _predict_cases(model: nn.Module, images: torch.Tensor, threshold: float, siz
         if tuple(prob.shape[-2:]) != size:
             prob = torch.nn.functional.interpolate(prob, size=size, mode="nearest")
         masks.append((prob[:, 0] >= threshold).cpu().numpy())
-        classes.extend(out["cls"].argmax(1).tolist())
+        # a segmentation-only run (model.tasks without "cls") has no trained class to show
+        has_cls = "cls" in out and "cls" in getattr(model, "tasks", ("cls",))
+        classes.extend(out["cls"].argmax(1).tolist() if has_cls else [None] * len(prob))
     return np.concatenate(masks), classes
 
 
@@ -179,7 +182,8 @@ def compare_checkpoints(checkpoints: Sequence[PathLike], out_path: PathLike = "i
                                  f"the {split} split of '{path}'; compare checkpoints on the same data")
             batch = torch.stack([dataset[position[stem]]["image"] for stem in ids])
         masks, predicted = _predict_cases(model, batch, cfg.eval.threshold, size)
-        captions = [_case_caption(m, t, class_names[p]) for m, t, p in zip(masks, truth, predicted)]
+        captions = [_case_caption(m, t, "" if p is None else class_names[p])
+                    for m, t, p in zip(masks, truth, predicted)]
         columns.append(MaskColumn(name, masks, captions))
 
     row_titles = [f"{stem}\ntrue: {class_names[int(s['label'])]}" for stem, s in zip(ids, samples)]
