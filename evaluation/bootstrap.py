@@ -38,7 +38,9 @@ def _resampled_classification(table: PerImage, index: np.ndarray, counts: np.nda
     support, predicted = confusion.sum(2), confusion.sum(1)
     denominator = support + predicted
     f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0)  # zero_division=0
-    return {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": f1.mean(1)}
+    present = denominator > 0  # macro over the classes in the truth or the predictions, as evaluation.metrics
+    f1_macro = (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
+    return {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": f1_macro}
 
 
 def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, num_classes: int

@@ -3,7 +3,7 @@
 Definitions (the same text is `METRIC_DEFINITIONS_MD`, reproduced in the README):
 
 Classification (4 classes, label order glioma, meningioma, no_tumor, pituitary):
-accuracy; precision, recall and F1 per class, and their macro (unweighted mean over all classes) and weighted
+accuracy; precision, recall and F1 per class, and their macro (unweighted mean over the classes present) and weighted
 (mean weighted by each class's true count) averages; the confusion matrix (rows: true class, columns:
 predicted class). A ratio whose denominator is 0 counts as 0 (scikit-learn's ``zero_division=0``).
 
@@ -46,7 +46,7 @@ METRIC_DEFINITIONS_MD = """\
 |---|---|---|
 | `accuracy` | correct class predictions / images | all images |
 | `precision_<class>`, `recall_<class>`, `f1_<class>` | TP / (TP + FP), TP / (TP + FN), 2TP / (2TP + FP + FN) for that class | all images |
-| `precision_macro`, `recall_macro`, `f1_macro` | unweighted mean of the per-class values | the 4 classes |
+| `precision_macro`, `recall_macro`, `f1_macro` | unweighted mean of the per-class values | the classes present in the truth or the predictions (all 4 on a whole split; scikit-learn's default) |
 | `precision_weighted`, `recall_weighted`, `f1_weighted` | per-class values weighted by each class's true count | the 4 classes |
 | `confusion_matrix` | rows: true class, columns: predicted class (glioma, meningioma, no_tumor, pituitary) | all images |
 | `dice`, `iou` | per-image 2TP / (2TP + FP + FN), TP / (TP + FP + FN) of the tumour mask (primary figures) | images with a tumour in the ground truth |
@@ -342,8 +342,11 @@ def classification_figures(confusion: list[list[int]], class_names: Sequence[str
         for metric, value in values.items():
             per_class[metric].append(value)
             results[f"{metric}_{name}"] = value
+    # Macro averages run over the classes that occur in the truth or the predictions (scikit-learn's default
+    # labels): a subset without a class (e.g. the leaked images) is not penalised for a class it cannot contain.
+    present = [c for c in range(k) if support[c] + predicted[c] > 0] or list(range(k))
     for metric, values in per_class.items():
-        results[f"{metric}_macro"] = sum(values) / k
+        results[f"{metric}_macro"] = sum(values[c] for c in present) / len(present)
         results[f"{metric}_weighted"] = _ratio(sum(v * s for v, s in zip(values, support)), total)
     results["confusion_matrix"] = confusion
     results["num_images"] = total

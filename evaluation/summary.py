@@ -12,9 +12,9 @@ PIXEL_KEYS = ("hd95", "assd")
 # Rows of the printed summary: (key in the metric dict, label, what it averages over).
 SUMMARY_ROWS = [
     ("accuracy", "Accuracy", "all images"),
-    ("precision_macro", "Precision (macro)", "mean over classes"),
-    ("recall_macro", "Recall (macro)", "mean over classes"),
-    ("f1_macro", "F1 (macro)", "mean over classes"),
+    ("precision_macro", "Precision (macro)", "mean over classes present"),
+    ("recall_macro", "Recall (macro)", "mean over classes present"),
+    ("f1_macro", "F1 (macro)", "mean over classes present"),
     ("f1_weighted", "F1 (weighted)", "classes weighted by support"),
     ("dice", "Dice (tumour, per image)", "mean over images with tumour, native size"),
     ("iou", "IoU (tumour, per image)", "mean over images with tumour, native size"),

@@ -258,3 +258,17 @@ def test_every_documented_key_is_computed_and_every_figure_documented():
             assert key in results, key
     for key in set(results) - per_class:
         assert key in documented, key
+
+
+def test_macro_averages_skip_classes_absent_from_truth_and_predictions():
+    """A subset that holds two of the four classes (e.g. the leaked images) is averaged over those two, as
+    scikit-learn does by default, instead of counting the absent classes as F1 = 0."""
+    from evaluation.metrics import classification_figures
+
+    y_true = [1, 1, 3, 3, 3]
+    y_pred = [1, 3, 3, 3, 3]
+    confusion = skm.confusion_matrix(y_true, y_pred, labels=[0, 1, 2, 3]).tolist()
+    figures = classification_figures(confusion, ["a", "b", "c", "d"])
+    assert figures["f1_macro"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro"), abs=1e-12)
+    assert figures["precision_macro"] == pytest.approx(skm.precision_score(y_true, y_pred, average="macro"), abs=1e-12)
+    assert figures["recall_macro"] == pytest.approx(skm.recall_score(y_true, y_pred, average="macro"), abs=1e-12)
