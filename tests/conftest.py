@@ -26,3 +26,14 @@ def planted_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("planted") / "brisc"
     generate(root, 24, 8, seed=5, verbose=False, train_duplicates=3, leaks=3)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test, restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

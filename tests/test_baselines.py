@@ -23,12 +23,7 @@ CLASSIFICATION_ONLY = {"efficientnet_b0_cls"}  # no segmentation output
 CHEAP = [name for name in list_models() if name != "vit"]  # ViT-B/16 (86 M parameters) gets its own cheap test
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # models are timed and trained on one thread
 
 
 def _check_contract(model: nn.Module, x: torch.Tensor, num_classes: int) -> dict:

@@ -25,12 +25,7 @@ from utils.config import ConfigError, LossConfig, OptimConfig
 NEW_MODELS = ["hac_caspp_unet", "efficientnet_b0_cls"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # models are timed and trained on one thread
 
 
 # --------------------------------------------------------------------------------------------- the models

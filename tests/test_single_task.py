@@ -23,12 +23,7 @@ TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.v
 CLS_KEYS = {"accuracy", "f1_macro", "precision_macro", "recall_weighted", "confusion_matrix", "f1_glioma"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # models are timed and trained on one thread
 
 
 # --------------------------------------------------------------------------------------------- config and model
