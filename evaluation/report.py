@@ -15,7 +15,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from datasets import CLASS_NAMES
 from datasets.factory import build_eval_dataset, sample_index
@@ -29,7 +28,7 @@ from evaluation.bootstrap import bootstrap_intervals
 from evaluation.breakdowns import breakdowns
 from evaluation.calibration import calibration_summary, fit_temperature
 from evaluation.conventions import CONVENTIONS_MD, output_folder_name
-from evaluation.inference import evaluate, move_batch, predict
+from evaluation.inference import eval_loader, evaluate, move_batch, predict
 from evaluation.leaks import leak_check
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 from evaluation.native import NativeCounts
@@ -80,11 +79,6 @@ def check_options(opts: TestOptions) -> None:
         raise ConfigError(f"--bootstrap must be >= 0 (0: no intervals), got {opts.bootstrap}")
 
 
-def _loader(cfg: Config, dataset, batch_size: Optional[int], num_workers: Optional[int]) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, shuffle=False,
-                      num_workers=cfg.data.num_workers if num_workers is None else num_workers)
-
-
 def tune_threshold(counts: np.ndarray, annotated: np.ndarray, candidates: list[float]
                    ) -> tuple[float, dict[float, float]]:
     """The candidate with the best per-image tumour Dice (native size); `counts` is (N, candidates, 4).
@@ -110,7 +104,7 @@ def validation_pass(model: nn.Module, cfg: Config, split_path: Path, device: tor
     native = NativeCounts(dataset.samples, thresholds, cfg.data.resize)
     logits, labels, ids = [], [], []
     model.eval()
-    for batch in tqdm(_loader(cfg, dataset, opts.batch_size, opts.num_workers), desc="validation split",
+    for batch in tqdm(eval_loader(cfg, dataset, opts.batch_size, opts.num_workers), desc="validation split",
                       leave=False, disable=not opts.show_progress):
         batch = move_batch(batch, device)
         outputs = predict(model, batch["image"], tta=opts.tta)
@@ -251,7 +245,7 @@ def run_test(opts: TestOptions) -> dict:
             logit_parts.append(outputs["cls"].cpu())
 
     loss_fn = MultiTaskLoss(cfg.loss, class_counts=ckpt.get("class_counts")).to(device)
-    counted = evaluate(model, _loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
+    counted = evaluate(model, eval_loader(cfg, dataset, opts.batch_size, opts.num_workers), metrics, device, loss_fn,
                        eval_dtype(cfg.eval, device), tta=opts.tta, show_progress=opts.show_progress,
                        desc=f"test {opts.split}", on_batch=keep)
     records = metrics.per_image_records()

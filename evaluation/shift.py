@@ -27,14 +27,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from torch.utils.data import DataLoader
 
 from datasets import CLASS_NAMES
 from datasets.errors import DataError
 from datasets.factory import build_eval_dataset
 from datasets.mri_shifts import MAX_SEVERITY, SEVERITIES, SHIFT_NAMES, ShiftHook, severity_params
 from datasets.transforms import MRI_AUGMENTS
-from evaluation.inference import evaluate
+from evaluation.inference import eval_loader, evaluate
 from evaluation.metrics import MultiTaskMetrics
 from model.loading import load_model_from_checkpoint
 from utils.checkpoint import CheckpointError
@@ -137,8 +136,7 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
     run_dir = Path(checkpoint).resolve().parent
     dataset = build_eval_dataset(cfg.data, split, run_dir / "split.json", verbose=show_progress)
     threshold = cfg.eval.threshold if threshold is None else threshold
-    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, shuffle=False,
-                        num_workers=cfg.data.num_workers if num_workers is None else num_workers)
+    loader = eval_loader(cfg, dataset, batch_size, num_workers)
     metrics = MultiTaskMetrics(cfg.model.num_classes, CLASS_NAMES, threshold=threshold)
 
     def score(hook: Optional[ShiftHook], desc: str) -> dict:

@@ -17,3 +17,11 @@ def run_entry(args: list[str], cwd: Path, timeout: int = 300, env_extra: dict | 
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def copy_test_images(root: Path, folder: Path, class_name: str = "glioma", count: int = 2) -> Path:
+    """`count` test images of one class of a BRISC-layout `root`, copied into a new `folder` (for --input)."""
+    folder.mkdir()
+    for image in sorted((root / "classification_task" / "test" / class_name).glob("*.jpg"))[:count]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    return folder

@@ -19,7 +19,7 @@ from model import build_model
 from model.freeze import set_encoder_frozen
 from model.hac_caspp_unet import CASPP, HACBlock
 from model.pretrained import PretrainedWeightsError
-from tests.helpers import REPO, run_entry
+from tests.helpers import REPO, copy_test_images, run_entry
 from utils.config import ConfigError, LossConfig, OptimConfig
 
 NEW_MODELS = ["hac_caspp_unet", "efficientnet_b0_cls"]
@@ -227,10 +227,7 @@ def test_efficientnet_b0_cls_trains_and_tests_without_segmentation_figures(tiny_
 
     from evaluation.folder import predict_folder
 
-    folder = tmp_path / "unlabelled"
-    folder.mkdir()
-    for image in sorted((tiny_brisc / "classification_task" / "test" / "glioma").glob("*.jpg"))[:2]:
-        (folder / image.name).write_bytes(image.read_bytes())
+    folder = copy_test_images(tiny_brisc, tmp_path / "unlabelled")
     predict_folder(run_dir / "best.pth", folder, tmp_path / "pred")
     rows = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("file,predicted_class,p_glioma")

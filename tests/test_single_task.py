@@ -13,7 +13,7 @@ from evaluation.metrics import MultiTaskMetrics
 from losses import MultiTaskLoss
 from model import build_model
 from model.loading import assign_tasks
-from tests.helpers import REPO, run_entry
+from tests.helpers import REPO, copy_test_images, run_entry
 from utils.cli import run_main
 from utils.config import ConfigError, LossConfig, config_from_dict, load_config
 
@@ -160,10 +160,7 @@ def test_segmentation_only_run_trains_tests_and_tabulates_without_class_figures(
 
     from evaluation.folder import predict_folder
 
-    folder = tmp_path / "unlabelled"
-    folder.mkdir()
-    for image in sorted((tiny_brisc / "classification_task" / "test" / "glioma").glob("*.jpg"))[:2]:
-        (folder / image.name).write_bytes(image.read_bytes())
+    folder = copy_test_images(tiny_brisc, tmp_path / "unlabelled")
     predict_folder(run_dir / "best.pth", folder, tmp_path / "pred")
     lines = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
     assert len(lines) == 3 and lines[0] == "file,tumour_pixels,status,error"  # no class columns
