@@ -501,7 +501,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs = plan_runs(args.config, args.opts, settings, seeds, out, length_overrides(args.epochs, args.budget_min))
     measures = {s.name: measure(next(r.cfg for r in runs if r.setting is s), s.name) for s in settings}
 
-    print(f"[sweep] {len(settings)} settings x {len(seeds)} seeds = {len(runs)} runs into {out}; "
+    print(f"[sweep] {len(settings)} setting(s) x {len(seeds)} seed(s) = {len(runs)} runs into {out}; "
           f"{length_label(runs[0].cfg)}; scored on the {args.split} split")
     for setting in settings:
         size = measures[setting.name]

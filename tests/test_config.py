@@ -72,6 +72,7 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_dotted_override_sets_one_entry_of_model_kwargs():
-    cfg = config_from_dict({"model": {"kwargs": {"ham_rank": 8}}}, ["model.kwargs.context=none", "model.kwargs.se=false"])
+    cfg = config_from_dict({"model": {"kwargs": {"ham_rank": 8}}},
+                           ["model.kwargs.context=none", "model.kwargs.se=false"])
     assert cfg.model.kwargs == {"ham_rank": 8, "context": "none", "se": False}
     assert config_from_dict({"model": {"kwargs": {"ham_rank": 8}}}, ["model.kwargs={}"]).model.kwargs == {}

@@ -103,7 +103,8 @@ def test_aggregation_is_mean_and_sample_std_by_hand():
     rows = [{"setting": Setting("s", ["optim.lr=0.1"]), "seeds": [0, 1, 2], "done": results, "failed": [],
              "summary": summary, "params": 1_385_359, "gmacs": 0.0572}]
     table = render_markdown(rows, "t", "val")
-    assert "| s | `optim.lr=0.1` | 3/3 | 70.00 ± 26.46 | – | 70.00 ± 10.00 | 20.00 ± 10.00 | 1.385 | 0.057 |" in table
+    row = "| s | `optim.lr=0.1` | 3/3 | 70.00 ± 26.46 | – | 70.00 ± 10.00 | 20.00 ± 10.00 | 1.385 | 0.057 |"
+    assert row in table
 
 
 def test_sweep_runs_records_failures_and_resumes(tiny_brisc, tmp_path, capsys, one_thread):
