@@ -7,7 +7,9 @@
     pooled Hamburger features -> MLP (dropout before the last linear) -> class logits
     training only, with deep supervision: 1x1 auxiliary segmentation heads on the stride-8 and stride-16 levels.
 
-Every setting is a constructor keyword (and so a `model.kwargs` entry of the config).
+Every setting is a constructor keyword (and so a `model.kwargs` entry of the config). Ablation switches, each
+defaulting to the model above: `context` (nmf | breads | attention | none), `se` (SE blocks on/off) and
+`decoder` (fpn | single).
 """
 from __future__ import annotations
 
@@ -56,6 +58,26 @@ def _build_stage(in_channels: int, expansion: float, out_channels: int, blocks: 
     return nn.Sequential(*layers)
 
 
+class SingleScaleDecoder(nn.Module):
+    """The ablation baseline of the FPN: one level from the stride-8 encoder map (lateral 1x1 + smoothing).
+
+    Neither the deeper stages nor the global context reach it; returns a one-element list like `FPNDecoder`.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: int) -> None:
+        super().__init__()
+        self.lateral = ConvBNAct(in_channels[1], channels, 1, act=None)
+        self.smooth = DepthwiseSeparableConv(channels, channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.smooth(self.lateral(features[1]))]
+
+
+# `context` choices -> the Hamburger's ham ("none": no global-context module at all).
+CONTEXTS = {"nmf": "nmf", "breads": "none", "attention": "attention", "none": None}
+DECODERS = ("fpn", "single")
+
+
 class FPNDecoder(nn.Module):
     """Top-down feature pyramid: level_i = smooth_i(lateral_i(c_i) + upsample(level_{i+1})).
 
@@ -97,14 +119,26 @@ class EfficientMTNet(nn.Module):
         cls_hidden: hidden width of the classification MLP.
         pretrained: a local weights file for the encoder (a state_dict of `model.encoder`, or a whole-model
             checkpoint of this architecture, e.g. a previous run's best.pth); no ImageNet weights exist.
+        context: the global-context module on the stride-32 features: "nmf" (the Hamburger), "breads" (its two
+            1x1 projections, residual, without the decomposition), "attention" (the breads around softmax
+            self-attention of the same width, `attn_heads` heads: a non-local block) or "none" (identity).
+        attn_heads: heads of the attention context (must divide the Hamburger width).
+        se: Squeeze-and-Excitation in the stages that have it (False sets every stage's SE ratio to 0).
+        decoder: "fpn" (the top-down pyramid fused at stride 4) or "single" (one level from the stride-8 encoder
+            map, `SingleScaleDecoder`); "single" has no deeper levels, hence no auxiliary heads.
     """
 
     def __init__(self, num_classes: int = 4, in_channels: int = 3, deep_supervision: bool = True,
                  width_mult: float = 1.0, dropout: float = 0.2, stem_channels: int = 16,
                  stages: Sequence[Sequence[float]] = DEFAULT_STAGES, ham_channels: int = 64, ham_rank: int = 16,
                  ham_train_steps: int = 6, ham_eval_steps: int = 7, ham_inv_t: float = 1.0,
-                 decoder_channels: int = 48, cls_hidden: int = 128, pretrained: Optional[str] = None) -> None:
+                 decoder_channels: int = 48, cls_hidden: int = 128, pretrained: Optional[str] = None,
+                 context: str = "nmf", attn_heads: int = 1, se: bool = True, decoder: str = "fpn") -> None:
         super().__init__()
+        if context not in CONTEXTS:
+            raise ValueError(f"EfficientMTNet 'context' must be one of {', '.join(CONTEXTS)}; got {context!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"EfficientMTNet 'decoder' must be one of {', '.join(DECODERS)}; got {decoder!r}")
         if len(stages) != 4 or any(len(row) != 4 for row in stages):
             raise ValueError("EfficientMTNet 'stages' needs four rows (expansion, channels, blocks, se_ratio) for "
                              f"strides 4, 8, 16, 32; got {stages!r}")
@@ -115,7 +149,9 @@ class EfficientMTNet(nn.Module):
             return make_divisible(channels * width_mult)
 
         self.num_classes = num_classes
-        self.deep_supervision = deep_supervision
+        self.deep_supervision = deep_supervision and decoder == "fpn"  # a single level has no deeper ones
+        if not se:
+            stages = [(*row[:3], 0.0) for row in stages]
 
         stem_out = width(stem_channels)
         encoder: dict[str, nn.Module] = {"stem": ConvBNAct(in_channels, stem_out, 3, stride=2)}
@@ -129,13 +165,15 @@ class EfficientMTNet(nn.Module):
             previous = out
         self.encoder = nn.ModuleDict(encoder)
 
-        self.context = Hamburger(channels[-1], width(ham_channels), ham_rank, ham_train_steps, ham_eval_steps,
-                                 ham_inv_t)
+        ham = CONTEXTS[context]
+        self.context = nn.Identity() if ham is None else Hamburger(
+            channels[-1], width(ham_channels), ham_rank, ham_train_steps, ham_eval_steps, ham_inv_t, ham=ham,
+            heads=attn_heads)
         dec = width(decoder_channels)
-        self.decoder = FPNDecoder(channels, dec)
-        self.seg_head = nn.Conv2d(dec, 1, 1)  # on the smoothed stride-4 level
+        self.decoder = FPNDecoder(channels, dec) if decoder == "fpn" else SingleScaleDecoder(channels, dec)
+        self.seg_head = nn.Conv2d(dec, 1, 1)  # on the finest decoder level (stride 4; "single": stride 8)
         # auxiliary heads on the stride-8 and stride-16 decoder levels (in the order of `aux`)
-        self.aux_heads = nn.ModuleList(nn.Conv2d(dec, 1, 1) for _ in range(2)) if deep_supervision else None
+        self.aux_heads = nn.ModuleList(nn.Conv2d(dec, 1, 1) for _ in range(2)) if self.deep_supervision else None
         hidden = width(cls_hidden)
         self.cls_head = nn.Sequential(nn.Linear(channels[-1], hidden), nn.ReLU(), nn.Dropout(dropout),
                                       nn.Linear(hidden, num_classes))

@@ -9,6 +9,10 @@ NMF uses Lee & Seung's multiplicative updates for the Frobenius norm, which keep
 and never increase the reconstruction error. As in the paper, the iterations run without autograd and only
 one last coefficient update is differentiated (the "one-step gradient"): back-propagating through every
 iteration is slower and, per the paper, trains worse.
+
+For ablations the ham can be swapped while the breads stay: `ham="none"` keeps the two 1x1 projections with
+nothing between them (what the decomposition adds beyond a residual bottleneck), `ham="attention"` puts
+softmax self-attention among the pixels in its place (`SelfAttention2D`, the paper's comparison).
 """
 from __future__ import annotations
 
@@ -132,15 +136,64 @@ class NMF2D(nn.Module):
                 f"inv_t={self.inv_t}, random_train_bases={self.random_train_bases}")
 
 
+class SelfAttention2D(nn.Module):
+    """Multi-head softmax self-attention among the pixels of a (B, C, H, W) map (a non-local block's core).
+
+    q, k, v are 1x1 projections of the input (C -> C each, split into `heads` heads of C / heads channels);
+    every pixel attends to every pixel with weights softmax(q k^T / sqrt(C / heads)). The output has the
+    input's shape. Its cost grows with the square of the pixel count (NMF's grows linearly).
+    """
+
+    def __init__(self, channels: int, heads: int = 1) -> None:
+        super().__init__()
+        if heads < 1 or channels % heads:
+            raise ValueError(f"SelfAttention2D needs heads >= 1 dividing the {channels} channels, got heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+
+    def matmul_macs(self, input_shape: torch.Size) -> int:
+        """Multiply-accumulates of q k^T and the weighted sum of v (FLOP counters of modules cannot see them)."""
+        from utils.flops import attention_macs
+
+        b, c, h, w = input_shape
+        return attention_macs(h * w, h * w, c, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # (B, 3C, H, W) -> three (B, heads, N, C / heads)
+        q, k, v = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(-1, -2).reshape(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}"
+
+
+HAMS = ("nmf", "none", "attention")
+
+
 class Hamburger(nn.Module):
-    """x + upper_bread(ham(lower_bread(x))): a global-context residual block whose output has the shape of x."""
+    """x + upper_bread(ham(lower_bread(x))): a global-context residual block whose output has the shape of x.
+
+    `ham`: "nmf" (the matrix decomposition), "none" (identity: the breads alone) or "attention"
+    (`SelfAttention2D` with `heads` heads on the ham_channels-wide map).
+    """
 
     def __init__(self, channels: int, ham_channels: int = 64, rank: int = 16, train_steps: int = 6,
-                 eval_steps: int = 7, inv_t: float = 1.0, random_train_bases: bool = True, seed: int = 0) -> None:
+                 eval_steps: int = 7, inv_t: float = 1.0, random_train_bases: bool = True, seed: int = 0,
+                 ham: str = "nmf", heads: int = 1) -> None:
         super().__init__()
+        if ham not in HAMS:
+            raise ValueError(f"Hamburger 'ham' must be one of {', '.join(HAMS)}; got {ham!r}")
         # The ReLU makes the matrix non-negative, which NMF requires.
         self.lower_bread = nn.Sequential(nn.Conv2d(channels, ham_channels, 1), nn.ReLU())
-        self.ham = NMF2D(ham_channels, rank, train_steps, eval_steps, inv_t, random_train_bases, seed=seed)
+        if ham == "nmf":
+            self.ham: nn.Module = NMF2D(ham_channels, rank, train_steps, eval_steps, inv_t, random_train_bases,
+                                        seed=seed)
+        elif ham == "attention":
+            self.ham = SelfAttention2D(ham_channels, heads)
+        else:
+            self.ham = nn.Identity()
         self.upper_bread = ConvBNAct(ham_channels, channels, 1, act=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

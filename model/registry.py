@@ -10,7 +10,8 @@ no mask, never a fake one.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict
+import inspect
+from typing import Callable, Dict, Mapping
 
 import torch.nn as nn
 
@@ -51,6 +52,22 @@ def check_model_name(name: str, key: str = "model.name") -> None:
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise UnknownModelError(f"{key} '{name}' is not a registered model{hint} "
                             f"(python -c \"from model import list_models; print(list_models())\")")
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, object], key: str = "model.kwargs") -> None:
+    """Raise `ConfigError` naming `key.<arg>` when the registered model `name` takes no argument of that name
+    (checked on the constructor's signature, before anything is built; a model taking **kwargs accepts all)."""
+    check_model_name(name)
+    parameters = inspect.signature(_REGISTRY[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    valid = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for arg in kwargs:
+        if arg not in valid:
+            close = difflib.get_close_matches(str(arg), valid, n=1)
+            hint = f" Did you mean '{key}.{close[0]}'?" if close else ""
+            raise ConfigError(f"config key '{key}.{arg}': model '{name}' takes no argument '{arg}'.{hint} "
+                              f"Its arguments: {', '.join(valid)}")
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

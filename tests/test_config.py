@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from utils.config import Config, ConfigError, config_from_dict, load_config, save_config
 
@@ -59,6 +60,19 @@ def test_save_and_reload_roundtrip(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def _is_runs_file(path: Path) -> bool:
+    """A sweep's runs file (`runs:` at the top; checked in tests/test_sweep.py), not an experiment config."""
+    return "runs" in (yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+
+
+@pytest.mark.parametrize("path", [p for p in sorted((REPO / "configs").rglob("*.yaml")) if not _is_runs_file(p)],
+                         ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     load_config(path)
+
+
+def test_dotted_override_sets_one_entry_of_model_kwargs():
+    cfg = config_from_dict({"model": {"kwargs": {"ham_rank": 8}}},
+                           ["model.kwargs.context=none", "model.kwargs.se=false"])
+    assert cfg.model.kwargs == {"ham_rank": 8, "context": "none", "se": False}
+    assert config_from_dict({"model": {"kwargs": {"ham_rank": 8}}}, ["model.kwargs={}"]).model.kwargs == {}

@@ -10,6 +10,7 @@ rule engine itself lives in `utils/schema.py`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -363,6 +364,29 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
+def _override_tree(cfg: Config, path: list[str], value: Any) -> dict:
+    """The nested mapping that the override `path=value` merges into `cfg`.
+
+    A path that goes inside a mapping-valued key (`model.kwargs.ham_rank=8`) sets that one entry and keeps the
+    mapping's other entries (from the file or from earlier overrides); `model.kwargs={...}` replaces it whole.
+    """
+    node: Any = cfg
+    for depth, part in enumerate(path[:-1]):
+        if not (is_dataclass(node) and part in {f.name for f in fields(node)}):
+            break  # an unknown key: _merge names it
+        node = getattr(node, part)
+        if isinstance(node, dict):
+            merged = copy.deepcopy(node)
+            inner = merged
+            for sub in path[depth + 1:-1]:
+                if not isinstance(inner.get(sub), dict):
+                    inner[sub] = {}
+                inner = inner[sub]
+            inner[path[-1]] = value
+            return _nest(path[:depth + 1], merged)
+    return _nest(path, value)
+
+
 SEG_TERMS = ("bce", "dice", "focal", "tversky")
 
 
@@ -432,7 +456,7 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: O
     _merge(cfg, raw or {}, source, origins)
     for text in overrides or []:
         path, value = parse_override(text)
-        _merge(cfg, _nest(path, value), f"from --opts {text}", origins)
+        _merge(cfg, _override_tree(cfg, path, value), f"from --opts {text}", origins)
     check_values(cfg, origins)
     validate(cfg, origins)
     _check_monitor_task(cfg, origins)

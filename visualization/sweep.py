@@ -1,0 +1,32 @@
+"""The figure of a sweep (`python -m engine.sweep`): tumour Dice against accuracy, one point per setting."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from matplotlib.figure import Figure
+
+from visualization.common import PathLike, new_figure, save_figure
+
+
+def sweep_figure(points: Sequence[dict], title: str = "") -> Figure:
+    """Each point: {"name", "accuracy": (mean, std), "dice": (mean, std)} (fractions, shown in %) with error
+    bars of one standard deviation over seeds. A setting without a figure is listed in the caption instead."""
+    fig = new_figure(7.0, 5.0)
+    ax = fig.subplots()
+    drawn = [p for p in points if "accuracy" in p and "dice" in p]
+    for point in drawn:
+        (acc, acc_std), (dice, dice_std) = point["accuracy"], point["dice"]
+        ax.errorbar(100 * acc, 100 * dice, xerr=100 * acc_std, yerr=100 * dice_std, fmt="o", capsize=3)
+        ax.annotate(point["name"], (100 * acc, 100 * dice), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    missing = [p["name"] for p in points if p not in drawn]
+    ax.set_xlabel("accuracy (%)")
+    ax.set_ylabel("tumour Dice (%)")
+    ax.grid(alpha=0.3)
+    caption = f"\nnot shown (no accuracy and Dice): {', '.join(missing)}" if missing else ""
+    ax.set_title(title + caption, fontsize=9)
+    return fig
+
+
+def save_sweep_figure(points: Sequence[dict], path: PathLike, title: str = "") -> Path:
+    return save_figure(sweep_figure(points, title), path)
