@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     from engine.loops import NonFiniteLossError  # heavy imports after the config is known to be valid
     from engine.resume import prepare_resume
     from engine.trainer import TrainingInterrupted, train
-    from model import check_model_name
+    from model import check_model_kwargs, check_model_name
     from utils.runtime import amp_dtype, select_device
 
     # Values that need the model registry or the machine, checked before anything is written.
     check_model_name(cfg.model.name)
+    check_model_kwargs(cfg.model.name, cfg.model.kwargs)
     amp_dtype(cfg.train, select_device(cfg.train.device))
     resume = prepare_resume(args.resume, cfg, args.config, args.opts) if args.resume else None
     if resume is not None and resume.finished:
