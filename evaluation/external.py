@@ -1,0 +1,454 @@
+"""Score a checkpoint on another dataset's layout: `test.py --data-root OTHER --data-format brisc|imagefolder|pairs`.
+
+- Labels. `--class-map` (or `data.class_map` of the run) maps names into a common label space: the other
+  dataset's class folder names and the model's class names both pass through it, and a name it does not list
+  maps to itself (a folder is first read through the usual aliases, e.g. `notumor` -> `no_tumor`). When every
+  model class maps to itself the model's own classes are scored as in test.py; otherwise (e.g.
+  `glioma=tumour,meningioma=tumour,pituitary=tumour,no_tumor=normal`) the predicted label is the map of the
+  model's top class and a label's probability is the sum of the probabilities of the classes that map to it.
+- Figures the layout supports, only: imagefolder has no masks (no segmentation figures), pairs no classes (no
+  classification figures); metrics.json lists the absent ones and why (`absent_figures`).
+- Overlap. Images of the other dataset with an exact or near copy (datasets.cross_check) in the data the run
+  trained on (its root's train split) or in that root's test split (seen by whoever tuned the recipe) form the
+  `leaked` subset; the rest are `leak_free`, the headline by default, as for test.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from datasets.cross_check import cross_matches, split_samples
+from datasets.errors import DataError
+from datasets.factory import build_eval_dataset, sample_index
+from datasets.imagefolder import KAGGLE_CLASS_MAP, class_folders, folder_samples
+from datasets.index import Sample, check_unique
+from datasets.naming import CLASS_NAMES, NO_TUMOR, PLANES
+from evaluation.bootstrap import resample_counts
+from evaluation.metrics import classification_figures
+from utils.config import ConfigError, DataConfig, config_from_dict, parse_override
+
+LAYOUT_TASKS = {"brisc": ("cls", "seg"), "imagefolder": ("cls",), "pairs": ("seg",)}
+WHY_ABSENT = {"imagefolder": {"segmentation": "the imagefolder layout has no masks"},
+              "pairs": {"classification": "the pairs layout has no classes"}}
+# data.* keys that describe the other dataset's layout, settable with test.py --opts
+LAYOUT_KEYS = ("train_dir", "test_dir", "class_map", "mask_suffix", "mask_threshold", "test_fraction", "split_seed",
+               "spacing")
+LABEL_INTERVALS = ("accuracy", "balanced_accuracy", "f1_macro", "detection_sensitivity", "detection_specificity")
+EXTERNAL_MD = """
+## Another dataset (`--data-format`)
+
+- Labels: `--class-map` maps the dataset's folder names and the model's class names into one label space (names
+  it does not list map to themselves). Predicted label = the map of the model's top class; a label's probability
+  = the sum of the probabilities of the model classes mapping to it.
+- `balanced_accuracy`: mean recall over the labels present in the truth. `out_of_set_rate`: share of images whose
+  predicted label is not a label of the scored split (e.g. meningioma on a glioma-vs-normal set).
+- With two labels, one of them no_tumor's: `detection_sensitivity` (recall of the tumour label),
+  `detection_specificity` (recall of the no-tumour label) and `detection_auc` (scikit-learn's ROC AUC of the
+  summed tumour-label probability; none when a subset holds one label only).
+- `leaked`: images with an exact (identical decoded pixels) or near (32x32 thumbnail correlation >= the run's
+  data.near_threshold) copy in the run's training root (train and test splits); `leak_free`: the others.
+"""
+
+
+# --------------------------------------------------------------------------------------------- labels
+def parse_class_map(text: str) -> dict[str, str]:
+    """`name=label,name=label` or a YAML file holding such a mapping (or a config with `data.class_map`)."""
+    source = "--class-map"
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"--class-map file '{path}' does not exist; give NAME=LABEL,... or a YAML mapping file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--class-map file '{path}' is not valid YAML: {exc}") from exc
+        if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+            raw = raw["data"].get("class_map", {})
+        source = f"--class-map file '{path}'"
+    else:
+        raw = {}
+        for entry in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, label = (piece.strip() for piece in entry.partition("="))
+            if not (sep and name and label):
+                raise ConfigError(f"--class-map entry '{entry}' must look like NAME=LABEL (e.g. notumor=normal)")
+            raw[name] = label
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise ConfigError(f"{source} must map names to labels (strings), got {raw!r}; in YAML quote names such as "
+                          "'yes', 'no' or 'on', which would otherwise read as true / false")
+    return raw
+
+
+@dataclass
+class LabelSpace:
+    """The labels the model can predict after the class map, and how names reach them."""
+
+    class_map: dict[str, str]
+    names: list[str]  # labels, in the order of the first model class mapping to each
+    of_model_class: list[int]  # model class k -> index into names
+
+    @property
+    def is_model_space(self) -> bool:
+        """Every model class maps to itself: the model's own classes are scored."""
+        return self.names == list(CLASS_NAMES)
+
+    @property
+    def negative(self) -> Optional[int]:
+        """The label of no_tumor (the negative of tumour detection)."""
+        return self.of_model_class[NO_TUMOR]
+
+    def resolve(self, name: str) -> str:
+        """A name's label: the map's entry for it, else that of its usual alias (notumor -> no_tumor), else itself."""
+        if name in self.class_map:
+            return self.class_map[name]
+        alias = KAGGLE_CLASS_MAP.get(name, name)
+        return self.class_map.get(alias, alias)
+
+    def label_of_folder(self, folder: Path) -> int:
+        """The label index of a class folder; a folder whose label no model class reaches is an error."""
+        label = self.resolve(folder.name)
+        if label not in self.names:
+            raise ConfigError(
+                f"class folder '{folder}' maps to '{label}', which the model cannot predict (its classes map to: "
+                f"{', '.join(self.names)}); map it with --class-map '{folder.name}=<one of those>' (and map the "
+                f"model's classes onto the same labels, e.g. glioma=tumour,meningioma=tumour,pituitary=tumour,"
+                f"no_tumor=normal) or leave the folder out")
+        return self.names.index(label)
+
+
+def label_space(class_map: Optional[Mapping[str, str]], class_names: Sequence[str] = CLASS_NAMES) -> LabelSpace:
+    space = LabelSpace(dict(class_map or {}), [], [])
+    for name in class_names:
+        label = space.resolve(name)
+        if label not in space.names:
+            space.names.append(label)
+        space.of_model_class.append(space.names.index(label))
+    return space
+
+
+def external_index(data_cfg: DataConfig, space: LabelSpace) -> Callable[[Path, str], list[Sample]]:
+    """The layout's indexer, labelling imagefolder samples by `space` (pairs: unlabelled; brisc: the model's
+    classes, mapped afterwards by `truth_labels`, so no-tumour images keep their empty masks)."""
+    if data_cfg.format != "imagefolder":
+        return sample_index(data_cfg)
+
+    def index(root: Path, split: str) -> list[Sample]:
+        _, class_dirs = class_folders(root, split, data_cfg.train_dir, data_cfg.test_dir)
+        samples = [s for d in class_dirs for s in folder_samples(d, space.label_of_folder(d))]
+        samples.sort(key=lambda s: s.stem)
+        check_unique(samples)
+        return samples
+
+    return index
+
+
+def truth_labels(labels: np.ndarray, fmt: str, space: LabelSpace) -> np.ndarray:
+    """Label-space indices of the true labels of scored samples (brisc samples carry model-class indices)."""
+    return np.asarray(space.of_model_class)[labels] if fmt == "brisc" else labels
+
+
+def label_probabilities(probs: np.ndarray, space: LabelSpace) -> np.ndarray:
+    """(N, labels): each label's probability, the sum over the model classes mapping to it."""
+    membership = np.zeros((len(space.of_model_class), len(space.names)))
+    membership[np.arange(len(space.of_model_class)), space.of_model_class] = 1.0
+    return probs @ membership
+
+
+def layout_settings(data: DataConfig, overrides: Sequence[str]) -> tuple[dict, set[str]]:
+    """({layout key: value}, keys the overrides set): the run's `data.*` layout keys (spacing: none, the run's
+    is its own data's) with `overrides` (`data.mask_suffix=_mask`, ...) applied and validated by the schema."""
+    keys = set()
+    for text in overrides:
+        path, _ = parse_override(text)
+        if len(path) < 2 or path[0] != "data" or path[1] not in LAYOUT_KEYS:
+            raise ConfigError(f"--opts {text}: with --data-format, --opts sets the other dataset's layout keys only "
+                              f"(data.{', data.'.join(LAYOUT_KEYS)})")
+        keys.add(path[1])
+    base = {key: getattr(data, key) for key in LAYOUT_KEYS}
+    base["spacing"] = None
+    checked = config_from_dict({"data": base}, list(overrides)).data
+    return {key: getattr(checked, key) for key in LAYOUT_KEYS}, keys
+
+
+# --------------------------------------------------------------------------------------------- figures
+def label_figures(truth: np.ndarray, pred: np.ndarray, probs: Optional[np.ndarray], space: LabelSpace) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, per-label precision / recall / F1, the out-of-set rate and, for two
+    labels one of which is no_tumor's, tumour detection sensitivity, specificity and ROC AUC."""
+    m = len(space.names)
+    confusion = np.zeros((m, m), dtype=np.int64)
+    np.add.at(confusion, (truth, pred), 1)
+    figures = classification_figures(confusion.tolist(), space.names)
+    present = sorted(set(truth.tolist()))
+    recalls = [figures[f"recall_{space.names[c]}"] for c in present]
+    figures["balanced_accuracy"] = float(np.mean(recalls)) if recalls else None
+    outside = ~np.isin(pred, present)
+    figures.update({"out_of_set_rate": float(outside.mean()) if len(pred) else None,
+                    "num_out_of_set": int(outside.sum()), "labels_in_truth": [space.names[c] for c in present]})
+    if m == 2 and space.negative is not None:
+        negative = space.negative
+        positive = 1 - negative
+        figures.update({"positive_label": space.names[positive], "negative_label": space.names[negative],
+                        "detection_sensitivity": figures[f"recall_{space.names[positive]}"],
+                        "detection_specificity": figures[f"recall_{space.names[negative]}"], "detection_auc": None})
+        if probs is not None and len(present) == 2:
+            from sklearn.metrics import roc_auc_score
+
+            figures["detection_auc"] = float(roc_auc_score(truth == positive, probs[:, positive]))
+    return figures
+
+
+def label_intervals(truth: np.ndarray, pred: np.ndarray, m: int, negative: Optional[int], resamples: int, seed: int,
+                    level: float = 0.95) -> dict:
+    """Percentile-bootstrap intervals (per-image resampling) of `LABEL_INTERVALS` for `m` labels."""
+    if not len(truth) or not resamples:
+        return {}
+    counts = resample_counts(len(truth), resamples, seed)
+    cells = np.zeros((len(truth), m * m))
+    cells[np.arange(len(truth)), truth * m + pred] = 1.0
+    confusion = (counts @ cells).reshape(-1, m, m)
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    support, predicted = confusion.sum(2), confusion.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, tp / support, np.nan)
+        f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)
+        present = support + predicted > 0
+        values = {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": (f1 * present).sum(1) / present.sum(1),
+                  "balanced_accuracy": np.nanmean(np.where(support > 0, recall, np.nan), axis=1)}
+    if m == 2 and negative is not None:
+        values["detection_sensitivity"], values["detection_specificity"] = recall[:, 1 - negative], recall[:, negative]
+    tail = 100 * (1 - level) / 2
+    out = {}
+    for name in LABEL_INTERVALS:
+        finite = values.get(name, np.array([]))[np.isfinite(values.get(name, np.array([])))]
+        out[name] = [float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))] if len(
+            finite) else None
+    return out
+
+
+# --------------------------------------------------------------------------------------------- overlap
+def overlap_check(eval_samples: Sequence[Sample], trained: DataConfig, cache_dir: Optional[Path] = None
+                  ) -> tuple[Optional[dict[str, list[str]]], dict]:
+    """(evaluated stem -> `split/stem` of its copies in the run's training root, or None when that root cannot
+    be read; a description for metrics.json with the excluded images, exact or near, and the counts)."""
+    root = Path(trained.root)
+    try:
+        seen = split_samples(root, sample_index(trained))
+    except DataError as exc:
+        return None, {"applied": False, "reason": f"the run's training data '{root}' could not be read ({exc}); "
+                                                  "no overlap-free subset"}
+    if "train" not in seen:
+        return None, {"applied": False, "reason": f"the run's training data '{root}' has no readable train split"}
+    leaked: dict[str, list[str]] = {}
+    kinds: dict[str, dict[str, str]] = {}
+    for split, samples in seen.items():
+        for stem, found in cross_matches(eval_samples, samples, trained.near_threshold, cache_dir).items():
+            leaked.setdefault(stem, []).extend(f"{split}/{m}" for m in found["matches"])
+            kinds.setdefault(stem, {})[split] = found["kind"]
+    excluded = []
+    for stem in sorted(leaked):
+        kind = "exact" if "exact" in kinds[stem].values() else "near"
+        where = " and ".join(f"{split} ({k})" for split, k in sorted(kinds[stem].items()))
+        excluded.append({"stem": stem, "kind": kind, "matches": sorted(leaked[stem]),
+                         "reason": f"{'identical decoded pixels' if kind == 'exact' else 'thumbnail correlation >= '}"
+                                   f"{'' if kind == 'exact' else trained.near_threshold} to image(s) of {root}: {where}"})
+    by_split = {split: {"images": len(samples),
+                        "exact": sum(1 for k in kinds.values() if k.get(split) == "exact"),
+                        "near": sum(1 for k in kinds.values() if k.get(split) == "near")} for split, samples in seen.items()}
+    info = {"applied": True, "against": f"{root} ({' and '.join(f'{s} split' for s in seen)})",
+            "num_training_images": sum(len(v) for v in seen.values()), "near_threshold": trained.near_threshold,
+            "method": "datasets.cross_check.cross_matches (identical decoded pixels, or 32x32 thumbnail correlation "
+                      ">= near_threshold)",
+            "num_exact": sum(1 for e in excluded if e["kind"] == "exact"),
+            "num_near": sum(1 for e in excluded if e["kind"] == "near"), "by_split": by_split, "excluded": excluded}
+    return leaked, info
+
+
+# --------------------------------------------------------------------------------------------- the run
+def output_name(data_root: str, folder: str) -> str:
+    """`test_ext_<root name>_<rest of test.py's folder name>`, e.g. test_ext_kaggle_test_tta."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data_root).resolve().name) or "data"
+    return f"test_ext_{name}_{folder[len('test_'):]}"
+
+
+def _check_external_options(opts, has_cls: bool, has_seg: bool) -> tuple[bool, bool]:
+    """(score classification, score segmentation) for the layout; refuses options that do not apply."""
+    if not opts.data_root:
+        raise ConfigError("--data-format scores another dataset: give its root with --data-root")
+    if opts.data_format not in LAYOUT_TASKS:
+        raise ConfigError(f"--data-format must be one of {', '.join(LAYOUT_TASKS)}, got '{opts.data_format}'")
+    if opts.split == "val":
+        raise ConfigError("--split val is part of the run's own training data; with --data-format score the other "
+                          "dataset's test (or train) split")
+    if opts.gradcam:
+        raise ConfigError("--gradcam is not available with --data-format; drop it")
+    if opts.gate_masks:
+        raise ConfigError("--gate-masks is not available with --data-format (masks are scored ungated); drop it")
+    tasks = LAYOUT_TASKS[opts.data_format]
+    score_cls, score_seg = has_cls and "cls" in tasks, has_seg and "seg" in tasks
+    if not (score_cls or score_seg):
+        raise ConfigError(f"the {opts.data_format} layout has {'classes' if 'cls' in tasks else 'masks'} only and "
+                          "the model predicts none of them: nothing to score")
+    return score_cls, score_seg
+
+
+def run_external_test(opts) -> dict:
+    """Evaluate `opts.checkpoint` on the `opts.split` split of the dataset at `opts.data_root` (layout
+    `opts.data_format`); write metrics.json, per_image.csv, reports; return the metrics."""
+    from evaluation.breakdowns import breakdowns
+    from evaluation.calibration import calibration_summary, softmax
+    from evaluation.conventions import CONVENTIONS_MD, output_folder_name
+    from evaluation.inference import collect_outputs, eval_loader
+    from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
+    from evaluation.native import NativeCounts
+    from evaluation.per_image import per_image_rows, write_per_image_csv
+    from evaluation.report import check_options, distance_unit, fit_on_validation, per_image_table, print_summary, \
+        score_subsets
+    from model.loading import load_model_from_checkpoint
+    from utils.runs import write_json_atomic
+    from utils.runtime import eval_dtype, select_device
+    from visualization.confusion import save_confusion_matrix
+
+    check_options(opts)
+    device = select_device(opts.device, key="--device")
+    model, cfg, ckpt = load_model_from_checkpoint(opts.checkpoint, device, use_ema=opts.use_ema)
+    tasks = getattr(model, "tasks", ("cls", "seg"))
+    score_cls, score_seg = _check_external_options(opts, "cls" in tasks, "seg" in tasks)
+    run_dir = Path(opts.checkpoint).resolve().parent
+    split_path = run_dir / "split.json"
+    trained = dataclasses.replace(cfg.data)  # the data the run trained on: the overlap check's reference
+    threshold, tuning, temperature = fit_on_validation(model, cfg, split_path, device, opts)  # on the run's val
+    layout, _ = layout_settings(cfg.data, opts.data_opts or [])
+    space = label_space(opts.class_map if opts.class_map is not None else layout["class_map"])
+    # the other dataset's pixel spacing: --spacing or --opts data.spacing=[r,c] (the run's data.spacing is its own)
+    spacing = opts.spacing or layout["spacing"]
+    data = dataclasses.replace(cfg.data, root=str(opts.data_root), format=opts.data_format, synthetic=False,
+                               **{**layout, "class_map": {}, "spacing": spacing})
+    cfg.data = data
+    out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / output_name(opts.data_root, output_folder_name(
+        opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate,
+        checkpoint=Path(opts.checkpoint).stem, raw_weights=bool(not opts.use_ema and ckpt.get("ema"))))
+
+    dataset = build_eval_dataset(data, opts.split, None, verbose=False, index=external_index(data, space))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = cfg.model.num_classes
+    seg_metrics = MultiTaskMetrics(num_classes, CLASS_NAMES, threshold=threshold, keep_per_image=True)
+    native = NativeCounts(dataset.samples, [threshold], data.resize, boundary=True, spacing=spacing or (1.0, 1.0))
+
+    def on_seg(seg: torch.Tensor, batch: dict) -> None:
+        if score_seg:
+            seg_metrics.update({"seg": seg}, batch)
+            native.update(seg, batch["id"])
+
+    logits_t, labels_t, ids = collect_outputs(
+        model, eval_loader(cfg, dataset, opts.batch_size, opts.num_workers), device, opts.tta,
+        eval_dtype(cfg.eval, device), opts.show_progress, f"{opts.data_format} {opts.split}", keep_cls=score_cls,
+        on_seg=on_seg)
+    logits = None if logits_t is None else logits_t.numpy()
+    labels = labels_t.numpy()
+    records = seg_metrics.per_image_records() if score_seg else [
+        {"id": stem, "label": int(label)} for stem, label in zip(ids, labels)]
+    table = per_image_table(records, logits if space.is_model_space else None, native if score_seg else None,
+                            {s.stem: s.plane for s in dataset.samples})
+
+    leaked, leak_info = overlap_check(dataset.samples, trained, cache_dir=run_dir / "leak_check")
+    indices, subsets = score_subsets(table, leaked, num_classes, opts.bootstrap, opts.seed)
+    headline = opts.subset if opts.subset in indices else "all"
+    if headline != opts.subset:
+        print(f"note: no overlap check ({leak_info['reason']}); headline subset: all")
+    if leaked is not None:
+        leak_info["num_leaked"] = len(indices["leaked"])
+    subsets["all"]["loss"] = None
+    truth = pred = label_probs = None
+    if score_cls:  # figures in the label space (the model's own classes when the map leaves them alone)
+        truth = truth_labels(labels, data.format, space)
+        pred = np.asarray(space.of_model_class)[logits.argmax(1)]
+        label_probs = label_probabilities(softmax(logits, temperature or 1.0), space)
+        for name, index in indices.items():
+            if not len(index):
+                continue
+            figures = label_figures(truth[index], pred[index], label_probs[index], space)
+            subsets[name].update(figures)
+            if subsets[name].get("ci95") is not None:
+                subsets[name]["ci95"].update(label_intervals(truth[index], pred[index], len(space.names),
+                                                             space.negative, opts.bootstrap, opts.seed))
+    calibration = calibration_summary(logits[indices[headline]], labels[indices[headline]], temperature or 1.0) \
+        if score_cls and space.is_model_space else None
+    breakdown = breakdowns(table, indices[headline], CLASS_NAMES, list(PLANES)) if space.is_model_space or (
+        not score_cls) else None
+
+    absent = dict(WHY_ABSENT.get(data.format, {}))
+    if not score_cls and "classification" not in absent:
+        absent["classification"] = "the model has no trained classifier"
+    if not score_seg and "segmentation" not in absent:
+        absent["segmentation"] = "the model has no segmentation output"
+    absent["loss"] = "the training loss is not defined on another dataset"
+    if not space.is_model_space and score_cls:
+        absent["calibration"] = "calibration is reported for the model's own classes only"
+    num_params = sum(p.numel() for p in model.parameters())
+    results = dict(subsets[headline])
+    results.update({
+        "model": cfg.model.name, "params": num_params, "split": opts.split, "data_root": str(data.root),
+        "data_format": data.format, "trained_on": str(trained.root), "headline_subset": headline,
+        "resolution": "native", "threshold": threshold if score_seg else None, "threshold_tuned": opts.tune_threshold,
+        "tta": opts.tta, "temperature": temperature, "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"),
+        "image_size": data.image_size, "resize": data.resize, "gate_masks": False,
+        "ema_weights": bool(opts.use_ema and ckpt.get("ema")), "loss": None, "subsets": subsets,
+        "leak_check": leak_info, "breakdowns": breakdown, "calibration": calibration,
+        "distance_unit": distance_unit(spacing), "spacing": spacing,
+        "label_space": {"scoring": "model classes" if space.is_model_space else "mapped labels",
+                        "labels": space.names, "class_map": space.class_map,
+                        "model_classes": {c: space.names[i] for c, i in zip(CLASS_NAMES, space.of_model_class)}},
+        "absent_figures": absent,
+    })
+    if tuning:
+        results["threshold_tuning"] = tuning
+    write_json_atomic(results, out_dir / "metrics.json")
+
+    (out_dir / "metric_definitions.md").write_text(METRIC_DEFINITIONS_MD + "\n" + CONVENTIONS_MD + EXTERNAL_MD,
+                                                   encoding="utf-8")
+    subset_of = {} if leaked is None else {s: "leaked" if s in leaked else "leak_free" for s in table.stems}
+    rows = per_image_rows(table, subset_of, CLASS_NAMES, temperature or 1.0)
+    report = ""
+    if score_cls:
+        from sklearn.metrics import classification_report
+
+        save_confusion_matrix(results["confusion_matrix"], space.names, out_dir / "confusion_matrix.png")
+        report = classification_report(truth, pred, labels=list(range(len(space.names))), target_names=space.names,
+                                       digits=4, zero_division=0)
+        (out_dir / "classification_report.txt").write_text(report + "\n", encoding="utf-8")
+        rows = [_with_labels(row, n, truth, pred, logits, label_probs, space) for n, row in enumerate(rows)]
+    write_per_image_csv(rows, out_dir / "per_image.csv")
+
+    shown = f"threshold {threshold:.2f}" if score_seg else "classification only"
+    print(f"\n{cfg.model.name} ({num_params:,} parameters) trained on {trained.root}, scored on {data.root} "
+          f"({data.format}, {opts.split} split): {len(dataset)} images, {shown}"
+          f"{', flip TTA' if opts.tta else ''}")
+    if score_cls:
+        print(f"labels ({'the model' + chr(39) + 's classes' if space.is_model_space else 'mapped by the class map'}): "
+              + ", ".join(f"{name} {int((truth == k).sum())} images" for k, name in enumerate(space.names)))
+    for what, why in absent.items():
+        print(f"no {what} figures: {why}")
+    print_summary(results, bootstrap=opts.bootstrap > 0)
+    if report:
+        print(f"\nPer-label report (scikit-learn, all images):\n{report}")
+    print(f"results written to {out_dir}")
+    return results
+
+
+def _with_labels(row: dict, n: int, truth: np.ndarray, pred: np.ndarray, logits: np.ndarray,
+                 label_probs: np.ndarray, space: LabelSpace) -> dict:
+    """A per_image.csv row with the label-space columns after `plane`: true_label, pred_class (the model's top
+    class), pred_label, correct, prob_<label>; the model-class columns of the same names are replaced."""
+    head = {key: row[key] for key in ("stem", "subset", "plane")}
+    labels = {"true_label": space.names[truth[n]], "pred_class": CLASS_NAMES[int(logits[n].argmax())],
+              "pred_label": space.names[pred[n]], "correct": int(truth[n] == pred[n])}
+    labels.update({f"prob_{name}": float(label_probs[n, k]) for k, name in enumerate(space.names)})
+    rest = {key: value for key, value in row.items() if key not in head and key not in
+            ("true_class", "pred_class", "correct") and not key.startswith("prob_")}
+    return {**head, **labels, **rest}
