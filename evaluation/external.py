@@ -31,8 +31,20 @@ from datasets.imagefolder import KAGGLE_CLASS_MAP, class_folders, folder_samples
 from datasets.index import Sample, check_unique
 from datasets.naming import CLASS_NAMES, NO_TUMOR, PLANES
 from evaluation.bootstrap import resample_counts
-from evaluation.metrics import classification_figures
+from evaluation.breakdowns import breakdowns
+from evaluation.calibration import calibration_summary, softmax
+from evaluation.conventions import CONVENTIONS_MD, output_folder_name
+from evaluation.inference import collect_outputs, eval_loader
+from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics, classification_figures
+from evaluation.native import NativeCounts
+from evaluation.per_image import per_image_rows, write_per_image_csv
+from evaluation.report import (TestOptions, check_options, distance_unit, fit_on_validation, per_image_table,
+                               print_summary, score_subsets)
+from model.loading import load_model_from_checkpoint
 from utils.config import ConfigError, DataConfig, config_from_dict, parse_override
+from utils.runs import write_json_atomic
+from utils.runtime import eval_dtype, select_device
+from visualization.confusion import save_confusion_matrix
 
 LAYOUT_TASKS = {"brisc": ("cls", "seg"), "imagefolder": ("cls",), "pairs": ("seg",)}
 WHY_ABSENT = {"imagefolder": {"segmentation": "the imagefolder layout has no masks"},
@@ -254,12 +266,11 @@ def overlap_check(eval_samples: Sequence[Sample], trained: DataConfig, cache_dir
     for stem in sorted(leaked):
         kind = "exact" if "exact" in kinds[stem].values() else "near"
         where = " and ".join(f"{split} ({k})" for split, k in sorted(kinds[stem].items()))
+        how = "identical decoded pixels" if kind == "exact" else f"thumbnail correlation >= {trained.near_threshold}"
         excluded.append({"stem": stem, "kind": kind, "matches": sorted(leaked[stem]),
-                         "reason": f"{'identical decoded pixels' if kind == 'exact' else 'thumbnail correlation >= '}"
-                                   f"{'' if kind == 'exact' else trained.near_threshold} to image(s) of {root}: {where}"})
-    by_split = {split: {"images": len(samples),
-                        "exact": sum(1 for k in kinds.values() if k.get(split) == "exact"),
-                        "near": sum(1 for k in kinds.values() if k.get(split) == "near")} for split, samples in seen.items()}
+                         "reason": f"{how} to image(s) of {root}: {where}"})
+    by_split = {split: {"images": len(samples), **{kind: sum(1 for k in kinds.values() if k.get(split) == kind)
+                                                   for kind in ("exact", "near")}} for split, samples in seen.items()}
     info = {"applied": True, "against": f"{root} ({' and '.join(f'{s} split' for s in seen)})",
             "num_training_images": sum(len(v) for v in seen.values()), "near_threshold": trained.near_threshold,
             "method": "datasets.cross_check.cross_matches (identical decoded pixels, or 32x32 thumbnail correlation "
@@ -276,7 +287,7 @@ def output_name(data_root: str, folder: str) -> str:
     return f"test_ext_{name}_{folder[len('test_'):]}"
 
 
-def _check_external_options(opts, has_cls: bool, has_seg: bool) -> tuple[bool, bool]:
+def _check_external_options(opts: TestOptions, has_cls: bool, has_seg: bool) -> tuple[bool, bool]:
     """(score classification, score segmentation) for the layout; refuses options that do not apply."""
     if not opts.data_root:
         raise ConfigError("--data-format scores another dataset: give its root with --data-root")
@@ -297,23 +308,9 @@ def _check_external_options(opts, has_cls: bool, has_seg: bool) -> tuple[bool, b
     return score_cls, score_seg
 
 
-def run_external_test(opts) -> dict:
+def run_external_test(opts: TestOptions) -> dict:
     """Evaluate `opts.checkpoint` on the `opts.split` split of the dataset at `opts.data_root` (layout
     `opts.data_format`); write metrics.json, per_image.csv, reports; return the metrics."""
-    from evaluation.breakdowns import breakdowns
-    from evaluation.calibration import calibration_summary, softmax
-    from evaluation.conventions import CONVENTIONS_MD, output_folder_name
-    from evaluation.inference import collect_outputs, eval_loader
-    from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
-    from evaluation.native import NativeCounts
-    from evaluation.per_image import per_image_rows, write_per_image_csv
-    from evaluation.report import check_options, distance_unit, fit_on_validation, per_image_table, print_summary, \
-        score_subsets
-    from model.loading import load_model_from_checkpoint
-    from utils.runs import write_json_atomic
-    from utils.runtime import eval_dtype, select_device
-    from visualization.confusion import save_confusion_matrix
-
     check_options(opts)
     device = select_device(opts.device, key="--device")
     model, cfg, ckpt = load_model_from_checkpoint(opts.checkpoint, device, use_ema=opts.use_ema)
@@ -322,13 +319,13 @@ def run_external_test(opts) -> dict:
     run_dir = Path(opts.checkpoint).resolve().parent
     split_path = run_dir / "split.json"
     trained = dataclasses.replace(cfg.data)  # the data the run trained on: the overlap check's reference
-    threshold, tuning, temperature = fit_on_validation(model, cfg, split_path, device, opts)  # on the run's val
     layout, _ = layout_settings(cfg.data, opts.data_opts or [])
     space = label_space(opts.class_map if opts.class_map is not None else layout["class_map"])
     # the other dataset's pixel spacing: --spacing or --opts data.spacing=[r,c] (the run's data.spacing is its own)
     spacing = opts.spacing or layout["spacing"]
     data = dataclasses.replace(cfg.data, root=str(opts.data_root), format=opts.data_format, synthetic=False,
                                **{**layout, "class_map": {}, "spacing": spacing})
+    threshold, tuning, temperature = fit_on_validation(model, cfg, split_path, device, opts)  # on the run's val
     cfg.data = data
     out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / output_name(opts.data_root, output_folder_name(
         opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate,

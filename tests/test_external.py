@@ -118,8 +118,9 @@ def test_two_label_figures_match_scikit_learn():
 
 # --------------------------------------------------------------------------------------------- test.py runs
 def test_coarse_imagefolder_run_excludes_planted_copies(checkpoint, folders, capsys):
-    results = report.run_test(report.TestOptions(checkpoint=checkpoint, data_root=str(folders), data_format="imagefolder",
-                                   class_map=COARSE_MAP, num_workers=0, bootstrap=20, show_progress=False))
+    results = report.run_test(report.TestOptions(checkpoint=checkpoint, data_root=str(folders),
+                                                 data_format="imagefolder", class_map=COARSE_MAP, num_workers=0,
+                                                 bootstrap=20, show_progress=False))
     out = checkpoint.parent / "test_ext_folders_test"
     assert (out / "metrics.json").is_file() and not (checkpoint.parent / "test_test").exists()
     metrics = json.loads((out / "metrics.json").read_text())
