@@ -50,11 +50,18 @@ def cross_matches(samples: Sequence[Sample], others: Sequence[Sample], near_thre
                   cache_dir: Optional[Union[str, Path]] = None, workers: Optional[int] = None) -> dict[str, dict]:
     """{stem of `samples`: {"kind": "exact" | "near", "matches": [stems of `others`]}} for every image with a
     copy among `others`: `exact` when some match has identical decoded pixels, `near` when its matches only
-    correlate at >= `near_threshold` (None: exact copies only)."""
+    correlate at >= `near_threshold` (None: exact copies only). Unlike within one dataset, the very same file
+    on both sides (a root scored against itself, linked files) is a copy too: an exact one."""
     exact = leaked_stems(samples, others, None, cache_dir, workers)
     near = leaked_stems(samples, others, near_threshold, cache_dir, workers) if near_threshold is not None else exact
+    same_file = {Path(o.image).resolve(): o.stem for o in others}
+    for sample in samples:
+        twin = same_file.get(Path(sample.image).resolve())
+        if twin is not None:  # leaked_stems never matches a file with itself
+            for found in (exact, near):
+                found[sample.stem] = sorted(set(found.get(sample.stem, [])) | {twin})
     return {stem: {"kind": "exact" if stem in exact else "near", "matches": matches}
-            for stem, matches in near.items()}
+            for stem, matches in sorted(near.items())}
 
 
 def per_class_counts(samples: Sequence[Sample], matches: dict[str, dict]) -> dict[str, dict[str, int]]:

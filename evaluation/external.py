@@ -358,6 +358,10 @@ def run_external_test(opts: TestOptions) -> dict:
     headline = opts.subset if opts.subset in indices else "all"
     if headline != opts.subset:
         print(f"note: no overlap check ({leak_info['reason']}); headline subset: all")
+    elif not len(indices[headline]):  # every image has a copy in the training data
+        headline = "all"
+        leak_info["note"] = "every image has a copy in the training data: no leak-free figures; headline subset: all"
+        print(f"note: {leak_info['note']}")
     if leaked is not None:
         leak_info["num_leaked"] = len(indices["leaked"])
     subsets["all"]["loss"] = None

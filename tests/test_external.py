@@ -209,3 +209,14 @@ def test_own_classes_on_an_imagefolder_set_score_as_test_py(checkpoint, tmp_path
     rows = list(csv.DictReader(open(tmp_path / "out" / "per_image.csv", newline="")))
     assert results["accuracy"] == pytest.approx(np.mean([r["true_label"] == r["pred_label"] for r in rows]))
     assert {r["true_label"] for r in rows} <= {"glioma", "meningioma", "no_tumor", "pituitary"}
+
+
+def test_the_training_root_itself_is_all_overlap(checkpoint, tiny_brisc, tmp_path):
+    """The same files count as copies across datasets (within one dataset a file is never its own leak)."""
+    results = report.run_test(report.TestOptions(checkpoint=checkpoint, data_root=str(tiny_brisc), data_format="brisc",
+                                                 out_dir=tmp_path / "self", num_workers=0, bootstrap=0,
+                                                 show_progress=False))
+    leak = results["leak_check"]
+    assert leak["num_leaked"] == leak["num_exact"] == results["num_images"] == 16
+    assert results["headline_subset"] == "all" and "no leak-free figures" in leak["note"]
+    assert results["accuracy"] is not None and results["dice"] is not None  # brisc: both tasks
