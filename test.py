@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{flag} applies to another dataset: give --data-format (and --data-root) too")
     class_map = None
     if args.class_map is not None:
-        from evaluation.external import parse_class_map
+        from evaluation.labels import parse_class_map
 
         class_map = parse_class_map(args.class_map)
     if args.input is not None:

@@ -16,7 +16,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc
 from datasets.duplicates import read_manifest
 from datasets.layouts import generate_layout
 from datasets.synthetic import generate
-from evaluation.external import label_figures, label_space, parse_class_map
+from evaluation.labels import label_figures, label_space, parse_class_map
 from evaluation import report
 from model import build_model
 from model.loading import model_kwargs
@@ -175,6 +175,11 @@ def test_an_unmappable_folder_is_a_clear_error(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "class folder" in err and "weird" in err and "--class-map" in err
     assert not (checkpoint.parent / "test_ext_odd_test").exists()
+    assert run_main(test_entry.main, ["--checkpoint", str(checkpoint), "--class-map", "yes=tumour"]) == 2
+    assert "--class-map applies to another dataset: give --data-format" in capsys.readouterr().err
+    code = run_main(test_entry.main, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--data-format",
+                                      "imagefolder", "--opts", "data.image_size=32"])
+    assert code == 2 and "layout keys only" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------- datasets.check --against
@@ -220,3 +225,11 @@ def test_the_training_root_itself_is_all_overlap(checkpoint, tiny_brisc, tmp_pat
     assert leak["num_leaked"] == leak["num_exact"] == results["num_images"] == 16
     assert results["headline_subset"] == "all" and "no leak-free figures" in leak["note"]
     assert results["accuracy"] is not None and results["dice"] is not None  # brisc: both tasks
+
+
+def test_in_domain_boundaries_in_mm_with_a_spacing(checkpoint, tmp_path):
+    common = dict(checkpoint=checkpoint, num_workers=0, bootstrap=0, show_progress=False, subset="all")
+    pixels = report.run_test(report.TestOptions(out_dir=tmp_path / "px", **common))
+    mm = report.run_test(report.TestOptions(out_dir=tmp_path / "mm", spacing=[0.5, 0.5], **common))
+    assert (pixels["distance_unit"], mm["distance_unit"]) == ("px", "mm")
+    assert mm["hd95"] == pytest.approx(0.5 * pixels["hd95"]) and mm["dice"] == pixels["dice"]
