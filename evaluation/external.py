@@ -84,20 +84,18 @@ def truth_labels(labels: np.ndarray, fmt: str, space: LabelSpace) -> np.ndarray:
     return np.asarray(space.of_model_class)[labels] if fmt == "brisc" else labels
 
 
-def layout_settings(data: DataConfig, overrides: Sequence[str]) -> tuple[dict, set[str]]:
-    """({layout key: value}, keys the overrides set): the run's `data.*` layout keys (spacing: none, the run's
-    is its own data's) with `overrides` (`data.mask_suffix=_mask`, ...) applied and validated by the schema."""
-    keys = set()
+def layout_settings(data: DataConfig, overrides: Sequence[str]) -> dict:
+    """{layout key: value}: the run's `data.*` layout keys (spacing: none, the run's is its own data's) with
+    `overrides` (`data.mask_suffix=_mask`, ...) applied and validated by the schema."""
     for text in overrides:
         path, _ = parse_override(text)
         if len(path) < 2 or path[0] != "data" or path[1] not in LAYOUT_KEYS:
             raise ConfigError(f"--opts {text}: with --data-format, --opts sets the other dataset's layout keys only "
                               f"(data.{', data.'.join(LAYOUT_KEYS)})")
-        keys.add(path[1])
     base = {key: getattr(data, key) for key in LAYOUT_KEYS}
     base["spacing"] = None
     checked = config_from_dict({"data": base}, list(overrides)).data
-    return {key: getattr(checked, key) for key in LAYOUT_KEYS}, keys
+    return {key: getattr(checked, key) for key in LAYOUT_KEYS}
 
 
 # --------------------------------------------------------------------------------------------- overlap
@@ -176,7 +174,7 @@ def run_external_test(opts: TestOptions) -> dict:
     run_dir = Path(opts.checkpoint).resolve().parent
     split_path = run_dir / "split.json"
     trained = dataclasses.replace(cfg.data)  # the data the run trained on: the overlap check's reference
-    layout, _ = layout_settings(cfg.data, opts.data_opts or [])
+    layout = layout_settings(cfg.data, opts.data_opts or [])
     space = label_space(opts.class_map if opts.class_map is not None else layout["class_map"])
     # the other dataset's pixel spacing: --spacing or --opts data.spacing=[r,c] (the run's data.spacing is its own)
     spacing = opts.spacing or layout["spacing"]
@@ -227,27 +225,13 @@ def run_external_test(opts: TestOptions) -> dict:
         truth = truth_labels(labels, data.format, space)
         pred = np.asarray(space.of_model_class)[logits.argmax(1)]
         label_probs = label_probabilities(softmax(logits, temperature or 1.0), space)
-        for name, index in indices.items():
-            if not len(index):
-                continue
-            figures = label_figures(truth[index], pred[index], label_probs[index], space)
-            subsets[name].update(figures)
-            if subsets[name].get("ci95") is not None:
-                subsets[name]["ci95"].update(label_intervals(truth[index], pred[index], len(space.names),
-                                                             space.negative, opts.bootstrap, opts.seed))
+        add_label_figures(subsets, indices, truth, pred, label_probs, space, opts.bootstrap, opts.seed)
     calibration = calibration_summary(logits[indices[headline]], labels[indices[headline]], temperature or 1.0) \
         if score_cls and space.is_model_space else None
     breakdown = breakdowns(table, indices[headline], CLASS_NAMES, list(PLANES)) if space.is_model_space or (
         not score_cls) else None
 
-    absent = dict(WHY_ABSENT.get(data.format, {}))
-    if not score_cls and "classification" not in absent:
-        absent["classification"] = "the model has no trained classifier"
-    if not score_seg and "segmentation" not in absent:
-        absent["segmentation"] = "the model has no segmentation output"
-    absent["loss"] = "the training loss is not defined on another dataset"
-    if not space.is_model_space and score_cls:
-        absent["calibration"] = "calibration is reported for the model's own classes only"
+    absent = absent_figures(data.format, score_cls, score_seg, space.is_model_space)
     num_params = sum(p.numel() for p in model.parameters())
     results = dict(subsets[headline])
     results.update({
@@ -297,6 +281,31 @@ def run_external_test(opts: TestOptions) -> dict:
         print(f"\nPer-label report (scikit-learn, all images):\n{report}")
     print(f"results written to {out_dir}")
     return results
+
+
+def add_label_figures(subsets: dict[str, dict], indices: dict[str, np.ndarray], truth: np.ndarray, pred: np.ndarray,
+                      label_probs: np.ndarray, space: LabelSpace, resamples: int, seed: int) -> None:
+    """Each non-empty subset's label-space figures (`evaluation.labels.label_figures`) and their intervals."""
+    for name, index in indices.items():
+        if not len(index):
+            continue
+        subsets[name].update(label_figures(truth[index], pred[index], label_probs[index], space))
+        if subsets[name].get("ci95") is not None:
+            subsets[name]["ci95"].update(label_intervals(truth[index], pred[index], len(space.names), space.negative,
+                                                         resamples, seed))
+
+
+def absent_figures(fmt: str, score_cls: bool, score_seg: bool, model_space: bool) -> dict[str, str]:
+    """{kind of figure: why it is absent} for metrics.json and the console."""
+    absent = dict(WHY_ABSENT.get(fmt, {}))
+    if not score_cls and "classification" not in absent:
+        absent["classification"] = "the model has no trained classifier"
+    if not score_seg and "segmentation" not in absent:
+        absent["segmentation"] = "the model has no segmentation output"
+    absent["loss"] = "the training loss is not defined on another dataset"
+    if score_cls and not model_space:
+        absent["calibration"] = "calibration is reported for the model's own classes only"
+    return absent
 
 
 def _with_labels(row: dict, n: int, truth: np.ndarray, pred: np.ndarray, logits: np.ndarray,
