@@ -291,8 +291,7 @@ def add_label_figures(subsets: dict[str, dict], indices: dict[str, np.ndarray], 
             continue
         subsets[name].update(label_figures(truth[index], pred[index], label_probs[index], space))
         if subsets[name].get("ci95") is not None:
-            subsets[name]["ci95"].update(label_intervals(truth[index], pred[index], len(space.names), space.negative,
-                                                         resamples, seed))
+            subsets[name]["ci95"].update(label_intervals(truth[index], pred[index], space, resamples, seed))
 
 
 def absent_figures(fmt: str, score_cls: bool, score_seg: bool, model_space: bool) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import numpy as np
 import yaml
@@ -66,9 +66,14 @@ class LabelSpace:
         return self.names == list(CLASS_NAMES)
 
     @property
-    def negative(self) -> Optional[int]:
+    def negative(self) -> int:
         """The label of no_tumor (the negative of tumour detection)."""
         return self.of_model_class[NO_TUMOR]
+
+    @property
+    def detects_tumour(self) -> bool:
+        """Two labels, one reached by no_tumor alone: tumour versus no tumour (sensitivity / specificity apply)."""
+        return len(self.names) == 2 and self.of_model_class.count(self.negative) == 1
 
     def resolve(self, name: str) -> str:
         """A name's label: the map's entry for it, else that of its usual alias (notumor -> no_tumor), else itself."""
@@ -89,9 +94,10 @@ class LabelSpace:
         return self.names.index(label)
 
 
-def label_space(class_map: Optional[Mapping[str, str]], class_names: Sequence[str] = CLASS_NAMES) -> LabelSpace:
+def label_space(class_map: Optional[Mapping[str, str]]) -> LabelSpace:
+    """The labels the model's classes reach through `class_map` (none or empty: the model's own classes)."""
     space = LabelSpace(dict(class_map or {}), [], [])
-    for name in class_names:
+    for name in CLASS_NAMES:
         label = space.resolve(name)
         if label not in space.names:
             space.names.append(label)
@@ -119,7 +125,7 @@ def label_figures(truth: np.ndarray, pred: np.ndarray, probs: Optional[np.ndarra
     outside = ~np.isin(pred, present)
     figures.update({"out_of_set_rate": float(outside.mean()) if len(pred) else None,
                     "num_out_of_set": int(outside.sum()), "labels_in_truth": [space.names[c] for c in present]})
-    if m == 2 and space.negative is not None:
+    if space.detects_tumour:
         negative = space.negative
         positive = 1 - negative
         figures.update({"positive_label": space.names[positive], "negative_label": space.names[negative],
@@ -132,11 +138,12 @@ def label_figures(truth: np.ndarray, pred: np.ndarray, probs: Optional[np.ndarra
     return figures
 
 
-def label_intervals(truth: np.ndarray, pred: np.ndarray, m: int, negative: Optional[int], resamples: int, seed: int,
+def label_intervals(truth: np.ndarray, pred: np.ndarray, space: LabelSpace, resamples: int, seed: int,
                     level: float = 0.95) -> dict:
-    """Percentile-bootstrap intervals (per-image resampling) of `LABEL_INTERVALS` for `m` labels."""
+    """Percentile-bootstrap intervals (per-image resampling) of `LABEL_INTERVALS` in the label space."""
     if not len(truth) or not resamples:
         return {}
+    m = len(space.names)
     counts = resample_counts(len(truth), resamples, seed)
     cells = np.zeros((len(truth), m * m))
     cells[np.arange(len(truth)), truth * m + pred] = 1.0
@@ -149,12 +156,13 @@ def label_intervals(truth: np.ndarray, pred: np.ndarray, m: int, negative: Optio
         present = support + predicted > 0
         values = {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": (f1 * present).sum(1) / present.sum(1),
                   "balanced_accuracy": np.nanmean(np.where(support > 0, recall, np.nan), axis=1)}
-    if m == 2 and negative is not None:
+    if space.detects_tumour:
+        negative = space.negative
         values["detection_sensitivity"], values["detection_specificity"] = recall[:, 1 - negative], recall[:, negative]
     tail = 100 * (1 - level) / 2
     out = {}
     for name in LABEL_INTERVALS:
-        finite = values.get(name, np.array([]))[np.isfinite(values.get(name, np.array([])))]
+        finite = values[name][np.isfinite(values[name])] if name in values else np.array([])
         out[name] = [float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))] if len(
             finite) else None
     return out

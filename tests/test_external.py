@@ -16,7 +16,9 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc
 from datasets.duplicates import read_manifest
 from datasets.layouts import generate_layout
 from datasets.synthetic import generate
-from evaluation.labels import label_figures, label_space, parse_class_map
+from evaluation.bootstrap import bootstrap_intervals
+from evaluation.labels import label_figures, label_intervals, label_space, parse_class_map
+from evaluation.subsets import PerImage
 from evaluation import report
 from model import build_model
 from model.loading import model_kwargs
@@ -114,6 +116,23 @@ def test_two_label_figures_match_scikit_learn():
     figures = label_figures(truth, pred, None, separate)
     assert figures["out_of_set_rate"] == 0.5 and figures["num_out_of_set"] == 2
     assert "detection_sensitivity" not in figures  # four labels: no detection figures
+    mixed = label_space({"glioma": "a", "no_tumor": "a", "meningioma": "b", "pituitary": "b"})
+    assert len(mixed.names) == 2 and not mixed.detects_tumour  # no_tumor shares its label: not tumour detection
+
+
+def test_label_intervals_agree_with_the_test_py_bootstrap():
+    rng = np.random.default_rng(4)
+    truth, logits = rng.integers(0, 4, 60), rng.normal(size=(60, 4))
+    none = np.zeros((60, 4), dtype=np.int64)
+    table = PerImage(stems=[str(i) for i in range(60)], labels=truth, logits=logits, planes=[""] * 60,
+                     annotated=np.zeros(60, bool), native=none, train_res=none, has_seg=False)
+    index = np.arange(60)
+    reference = bootstrap_intervals(table, index, 4, resamples=200, seed=3)
+    ours = label_intervals(truth, logits.argmax(1), label_space({}), resamples=200, seed=3)
+    assert ours["accuracy"] == pytest.approx(reference["accuracy"]) and ours["f1_macro"] == pytest.approx(
+        reference["f1_macro"])
+    low, high = ours["balanced_accuracy"]
+    assert low <= balanced_accuracy_score(truth, logits.argmax(1)) <= high
 
 
 # --------------------------------------------------------------------------------------------- test.py runs
