@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from utils.checkpoint import resolve_checkpoint_arg
-from utils.config import ConfigError
 from utils.cli import add_debug_flag, non_negative_int, open_unit_float, positive_float, positive_int, run_main
+from utils.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -286,7 +286,7 @@ def _manifest_summary(manifest: dict, path: Union[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def _layout_index(args: argparse.Namespace):
+def _layout_index(args: argparse.Namespace) -> Callable[[Path, str], list]:
     """The loader's indexer for ROOT from the layout options."""
     from .check_layouts import layout_index
 
