@@ -5,6 +5,8 @@
     python test.py --checkpoint best.pth --split test --tune-threshold --gradcam 4
     python test.py --checkpoint best.pth --split test --subset all --calibrate
     python test.py --checkpoint best.pth --input my_slices/ --out predictions/
+    python test.py --checkpoint best.pth --data-root /data/kaggle --data-format imagefolder \
+        --class-map 'glioma=tumour,meningioma=tumour,pituitary=tumour,no_tumor=normal'
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import sys
 from pathlib import Path
 
 from utils.checkpoint import resolve_checkpoint_arg
-from utils.cli import add_debug_flag, non_negative_int, open_unit_float, positive_int, run_main
+from utils.cli import add_debug_flag, non_negative_int, open_unit_float, positive_float, positive_int, run_main
+from utils.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,6 +26,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", choices=["test", "val", "train"],
                         help="test: the release's test split; val: the run's validation split (split.json)")
     parser.add_argument("--data-root", default=None, help="dataset root, if not the one the run trained on")
+    parser.add_argument("--data-format", default=None, choices=["brisc", "imagefolder", "pairs"],
+                        help="score another dataset at --data-root in this layout: only the figures it supports "
+                             "(imagefolder: classes, pairs: masks), its images with copies in the run's training "
+                             "data left out of the leak-free subset; output folder test_ext_<root name>_<split>")
+    parser.add_argument("--class-map", default=None, metavar="NAME=LABEL,... | FILE.yaml",
+                        help="with --data-format: map the dataset's folder names and the model's class names into "
+                             "one label space, e.g. 'glioma=tumour,meningioma=tumour,pituitary=tumour,"
+                             "no_tumor=normal' (unlisted names map to themselves; default: data.class_map of the run)")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="data.KEY=VALUE",
+                        help="with --data-format: the other dataset's layout keys, e.g. data.mask_suffix=_mask "
+                             "data.test_dir=Test (train_dir, test_dir, class_map, mask_suffix, mask_threshold, "
+                             "test_fraction, split_seed, spacing)")
+    parser.add_argument("--spacing", type=positive_float, nargs=2, default=None, metavar=("ROW_MM", "COL_MM"),
+                        help="pixel spacing in mm: HD95 / ASSD in mm (default: data.spacing of the run; with "
+                             "--data-format: pixels)")
     parser.add_argument("--tta", action="store_true", help="average the prediction with its horizontal flip")
     parser.add_argument("--threshold", type=open_unit_float, default=None,
                         help="segmentation threshold, between 0 and 1 (default: config)")
@@ -61,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.report import TestOptions, run_test
 
     checkpoint = resolve_checkpoint_arg(args.checkpoint)
+    for flag, used in (("--class-map", args.class_map is not None), ("--opts", bool(args.opts))):
+        if used and args.data_format is None:
+            raise ConfigError(f"{flag} applies to another dataset: give --data-format (and --data-root) too")
+    class_map = None
+    if args.class_map is not None:
+        from evaluation.labels import parse_class_map
+
+        class_map = parse_class_map(args.class_map)
     if args.input is not None:
         failed = predict_folder(checkpoint, args.input, args.out, args.device, args.threshold, args.tta,
                                 use_ema=not args.no_ema)
@@ -71,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, num_workers=args.num_workers, use_ema=not args.no_ema,
         gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress,
         subset=args.subset, calibrate=args.calibrate, bootstrap=args.bootstrap, seed=args.seed,
-        gate_masks=args.gate_masks))
+        gate_masks=args.gate_masks, spacing=args.spacing, data_format=args.data_format, class_map=class_map,
+        data_opts=args.opts))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python -m datasets.check ROOT [--examples 5] [--workers 4] [--manifest FILE [--near-threshold 0.99]]
                                   [--confounds]
+    python -m datasets.check ROOT --format imagefolder --against BRISC_ROOT [--manifest FILE]
 
 Errors: missing folders, folders of unknown classes, bad file names and unknown codes, class folder/code
 disagreements, unreadable images or masks, images below the minimum size (32 px a side), masks of another
@@ -13,6 +14,8 @@ another split, and duplicated content (the same decoded pixels) within a split o
 `--manifest FILE` also writes the duplicate manifest (JSON; see `datasets.duplicates`): exact and near
 groups within and across splits, their counts, and per evaluation split the images with training copies.
 `--confounds` adds the source-confound audit of the train split (see `datasets.confounds`).
+`--against OTHER_ROOT` compares two datasets instead (see `datasets.cross_check`): images of either with an exact
+or near copy in the other, per class, and the manifest of the groups spanning both.
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from utils.cli import add_debug_flag, non_negative_int, open_unit_float, positive_int, run_main
+from utils.errors import InputError
 
 from .confounds import jpeg_channels as _jpeg_channels
 from .decode import MASK_THRESHOLD, MIN_IMAGE_SIDE, ImageTooSmallError, decode_grey, read_grey
@@ -282,6 +286,30 @@ def _manifest_summary(manifest: dict, path: Union[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def _layout_index(args: argparse.Namespace) -> Callable[[Path, str], list]:
+    """The loader's indexer for ROOT from the layout options."""
+    from .check_layouts import layout_index
+
+    if any("=" not in entry for entry in args.class_map):
+        raise InputError("--class-map entries look like FOLDER=CLASS")
+    return layout_index(args.format, args.train_dir, args.test_dir, dict(e.split("=", 1) for e in args.class_map),
+                        args.mask_suffix, args.mask_threshold, args.test_fraction)
+
+
+def _check_against(args: argparse.Namespace, start: float) -> int:
+    """`--against OTHER_ROOT`: duplicates across the two roots (exit status 0: the comparison ran)."""
+    from .check_layouts import layout_index
+    from .cross_check import compare_roots, render_comparison
+
+    root, other = Path(args.root), Path(args.against)
+    manifest = Path(args.manifest or f"duplicates_{root.resolve().name}_vs_{other.resolve().name}.json")
+    result = compare_roots(root, _layout_index(args), other, layout_index(args.against_format), manifest,
+                           args.near_threshold, args.workers)
+    print(render_comparison(result, root, other, manifest, args.near_threshold))
+    print(f"checked in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Integrity report of a BRISC 2025-layout dataset.")
     parser.add_argument("root", help="folder holding classification_task/ and segmentation_task/")
@@ -300,17 +328,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     layout.add_argument("--mask-suffix", default="")
     layout.add_argument("--mask-threshold", type=positive_int, default=MASK_THRESHOLD)
     layout.add_argument("--test-fraction", type=open_unit_float, default=0.2)
+    cross = parser.add_argument_group("another dataset (datasets/cross_check.py)")
+    cross.add_argument("--against", metavar="OTHER_ROOT",
+                       help="instead of the integrity report, find images of ROOT that are exact or near copies of "
+                            "images of OTHER_ROOT (and the reverse), per class of each side, and write the manifest "
+                            "(--manifest FILE, default duplicates_<root>_vs_<other>.json)")
+    cross.add_argument("--against-format", choices=("brisc", "imagefolder", "pairs"), default="brisc",
+                       help="layout of OTHER_ROOT, read with the default settings of that layout")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.against:
+        return _check_against(args, start)
     if args.format != "brisc":  # datasets/check_layouts.py: the loader's indexer, then every file decoded
-        from .check_layouts import check_layout, layout_index
+        from .check_layouts import check_layout
 
-        if any("=" not in entry for entry in args.class_map):
-            parser.error("--class-map entries look like FOLDER=CLASS")
-        index = layout_index(args.format, args.train_dir, args.test_dir, dict(e.split("=", 1) for e in args.class_map),
-                             args.mask_suffix, args.mask_threshold, args.test_fraction)
-        report = check_layout(Path(args.root), index, args.format, args.examples, args.workers)
+        report = check_layout(Path(args.root), _layout_index(args), args.format, args.examples, args.workers)
         print(report.render() + f"\nchecked in {time.perf_counter() - start:.1f} s")
         return 0 if report.ok else 1
     report = check_dataset(args.root, examples=args.examples, workers=args.workers)

@@ -22,7 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -181,12 +181,13 @@ class _UnionFind:
 
 
 def find_groups(samples: Sequence[Sample], near_threshold: Optional[float] = NEAR_THRESHOLD,
-                cache_dir: Optional[Union[str, Path]] = None, workers: Optional[int] = None
-                ) -> list[DuplicateGroup]:
+                cache_dir: Optional[Union[str, Path]] = None, workers: Optional[int] = None,
+                split_name: Callable[[Sample], str] = split_of) -> list[DuplicateGroup]:
     """Disjoint groups (two or more images) of exact and near-identical content among `samples`, which may
-    come from several splits. `near_threshold=None` finds exact copies only. Groups are sorted by their
-    first stem; members by (split, stem)."""
-    samples = sorted(samples, key=lambda s: (split_of(s), s.stem))
+    come from several splits (`split_name(sample)` names a sample's split, e.g. `root:test` across two
+    datasets). `near_threshold=None` finds exact copies only. Groups are sorted by their first stem; members
+    by (split, stem)."""
+    samples = sorted(samples, key=lambda s: (split_name(s), s.stem))
     prints = fingerprints([s.image for s in samples], cache_dir, workers)
     links = _UnionFind(len(samples))
     first_of: dict[str, int] = {}
@@ -205,7 +206,7 @@ def find_groups(samples: Sequence[Sample], near_threshold: Optional[float] = NEA
             continue
         digests = tuple(prints.digests[i] for i in idx)
         groups.append(DuplicateGroup("exact" if len(set(digests)) == 1 else "near",
-                                     tuple(samples[i].stem for i in idx), tuple(split_of(samples[i]) for i in idx),
+                                     tuple(samples[i].stem for i in idx), tuple(split_name(samples[i]) for i in idx),
                                      digests))
     return sorted(groups, key=lambda g: g.stems[0])
 

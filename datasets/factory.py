@@ -57,7 +57,8 @@ def ensure_data_root(data_cfg: DataConfig) -> Path:
 
 
 def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: bool = False,
-             stems: Optional[list[str]] = None, verbose: bool = True) -> BriscDataset:
+             stems: Optional[list[str]] = None, verbose: bool = True,
+             index: Optional[Callable[[Path, str], list[Sample]]] = None) -> BriscDataset:
     return BriscDataset(
         root,
         split,
@@ -75,7 +76,7 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
         resize=data_cfg.resize,
         intensity_norm=data_cfg.intensity_norm,
         percentile_range=data_cfg.percentile_range,
-        index=sample_index(data_cfg),
+        index=index or sample_index(data_cfg),
     )
 
 
@@ -117,17 +118,19 @@ def build_train_val(data_cfg: DataConfig, split_path: Path, verbose: bool = True
 
 
 def build_eval_dataset(data_cfg: DataConfig, split: str, split_path: Optional[Path] = None,
-                       verbose: bool = True) -> BriscDataset:
+                       verbose: bool = True, index: Optional[Callable[[Path, str], list[Sample]]] = None
+                       ) -> BriscDataset:
     """An evaluation dataset (no augmentation): "test" is the on-disk test folder; "val" is the validation
-    part of the split file; "train" is its train part (the whole train folder without a split file)."""
+    part of the split file; "train" is its train part (the whole train folder without a split file).
+    `index(root, split)` replaces the layout's indexer (another labelling of the same layout)."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     root = ensure_data_root(data_cfg)
     if split == "test":
-        return _dataset(data_cfg, root, "test", "test", verbose=verbose)
+        return _dataset(data_cfg, root, "test", "test", verbose=verbose, index=index)
     if split_path is None or not Path(split_path).is_file():
         if split == "val":
             raise DataError(f"split 'val' needs the run's split file (got {split_path}); it is written by train.py")
-        return _dataset(data_cfg, root, "train", "train", verbose=verbose)
+        return _dataset(data_cfg, root, "train", "train", verbose=verbose, index=index)
     stems = load_split(split_path)[split]
-    return _dataset(data_cfg, root, "train", split, stems=stems, verbose=verbose)
+    return _dataset(data_cfg, root, "train", split, stems=stems, verbose=verbose, index=index)

@@ -40,9 +40,9 @@ def split_folder(root: Path, split: str, train_dir: str, test_dir: str) -> Path:
     return root / (train_dir if split == "train" else test_dir)
 
 
-def index_imagefolder(root: Union[str, Path], split: str, train_dir: str = "Training", test_dir: str = "Testing",
-                      extra_map: Optional[Mapping[str, str]] = None) -> list[Sample]:
-    """All images of one split, labelled by their class folder; raises `DataError` on a broken layout."""
+def class_folders(root: Union[str, Path], split: str, train_dir: str = "Training", test_dir: str = "Testing"
+                  ) -> tuple[Path, list[Path]]:
+    """(the split's folder, its visible class folders, sorted); raises `DataError` when the split folder is missing."""
     root = check_root(root)
     folder = split_folder(root, split, train_dir, test_dir)
     key = "data.train_dir" if split == "train" else "data.test_dir"
@@ -50,8 +50,22 @@ def index_imagefolder(root: Union[str, Path], split: str, train_dir: str = "Trai
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         raise DataError(f"split folder '{folder}' does not exist (folders found: {', '.join(found) or 'none'}); "
                         f"set {key} to the folder holding the {split} split's class folders")
+    return folder, sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def folder_samples(class_dir: Path, label: int) -> list[Sample]:
+    """The images of one class folder as unsegmented samples of `label`; raises `DataError` when it has none."""
+    files = list_files(class_dir, IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"class folder '{class_dir}' holds no images (.jpg/.jpeg/.png)")
+    return [Sample(stem=p.stem, label=label, plane="", image=p, mask=None, segmented=False) for p in files]
+
+
+def index_imagefolder(root: Union[str, Path], split: str, train_dir: str = "Training", test_dir: str = "Testing",
+                      extra_map: Optional[Mapping[str, str]] = None) -> list[Sample]:
+    """All images of one split, labelled by their class folder; raises `DataError` on a broken layout."""
+    folder, class_dirs = class_folders(root, split, train_dir, test_dir)
     mapping = class_map(extra_map)
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     unknown = [p for p in class_dirs if p.name not in mapping]
     if unknown:
         raise DataError(f"class folder '{unknown[0]}' is not a known class ({', '.join(CLASS_NAMES)}); map it with "
@@ -63,11 +77,7 @@ def index_imagefolder(root: Union[str, Path], split: str, train_dir: str = "Trai
         if name in seen:
             raise DataError(f"'{class_dir}' and '{seen[name]}' both map to class '{name}'; keep one folder per class")
         seen[name] = class_dir
-        files = list_files(class_dir, IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"class folder '{class_dir}' holds no images (.jpg/.jpeg/.png)")
-        label = CLASS_NAMES.index(name)
-        samples += [Sample(stem=p.stem, label=label, plane="", image=p, mask=None, segmented=False) for p in files]
+        samples += folder_samples(class_dir, CLASS_NAMES.index(name))
     missing = [name for name in CLASS_NAMES if name not in seen]
     if missing and split == "train":
         raise DataError(f"'{folder}' has no folder for class(es) {', '.join(missing)} (found: "

@@ -27,7 +27,8 @@ How `test.py` scores (keys of `metrics.json`):
 - **Intervals.** `ci95` (per subset): 95 % percentile bootstrap intervals from per-image resampling within the
   subset (1000 resamples, seed 0; `--bootstrap N`, `--seed S`) for `accuracy`, `f1_macro`, `dice`, `iou`,
   `hd95`, `assd`. Shown as `99.30 [98.80, 99.70]`.
-- **Boundary distances** (pixels at native size). The contour of a mask is its tumour pixels with a background
+- **Boundary distances** (pixels at native size; millimetres when `data.spacing` or `--spacing` gives the
+  pixel spacing, `distance_unit` in metrics.json). The contour of a mask is its tumour pixels with a background
   4-neighbour (outside the image counts as background); distances are Euclidean between pixel centres. `hd95`:
   per image, the larger of the two directed 95th percentiles of contour-to-nearest-contour distances (predicted
   to true, true to predicted); `assd`: the mean of all those distances, both directions pooled; each averaged

@@ -106,3 +106,29 @@ def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, de
     present = [results[key] for key in ("accuracy", "dice") if key in results]
     results["combined"] = sum(present) / len(present)
     return results
+
+
+@torch.no_grad()
+def collect_outputs(model: nn.Module, loader: DataLoader, device: torch.device, tta: bool = False,
+                    amp_dtype: Optional[torch.dtype] = None, show_progress: bool = True, desc: str = "eval",
+                    keep_cls: bool = True, on_seg: Optional[Callable[[torch.Tensor, dict], None]] = None
+                    ) -> tuple[Optional[torch.Tensor], torch.Tensor, list[str]]:
+    """(class logits (N, K) on the CPU, or None without a class output or `keep_cls`; labels (N,); ids) over
+    `loader`, in order, without scoring anything; `on_seg(seg_logits, batch)` sees each batch's float
+    segmentation logits (e.g. to count pixels at native size)."""
+    model.eval()
+    logits: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    ids: list[str] = []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress,
+                      mininterval=1.0):
+        batch = move_batch(batch, device)
+        with autocast(device, amp_dtype):
+            outputs = predict(model, batch["image"], tta=tta)
+        if "seg" in outputs and on_seg is not None:
+            on_seg(outputs["seg"].float(), batch)
+        if "cls" in outputs and keep_cls:
+            logits.append(outputs["cls"].float().cpu())
+        labels.append(batch["label"].cpu())
+        ids += list(batch["id"])
+    return (torch.cat(logits) if logits else None), torch.cat(labels), ids

@@ -28,7 +28,7 @@ from evaluation.bootstrap import bootstrap_intervals
 from evaluation.breakdowns import breakdowns
 from evaluation.calibration import calibration_summary, fit_temperature
 from evaluation.conventions import CONVENTIONS_MD, output_folder_name
-from evaluation.inference import eval_loader, evaluate, move_batch, predict
+from evaluation.inference import collect_outputs, eval_loader, evaluate, predict
 from evaluation.leaks import leak_check
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 from evaluation.native import NativeCounts
@@ -63,6 +63,11 @@ class TestOptions:
     bootstrap: int = 1000  # resamples for the 95 % intervals; 0: none
     seed: int = 0
     gate_masks: Optional[bool] = None  # empty the mask when the classifier says no_tumor; None: eval.gate_masks
+    spacing: Optional[list] = None  # [row, col] mm per pixel for HD95 / ASSD; None: data.spacing of the run
+    # Another dataset's layout (brisc | imagefolder | pairs) at data_root: scored by evaluation/external.py
+    data_format: Optional[str] = None
+    class_map: Optional[dict] = None  # name -> label for the other dataset; None: data.class_map of the run
+    data_opts: Optional[list] = None  # `data.<layout key>=value` overrides for the other dataset
 
 
 def check_options(opts: TestOptions) -> None:
@@ -98,25 +103,14 @@ def tune_threshold(counts: np.ndarray, annotated: np.ndarray, candidates: list[f
 def validation_pass(model: nn.Module, cfg: Config, split_path: Path, device: torch.device, opts: TestOptions,
                     thresholds: list[float]) -> dict:
     """Native counts for every candidate threshold, class logits and labels of the run's validation split."""
-    from tqdm import tqdm
-
     dataset = build_eval_dataset(cfg.data, "val", split_path)
     native = NativeCounts(dataset.samples, thresholds, cfg.data.resize)
-    logits, labels, ids = [], [], []
-    model.eval()
-    for batch in tqdm(eval_loader(cfg, dataset, opts.batch_size, opts.num_workers), desc="validation split",
-                      leave=False, disable=not opts.show_progress):
-        batch = move_batch(batch, device)
-        outputs = predict(model, batch["image"], tta=opts.tta)
-        if "seg" in outputs:
-            native.update(outputs["seg"].float(), batch["id"])
-        if "cls" in outputs:
-            logits.append(outputs["cls"].float().cpu())
-        labels.append(batch["label"].cpu())
-        ids += list(batch["id"])
+    logits, labels, ids = collect_outputs(model, eval_loader(cfg, dataset, opts.batch_size, opts.num_workers), device,
+                                          opts.tta, show_progress=opts.show_progress, desc="validation split",
+                                          on_seg=lambda seg, batch: native.update(seg, batch["id"]))
     counts, annotated = native.counts(ids)
-    return {"counts": counts, "annotated": annotated, "logits": torch.cat(logits).numpy() if logits else None,
-            "labels": torch.cat(labels).numpy()}
+    return {"counts": counts, "annotated": annotated, "logits": None if logits is None else logits.numpy(),
+            "labels": labels.numpy()}
 
 
 def per_image_table(records: list[dict], logits: Optional[np.ndarray], native: Optional[NativeCounts],
@@ -174,12 +168,14 @@ def print_summary(results: dict, bootstrap: bool) -> None:
     """The leak check, the side-by-side subset table and the calibration line of a results dict."""
     headline, leak_info = results["headline_subset"], results["leak_check"]
     if leak_info.get("applied"):
+        kinds = f"; {leak_info['num_exact']} identical, {leak_info['num_near']} near-identical" \
+            if "num_exact" in leak_info else ""
         print(f"leak check against {leak_info['against']}: {leak_info['num_leaked']} of "
-              f"{results['subsets']['all']['num_images']} images share content with training images "
+              f"{results['subsets']['all']['num_images']} images share content with training images{kinds} "
               "(listed in metrics.json)")
     print(f"headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
           + ("; [95 % bootstrap interval]" if bootstrap else ""))
-    print(summary_table(results["subsets"], headline))
+    print(summary_table(results["subsets"], headline, results.get("distance_unit", "px")))
     gating = results["subsets"][headline].get("mask_gating")
     if gating:
         ungated, gated = gating["ungated"], gating["gated"]
@@ -196,12 +192,21 @@ def print_summary(results: dict, bootstrap: bool) -> None:
                                          f"{100 * calibration['ece_uncalibrated']:.2f} %)" if temperature else ""))
 
 
+def distance_unit(spacing: Optional[list]) -> str:
+    """The unit of HD95 / ASSD: millimetres with a pixel spacing (data.spacing / --spacing), else pixels."""
+    return "mm" if spacing else "px"
+
+
 def _pct(value: Optional[float]) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
 
 def run_test(opts: TestOptions) -> dict:
     """Evaluate `opts.checkpoint` on a split; write metrics.json, reports and figures; return the metrics."""
+    if opts.data_format is not None:  # another dataset: evaluation/external.py
+        from evaluation.external import run_external_test
+
+        return run_external_test(opts)
     from visualization.breakdowns import save_breakdown_figures
     from visualization.cases import save_case_grid
     from visualization.confusion import save_confusion_matrix
@@ -235,7 +240,8 @@ def run_test(opts: TestOptions) -> dict:
 
     dataset = build_eval_dataset(cfg.data, opts.split, split_path)
     metrics = MultiTaskMetrics(num_classes, CLASS_NAMES, threshold=threshold, keep_per_image=True)
-    native = NativeCounts(dataset.samples, [threshold], cfg.data.resize, boundary=True)
+    spacing = opts.spacing or cfg.data.spacing
+    native = NativeCounts(dataset.samples, [threshold], cfg.data.resize, boundary=True, spacing=spacing or (1.0, 1.0))
     logit_parts: list[torch.Tensor] = []
 
     def keep(outputs: dict, batch: dict) -> None:
@@ -283,7 +289,7 @@ def run_test(opts: TestOptions) -> dict:
         "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
         "resize": cfg.data.resize, "gate_masks": gated, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
         "loss": counted["loss"], "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
-        "calibration": calibration,
+        "calibration": calibration, "distance_unit": distance_unit(spacing),
     })
     if tuning:
         results["threshold_tuning"] = tuning

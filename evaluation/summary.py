@@ -6,7 +6,7 @@ from typing import Optional
 
 from evaluation.subsets import SUBSET_LABELS, SUBSETS
 
-# Figures in pixels (boundary distances), printed as they are rather than as percentages.
+# Figures in pixels (boundary distances; mm with a pixel spacing), printed as they are rather than as percentages.
 PIXEL_KEYS = ("hd95", "assd")
 
 # Rows of the printed summary: (key in the metric dict, label, what it averages over).
@@ -32,6 +32,11 @@ SUMMARY_ROWS = [
     ("contradiction_rate", "Class-mask contradictions", "no_tumor with a mask, or a tumour class without one"),
     ("dice_train_res", "Dice (tumour, per image), training res.", "mean over images with tumour"),
     ("iou_train_res", "IoU (tumour, per image), training res.", "mean over images with tumour"),
+    ("balanced_accuracy", "Balanced accuracy", "mean recall over the labels in the truth"),
+    ("detection_sensitivity", "Tumour detection sensitivity", "images with tumour (mapped labels)"),
+    ("detection_specificity", "Tumour detection specificity", "images without tumour (mapped labels)"),
+    ("detection_auc", "Tumour detection ROC AUC", "summed tumour-label probability"),
+    ("out_of_set_rate", "Predicted labels not in the dataset", "all images"),
     ("num_images", "Images", "count"),
     ("num_tumour_images", "Images with tumour", "count"),
 ]
@@ -58,8 +63,9 @@ def format_value(key: str, figures: dict, interval: Optional[list] = None) -> st
     return f"{shown} [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else shown
 
 
-def summary_table(subsets: dict[str, dict], headline: str) -> str:
-    """One column per subset present (all, leak-free, leaked), the headline subset marked with `*`."""
+def summary_table(subsets: dict[str, dict], headline: str, distance_unit: str = "px") -> str:
+    """One column per subset present (all, leak-free, leaked), the headline subset marked with `*`; HD95 and
+    ASSD are labelled in `distance_unit` (px, or mm with a pixel spacing)."""
     names = [name for name in SUBSETS if name in subsets]
     header = ("metric", *[SUBSET_LABELS[n] + (" *" if n == headline else "") for n in names], "averaged over")
     rows = []
@@ -67,5 +73,5 @@ def summary_table(subsets: dict[str, dict], headline: str) -> str:
         if not any(isinstance(subsets[n].get(key), (int, float)) for n in names):
             continue
         cells = [format_value(key, subsets[n], (subsets[n].get("ci95") or {}).get(key)) for n in names]
-        rows.append((label, *cells, over))
+        rows.append((label.replace("(pixels)", "(mm)") if distance_unit == "mm" else label, *cells, over))
     return format_table(rows, header)

@@ -115,6 +115,8 @@ class DataConfig:
     fold: int = spec(0, ge=0)  # ... and this fold (0..K-1) is the validation part
     # stretch to a square, or scale the longest side and pad (letterbox)
     resize: str = spec("stretch", choices=("stretch", "letterbox"))
+    # [row, col] millimetres per pixel of the original images: HD95 / ASSD in mm (null: in pixels)
+    spacing: Optional[list] = spec(None, each={"gt": 0})
     synthetic_train_duplicates: int = spec(0, ge=0)  # generated data: train images that copy another train image
     synthetic_leaks: int = spec(0, ge=0)  # generated data: test images that copy a train image
     cache: str = spec("none", choices=("none", "ram", "disk"))  # keep decoded, resized uint8 arrays
@@ -423,6 +425,9 @@ def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
     if len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("config keys 'data.mean' and 'data.std' must have the same length"
                           f"{_where('data.std', origins) or _where('data.mean', origins)}")
+    if cfg.data.spacing is not None and len(cfg.data.spacing) != 2:
+        raise ConfigError(f"config key 'data.spacing': got {cfg.data.spacing}; expected [row, col] millimetres per "
+                          f"pixel (two numbers > 0) or null{_where('data.spacing', origins)}")
     cw = cfg.loss.class_weights
     if isinstance(cw, list) and len(cw) != cfg.model.num_classes:
         raise ConfigError(f"config key 'loss.class_weights': {len(cw)} weights for {cfg.model.num_classes} classes"
