@@ -57,13 +57,6 @@ def test_cpu_run_writes_table_csv_json_and_radar(tmp_path: Path):
     assert (out / "radar.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_default_allocator_is_left_alone_when_asked(tmp_path: Path):
-    proc = run_entry(["benchmark.py", "--models", "light_unet", "--device", "cpu", "--image-size", "32",
-                      "--repeats", "1", "--warmup", "0", "--threads", "1", "--allocator", "default",
-                      "--out", str(tmp_path)], cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "benchmark.json").read_text())["environment"]["cpu_allocator"] == "default"
-
 
 def _row(model: str, params: int, fps: float, batch: int = 1) -> dict:
     return {"model": model, "params": params, "gmacs_thop": params / 1e6, "gflops_thop": 2 * params / 1e6,
