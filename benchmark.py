@@ -5,36 +5,43 @@
     python benchmark.py --device cuda --batch-sizes 1 32 --precision fp16 --channels-last --compile
     python benchmark.py --metrics "runs/*/*/test_test/metrics.json" --out results/
     python benchmark.py --models efficient_mtnet --device cpu --threads 2 --runtime onnxruntime torchscript
+    python benchmark.py --models efficient_mtnet --device cpu --threads 2 --image-size 256 640 --batch-sizes 1 8
 
 Every model is built by name from the registry (random weights, 4 classes, 3 input channels) and measured in
 eval mode, so deep-supervision heads are neither run nor timed. Per model:
 
 - params: exact count; MACs by thop (with rules for attention / NMF matrix products) and FLOPs = 2 x MACs;
-  FLOPs by torch.utils.flop_counter.FlopCounterMode as a cross-check; all per image at batch 1, fp32;
-- latency: median wall time of one forward pass of a batch after warm-up, with device synchronisation;
-  throughput = batch / median latency; peak CUDA memory (max_memory_allocated; n/a on a CPU);
+  FLOPs by torch.utils.flop_counter.FlopCounterMode as a cross-check; all per image at batch 1, fp32, for
+  each input size (--image-size takes several: one set of rows per size);
+- latency: median wall time of one forward pass of a batch after warm-up, with device synchronisation, and
+  that per image; throughput = batch / median latency; peak CUDA memory (max_memory_allocated; n/a on a CPU);
+- on Linux the process first makes glibc keep freed buffers for reuse, as train.py and test.py do
+  (utils/allocator.py; without it a batch whose activations exceed 32 MiB is page-faulted in afresh at every
+  pass); --allocator default leaves glibc's settings, to measure the difference;
 - efficiency ratio = (1 / params) normalised so the smallest model is 1.000; speed ratio = throughput
-  normalised so the fastest model at the same batch size, precision and runtime is 1.000;
-- with --runtime onnxruntime / torchscript: one more row per model and batch size, timing the file that
+  normalised so the fastest model at the same input size, batch size, precision and runtime is 1.000;
+- with --runtime onnxruntime / torchscript: one more row per model, input size and batch size, timing the file that
   `python -m model.export` writes (exported to a temporary folder, checked against PyTorch on the timed input,
   run by ONNX Runtime's CPU provider or torch.jit.load; fp32, CPU only) with the same warm-up and median;
 - with --metrics: accuracy, two-class mIoU, tumour Dice and macro F1 from test.py's metrics.json files, with
   the setting each was scored with (split, subset, resolution, threshold, TTA); files that differ in split,
   subset or resolution are refused, since their figures are not comparable.
 - with --train-step: the median wall time of one training step (forward in training mode, loss, backward, AdamW
-  step; `utils.flops.time_train_step`) per batch, and the step-time ratio to the fastest model at the same batch
-  size and precision (1.000 = fastest; 1.37 would be 37 % slower), for comparing training cost side by side;
+  step; `utils.flops.time_train_step`) per batch, and the step-time ratio to the fastest model at the same input
+  size, batch size and precision (1.000 = fastest; 1.37 would be 37 % slower), for comparing training costs;
 - a model without a segmentation output (classification only) is timed the same way; its loss is the
   cross-entropy alone;
 
 Writes a Markdown table to stdout and benchmark.csv, benchmark.json, radar.png to --out; the environment
-(device name, torch version, threads, precision, batch size) is stored with the numbers.
+(device name, torch version, threads, precision, input and batch sizes, CPU allocator) is stored with the
+numbers.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import glob
+import itertools
 import json
 import math
 import statistics
@@ -61,7 +68,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="registry names (default: every registered model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--image-size", type=int_at_least(32), default=256, help="square input side in pixels")
+    parser.add_argument("--image-size", type=int_at_least(32), nargs="+", default=[256],
+                        help="square input sides in pixels (several: rows for each, e.g. 256 640)")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1], help="batch sizes to time")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=sorted(PRECISIONS),
                         help="fp32, or autocast to fp16 / bf16")
@@ -79,8 +87,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int_at_least(2), default=4)
     parser.add_argument("--train-step", action="store_true",
                         help="also time a training step (forward, loss, backward, AdamW step) per batch")
+    parser.add_argument("--allocator", choices=["keep", "default"], default="keep",
+                        help="glibc malloc (Linux): 'keep' reuses freed buffers up to 1 GiB, as train.py and test.py "
+                             "do (see utils/allocator.py); 'default' leaves glibc's settings, for comparison")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    args.image_size = list(dict.fromkeys(args.image_size))  # in the given order, once each
     if args.compile:
         args.warmup = max(args.warmup, 2)  # compilation happens in the first passes, never in a timed one
     return args
@@ -88,7 +100,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------- measuring
 def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """One row per (precision, batch size) for the model `name`."""
+    """One row per (image size, precision, batch size) for the model `name`, then the exported runtimes' rows."""
     from model import build_model
     from utils.flops import (count_parameters, flop_counter_flops, latency_summary, peak_memory_mb,
                              reset_peak_memory, thop_macs, time_forward, time_train_step)
@@ -98,54 +110,54 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
     with torch.no_grad():
         if "aux" in model(torch.randn(1, 3, 64, 64)):
             raise RuntimeError(f"model '{name}' returns deep-supervision outputs in eval mode; they would be timed")
-    size = args.image_size
-    probe = torch.randn(1, 3, size, size)
-    base = {
-        "model": name,
-        "params": count_parameters(model),
-        "gmacs_thop": thop_macs(model, probe) / 1e9,
-        "gflops_flopcounter": flop_counter_flops(model, probe) / 1e9,
-    }
-    base["gflops_thop"] = 2 * base["gmacs_thop"]
+    params = count_parameters(model)
+    bases = {}  # per input size: what the operation counts depend on
+    for size in args.image_size:
+        probe = torch.randn(1, 3, size, size)
+        macs = thop_macs(model, probe) / 1e9
+        bases[size] = {"model": name, "params": params, "gmacs_thop": macs,
+                       "gflops_flopcounter": flop_counter_flops(model, probe) / 1e9, "gflops_thop": 2 * macs}
 
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     runner = torch.compile(model) if args.compile else model
     rows = []
-    for precision in args.precision:
-        for batch in args.batch_sizes:
-            x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-            row = dict(base, image_size=size, batch_size=batch, precision=precision,
-                       channels_last=args.channels_last, compiled=args.compile, runtime="torch")
-            reset_peak_memory(device)
-            try:
-                times = time_forward(runner, x, args.warmup, args.repeats, PRECISIONS[precision])
-            except torch.OutOfMemoryError:
-                row.update(latency_ms=None, throughput_img_s=None, peak_memory_mb=None, note="out of memory")
-                torch.cuda.empty_cache()
-            else:
-                row.update(latency_summary(times, batch), peak_memory_mb=peak_memory_mb(device))
-            if args.train_step and row.get("latency_ms") is not None:  # last: a step changes the weights
-                steps = time_train_step(runner, x, max(1, args.warmup // 2), args.repeats, PRECISIONS[precision],
-                                        args.num_classes)
-                row["train_step_ms"] = statistics.median(steps)
-                runner.eval()
-            rows.append(row)
-            print(f"  {name:22s} batch {batch:3d} {precision}: "
-                  f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s"
-                  + (f", train step {_fmt(row.get('train_step_ms'), 1)} ms" if args.train_step else ""),
-                  file=sys.stderr)
+    for size, precision, batch in itertools.product(args.image_size, args.precision, args.batch_sizes):
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        row = dict(bases[size], image_size=size, batch_size=batch, precision=precision,
+                   channels_last=args.channels_last, compiled=args.compile, runtime="torch")
+        reset_peak_memory(device)
+        try:
+            times = time_forward(runner, x, args.warmup, args.repeats, PRECISIONS[precision])
+        except torch.OutOfMemoryError:
+            row.update(latency_ms=None, throughput_img_s=None, peak_memory_mb=None, note="out of memory")
+            torch.cuda.empty_cache()
+        else:
+            row.update(latency_summary(times, batch), peak_memory_mb=peak_memory_mb(device))
+        if args.train_step and row.get("latency_ms") is not None:  # last: a step changes the weights
+            steps = time_train_step(runner, x, max(1, args.warmup // 2), args.repeats, PRECISIONS[precision],
+                                    args.num_classes)
+            row["train_step_ms"] = statistics.median(steps)
+            runner.eval()
+        rows.append(row)
+        print(f"  {name:22s} {size:4d} px batch {batch:3d} {precision}: "
+              f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s"
+              + (f", train step {_fmt(row.get('train_step_ms'), 1)} ms" if args.train_step else ""),
+              file=sys.stderr)
     for runtime in dict.fromkeys(args.runtime):  # in the given order, once each
         if runtime in EXPORTED_RUNTIMES:
-            rows += measure_exported(model.to("cpu", memory_format=torch.contiguous_format), base, runtime, args)
+            for size in args.image_size:
+                rows += measure_exported(model.to("cpu", memory_format=torch.contiguous_format), bases[size],
+                                         runtime, args, size)
     del runner, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
-def measure_exported(model: torch.nn.Module, base: dict, runtime: str, args: argparse.Namespace) -> list[dict]:
-    """Rows for `model` exported for `runtime` (fp32, CPU), timed like the PyTorch rows.
+def measure_exported(model: torch.nn.Module, base: dict, runtime: str, args: argparse.Namespace,
+                     size: int) -> list[dict]:
+    """Rows for `model` exported for `runtime` (fp32, CPU) at input `size`, timed like the PyTorch rows.
 
     A model the exporter cannot handle gets rows without timings and a note, so one model does not stop the
     benchmark; the largest difference from PyTorch on the timed input is kept with the row.
@@ -154,7 +166,7 @@ def measure_exported(model: torch.nn.Module, base: dict, runtime: str, args: arg
     from utils.flops import latency_summary, time_forward
 
     fmt = EXPORTED_RUNTIMES[runtime]
-    size, rows = args.image_size, []
+    rows = []
     with tempfile.TemporaryDirectory(prefix="benchmark_export_") as folder:
         path, runner, failure = Path(folder) / f"{base['model']}.{fmt}", None, None
         try:
@@ -177,30 +189,32 @@ def measure_exported(model: torch.nn.Module, base: dict, runtime: str, args: arg
             if row.get("note"):
                 print(f"warning: {base['model']} ({runtime}): {row['note']}", file=sys.stderr)
             rows.append(row)
-            print(f"  {base['model']:22s} batch {batch:3d} fp32 {runtime}: {_fmt(row.get('latency_ms'), 2)} ms, "
-                  f"{_fmt(row.get('throughput_img_s'), 1)} img/s", file=sys.stderr)
+            print(f"  {base['model']:22s} {size:4d} px batch {batch:3d} fp32 {runtime}: "
+                  f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s", file=sys.stderr)
     return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Efficiency ratio (fewest params = 1) and speed ratio (fastest in the same batch size, precision and
-    runtime = 1)."""
+    """Efficiency ratio (fewest params = 1), compute ratio (fewest MACs at the same input size = 1), speed ratio
+    (fastest at the same input size, batch size, precision and runtime = 1) and training-step ratio (fastest
+    step at the same input size, batch size and precision = 1)."""
     fewest = min(r["params"] for r in rows)
-    least_compute = min(r["gmacs_thop"] for r in rows)
     for r in rows:
+        size = r.get("image_size")
+        least_compute = min(g["gmacs_thop"] for g in rows if g.get("image_size") == size)
         r["efficiency_ratio"] = fewest / r["params"]
         r["compute_ratio"] = least_compute / r["gmacs_thop"] if r["gmacs_thop"] > 0 else None
         group = [g["throughput_img_s"] for g in rows
                  if _speed_group(g) == _speed_group(r) and g.get("throughput_img_s")]
         r["speed_ratio"] = r["throughput_img_s"] / max(group) if r.get("throughput_img_s") else None
-        steps = [g["train_step_ms"] for g in rows if (g["batch_size"], g["precision"]) ==
-                 (r["batch_size"], r["precision"]) and g.get("train_step_ms")]
+        steps = [g["train_step_ms"] for g in rows if _speed_group(g)[:3] == _speed_group(r)[:3]
+                 and g.get("train_step_ms")]
         if r.get("train_step_ms"):
             r["train_step_ratio"] = r["train_step_ms"] / min(steps)
 
 
 def _speed_group(row: dict) -> tuple:
-    return row["batch_size"], row["precision"], row.get("runtime", "torch")
+    return row.get("image_size"), row["batch_size"], row["precision"], row.get("runtime", "torch")
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -258,20 +272,23 @@ def _fmt(value: object, digits: int) -> str:
 
 
 def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
-    header = ["Model", "Params (M)", "GMACs (thop)", "GFLOPs (2xMACs)", "GFLOPs (FlopCounterMode)", "Batch",
-              "Precision", "Runtime", "Latency ms (median)", "Throughput img/s", "Peak mem MiB", "Efficiency ratio",
-              "Speed ratio"]
+    header = ["Model", "Params (M)", "Input px", "GMACs (thop)", "GFLOPs (2xMACs)", "GFLOPs (FlopCounterMode)",
+              "Batch", "Precision", "Runtime", "Latency ms (median)", "ms / image", "Throughput img/s",
+              "Peak mem MiB", "Efficiency ratio", "Speed ratio"]
     with_steps = any(r.get("train_step_ms") for r in rows)
     if with_steps:
         header += ["Train step ms (median)", "Train step ratio"]
     if with_metrics:
         header += list(METRIC_COLUMNS.values()) + ["Test setting"]
     setting = [f"Benchmark on {env['device']}: {env['device_name']}", f"torch {env['torch']}",
-               f"{env['torch_threads']} CPU threads", f"input {env['image_size']}x{env['image_size']}",
+               f"{env['torch_threads']} CPU threads",
+               "input " + ", ".join(f"{size}x{size}" for size in env["image_sizes"]),
                f"precision {', '.join(env['precision'])}"]
     setting += ["channels_last"] * bool(env["channels_last"]) + ["torch.compile"] * bool(env["compiled"])
     if env.get("onnxruntime"):
         setting.append(f"onnxruntime {env['onnxruntime']} (CPU provider)")
+    if env.get("cpu_allocator"):
+        setting.append(f"CPU allocator: {env['cpu_allocator']}")
     if env.get("load_average_1min") is not None:
         setting.append(f"load average {env['load_average_1min']} at start")
     lines = [
@@ -283,10 +300,12 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
     ]
     for r in rows:
-        cells = [r["model"], _fmt(r["params"] / 1e6, 3), _fmt(r["gmacs_thop"], 3), _fmt(r["gflops_thop"], 3),
-                 _fmt(r["gflops_flopcounter"], 3), str(r["batch_size"]), r["precision"], r.get("runtime", "torch"),
-                 _fmt(r.get("latency_ms"), 2), _fmt(r.get("throughput_img_s"), 1), _fmt(r.get("peak_memory_mb"), 1),
-                 _fmt(r["efficiency_ratio"], 3), _fmt(r.get("speed_ratio"), 3)]
+        per_image = r["latency_ms"] / r["batch_size"] if r.get("latency_ms") is not None else None
+        cells = [r["model"], _fmt(r["params"] / 1e6, 3), str(r.get("image_size", "n/a")), _fmt(r["gmacs_thop"], 3),
+                 _fmt(r["gflops_thop"], 3), _fmt(r["gflops_flopcounter"], 3), str(r["batch_size"]), r["precision"],
+                 r.get("runtime", "torch"), _fmt(r.get("latency_ms"), 2), _fmt(per_image, 2),
+                 _fmt(r.get("throughput_img_s"), 1), _fmt(r.get("peak_memory_mb"), 1), _fmt(r["efficiency_ratio"], 3),
+                 _fmt(r.get("speed_ratio"), 3)]
         if with_steps:
             cells += [_fmt(r.get("train_step_ms"), 1), _fmt(r.get("train_step_ratio"), 3)]
         if with_metrics:
@@ -346,6 +365,7 @@ def draw_radar(rows: list[dict], path: Path, with_metrics: bool) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from model import check_model_name, list_models
+    from utils.allocator import allocator_state, keep_freed_memory
     from utils.flops import environment
     from utils.runs import write_json_atomic
 
@@ -362,11 +382,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("warning: fp16 autocast on a CPU is slow and not representative; bf16 is the CPU's mixed precision",
               file=sys.stderr)
     metrics = load_metrics(args.metrics) if args.metrics else {}
+    if args.allocator == "keep":  # before the first model: every timed pass then reuses the memory of the last
+        keep_freed_memory()
 
     env = environment(device)
-    env.update(image_size=args.image_size, batch_sizes=args.batch_sizes, precision=args.precision,
+    env.update(image_sizes=args.image_size, batch_sizes=args.batch_sizes, precision=args.precision,
                channels_last=args.channels_last, compiled=args.compile, warmup=args.warmup, repeats=args.repeats,
                runtimes=list(dict.fromkeys(["torch", *args.runtime])))
+    if device.type == "cpu":
+        env["cpu_allocator"] = allocator_state()
     if "onnxruntime" in args.runtime:
         import onnxruntime
 

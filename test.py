@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from utils.allocator import keep_freed_memory
 from utils.checkpoint import resolve_checkpoint_arg
 from utils.cli import add_debug_flag, non_negative_int, open_unit_float, positive_float, positive_int, run_main
 from utils.config import ConfigError
@@ -103,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # CPU: large activations are reused instead of faulted in afresh at every batch (see utils/allocator.py)
+    keep_freed_memory()
     sys.exit(run_main(main))

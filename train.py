@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from utils.allocator import keep_freed_memory
 from utils.cli import add_debug_flag, run_main
 from utils.config import load_config
 
@@ -57,4 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # CPU: large activations are reused instead of faulted in afresh at every batch (see utils/allocator.py)
+    keep_freed_memory()
     sys.exit(run_main(main))

@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from utils.allocator import keep_freed_memory
 from utils.config import Config, ConfigError, load_config
 from utils.cli import add_debug_flag, int_at_least, run_main
 from utils.runs import new_run_dir, point_latest, write_json_atomic
@@ -110,4 +111,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # CPU: large activations are reused instead of faulted in afresh at every batch (see utils/allocator.py)
+    keep_freed_memory()
     sys.exit(run_main(main))

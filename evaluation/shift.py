@@ -36,6 +36,7 @@ from datasets.transforms import MRI_AUGMENTS
 from evaluation.inference import eval_loader, evaluate
 from evaluation.metrics import MultiTaskMetrics
 from model.loading import load_model_from_checkpoint
+from utils.allocator import keep_freed_memory
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.runs import write_json_atomic
@@ -222,4 +223,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # CPU: large activations are reused instead of faulted in afresh at every batch (see utils/allocator.py)
+    keep_freed_memory()
     sys.exit(main())

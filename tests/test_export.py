@@ -154,13 +154,16 @@ def test_benchmark_adds_an_onnxruntime_row(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     proc = run_entry(["benchmark.py", "--models", "efficient_mtnet", "--device", "cpu", "--image-size", "64",
                       "--batch-sizes", "1", "2", "--repeats", "2", "--warmup", "1", "--threads", "1",
-                      "--runtime", "onnxruntime", "--out", str(out)], cwd=REPO)
+                      "--runtime", "onnxruntime", "--allocator", "default", "--out", str(out)], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    table = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| efficient_mtnet")]
-    assert [(cells[6].strip(), cells[8].strip()) for cells in table] == [
+    lines = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")]
+    batch, runtime = [[cell.strip() for cell in lines[0]].index(name) for name in ("Batch", "Runtime")]
+    assert [(cells[batch].strip(), cells[runtime].strip()) for cells in lines[1:]] == [
         ("1", "torch"), ("2", "torch"), ("1", "onnxruntime"), ("2", "onnxruntime")]
     assert "onnxruntime" in proc.stdout.splitlines()[0]
-    rows = json.loads((out / "benchmark.json").read_text())["rows"]
+    report = json.loads((out / "benchmark.json").read_text())
+    assert report["environment"]["cpu_allocator"] == "default"  # glibc left as it is when asked
+    rows = report["rows"]
     exported = [r for r in rows if r["runtime"] == "onnxruntime"]
     assert all(r["max_abs_diff"] < 1e-4 and r["file_mb"] > 1 and r["latency_ms"] > 0 for r in exported)
     assert all(r["speed_ratio"] == 1.0 for r in rows)  # one model: fastest of its own runtime and batch size
