@@ -163,8 +163,11 @@ def test_ctrl_c_exits_130_with_a_resume_command_and_a_usable_checkpoint(tiny_bri
     args = _train(tiny_brisc, tmp_path, "sigint", "train.epochs=50", "data.num_workers=2")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # A new session, so that the signal reaches the DataLoader workers too, as Ctrl-C in a terminal does.
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
+    # inherits it ignored, and Python would then never raise KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:
         lines.append(line)
