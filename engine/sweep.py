@@ -528,4 +528,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from utils.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as train.py: reuse large activation buffers instead of faulting them in each batch
     sys.exit(run_main(main))
