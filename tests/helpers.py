@@ -1,4 +1,4 @@
-"""Paths and a runner for the entry points, shared by the end-to-end tests."""
+"""Paths, a runner for the entry points and small run artefacts, shared by the end-to-end tests."""
 from __future__ import annotations
 
 import os
@@ -25,3 +25,22 @@ def copy_test_images(root: Path, folder: Path, class_name: str = "glioma", count
     for image in sorted((root / "classification_task" / "test" / class_name).glob("*.jpg"))[:count]:
         (folder / image.name).write_bytes(image.read_bytes())
     return folder
+
+
+def save_untrained_checkpoint(data_root: Path, folder: Path) -> Path:
+    """A seeded, untrained demo model saved as `folder/best.pth`, a run checkpoint of the BRISC-layout
+    `data_root` at 64 px (its predictions vary per image, which is all scoring tests need)."""
+    import torch
+
+    from model import build_model
+    from model.loading import model_kwargs
+    from utils.config import config_to_dict, load_config
+
+    cfg = load_config("configs/demo.yaml", [f"data.root={data_root}", "data.synthetic=false", "data.image_size=64",
+                                            "data.num_workers=0", "data.cache=none", "eval.batch_size=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, **model_kwargs(cfg))
+    path = folder / "best.pth"
+    torch.save({"format_version": 1, "model_name": cfg.model.name, "config": config_to_dict(cfg),
+                "model": model.state_dict(), "ema": None, "epoch": 0, "class_counts": None}, path)
+    return path

@@ -64,7 +64,8 @@ def _transparent_huge_pages_always() -> bool:
 def test_kept_memory_is_reused_without_page_faults_and_outputs_are_unchanged(tmp_path: Path):
     default = _probe("default", tmp_path / "default.pt")
     kept = _probe("keep", tmp_path / "keep.pt")
-    out_default, out_kept = torch.load(tmp_path / "default.pt"), torch.load(tmp_path / "keep.pt")
+    out_default, out_kept = torch.load(tmp_path / "default.pt", weights_only=True), torch.load(
+        tmp_path / "keep.pt", weights_only=True)
     pages = BUFFER_BYTES // PAGE_BYTES  # 16,384 pages of 4 KiB
     assert default["state"] == "default"
     assert kept["state"] == "glibc, freed memory kept up to 1024 MiB"

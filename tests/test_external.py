@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
 from datasets.duplicates import read_manifest
@@ -20,10 +19,9 @@ from evaluation.bootstrap import bootstrap_intervals
 from evaluation.labels import label_figures, label_intervals, label_space, parse_class_map
 from evaluation.subsets import PerImage
 from evaluation import report
-from model import build_model
-from model.loading import model_kwargs
 from utils.cli import run_main
-from utils.config import ConfigError, config_to_dict, load_config
+from tests.helpers import save_untrained_checkpoint
+from utils.config import ConfigError
 
 COARSE = "glioma=tumour,meningioma=tumour,pituitary=tumour,no_tumor=normal"
 COARSE_MAP = parse_class_map(COARSE)
@@ -34,14 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def checkpoint(tiny_brisc, tmp_path_factory) -> Path:
     """An untrained, seeded model saved as a run checkpoint of `tiny_brisc` (its predictions vary per image)."""
-    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_brisc}", "data.synthetic=false", "data.image_size=64",
-                                            "data.num_workers=0", "data.cache=none", "eval.batch_size=16"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model.name, **model_kwargs(cfg))
-    path = tmp_path_factory.mktemp("run") / "best.pth"
-    torch.save({"format_version": 1, "model_name": cfg.model.name, "config": config_to_dict(cfg),
-                "model": model.state_dict(), "ema": None, "epoch": 0, "class_counts": None}, path)
-    return path
+    return save_untrained_checkpoint(tiny_brisc, tmp_path_factory.mktemp("run"))
 
 
 def _train_image(root: Path, class_name: str, n: int) -> Path:

@@ -11,9 +11,8 @@ import torch
 from datasets.factory import build_eval_dataset
 from datasets.mri_shifts import ShiftHook, apply_shift
 from evaluation.shift import HEADLINE, main, summarise
-from model import build_model
-from model.loading import model_kwargs
-from utils.config import config_to_dict, load_config
+from tests.helpers import save_untrained_checkpoint
+from utils.config import load_config
 
 METRICS = [key for key, _ in HEADLINE]
 
@@ -21,14 +20,7 @@ METRICS = [key for key, _ in HEADLINE]
 @pytest.fixture(scope="module")
 def checkpoint(tiny_brisc, tmp_path_factory) -> Path:
     """An untrained (randomly initialised, seeded) model saved as a run checkpoint: its predictions vary per image."""
-    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_brisc}", "data.synthetic=false", "data.image_size=64",
-                                            "data.num_workers=0", "data.cache=none", "eval.batch_size=16"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model.name, **model_kwargs(cfg))
-    path = tmp_path_factory.mktemp("run") / "best.pth"
-    torch.save({"format_version": 1, "model_name": cfg.model.name, "config": config_to_dict(cfg),
-                "model": model.state_dict(), "ema": None, "epoch": 0, "class_counts": None}, path)
-    return path
+    return save_untrained_checkpoint(tiny_brisc, tmp_path_factory.mktemp("run"))
 
 
 def test_clean_row_equals_test_py_and_outputs(checkpoint, tmp_path, capsys):
