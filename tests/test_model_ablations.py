@@ -29,7 +29,8 @@ def test_default_model_is_unchanged():
 
 @pytest.mark.parametrize("kwargs", [{"context": "none"}, {"context": "breads"}, {"context": "attention"},
                                     {"context": "attention", "attn_heads": 4}, {"se": False},
-                                    {"decoder": "single"}, {"decoder": "single", "deep_supervision": False}])
+                                    {"decoder": "single"}, {"decoder": "single", "deep_supervision": False},
+                                    {"output_stride": 2}])
 def test_every_switch_keeps_the_output_contract(kwargs, one_thread):
     model = build_model("efficient_mtnet", num_classes=4, **kwargs)
     x = torch.randn(2, 3, 97, 130)
@@ -64,6 +65,24 @@ def test_parameter_counts_differ_by_the_hand_computed_amounts():
     assert params(EfficientMTNet(decoder="single")) == DEFAULT_PARAMS - fpn_and_aux + single
     assert params(SingleScaleDecoder([32, 48, 80, 168], d)) == single
 
+    stem = 16  # stem channels: the stride-2 level's lateral 1x1 reads them
+    stem_level = (stem * d + 2 * d) + (9 * d + 2 * d) + (d * d + 2 * d)  # lateral + depthwise-separable smoothing
+    assert params(EfficientMTNet(output_stride=2)) == DEFAULT_PARAMS + stem_level == 1_389_151
+
+
+def test_output_stride_2_feeds_the_head_from_the_stem_level(one_thread):
+    model = EfficientMTNet(output_stride=2).eval()
+    seen = {}
+    model.seg_head.register_forward_hook(lambda module, inputs, output: seen.update(shape=inputs[0].shape))
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 128, 96))
+    assert seen["shape"][-2:] == (64, 48) and out["seg"].shape == (1, 1, 128, 96)
+    default = EfficientMTNet().eval()
+    default.seg_head.register_forward_hook(lambda module, inputs, output: seen.update(shape=inputs[0].shape))
+    with torch.no_grad():
+        default(torch.randn(1, 3, 128, 96))
+    assert seen["shape"][-2:] == (32, 24)
+
 
 def test_attention_is_softmax_attention_and_counted():
     torch.manual_seed(0)
@@ -79,7 +98,9 @@ def test_attention_is_softmax_attention_and_counted():
 
 @pytest.mark.parametrize("kwargs,message", [({"context": "lightham"}, "'context' must be one of"),
                                             ({"decoder": "unet"}, "'decoder' must be one of"),
-                                            ({"context": "attention", "attn_heads": 5}, "heads")])
+                                            ({"context": "attention", "attn_heads": 5}, "heads"),
+                                            ({"output_stride": 8}, "'output_stride' must be one of"),
+                                            ({"output_stride": 2, "decoder": "single"}, "needs decoder='fpn'")])
 def test_bad_switch_values_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EfficientMTNet(**kwargs)
