@@ -8,11 +8,15 @@ Interval: the percentile method (2.5th and 97.5th percentile of the resampled fi
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-from evaluation.subsets import PerImage, per_image_overlap
+from evaluation.subsets import PerImage, per_image_overlap, tumour_images
 
 INTERVAL_METRICS = ("accuracy", "f1_macro", "dice", "iou", "hd95", "assd")
+# per class, with class names: precision, recall and F1 of the class, and the tumour Dice of its images
+CLASS_INTERVAL_METRICS = ("precision", "recall", "f1", "dice")
 
 
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
@@ -25,8 +29,8 @@ def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
 
 
-def _resampled_classification(table: PerImage, index: np.ndarray, counts: np.ndarray, k: int
-                              ) -> dict[str, np.ndarray]:
+def _resampled_classification(table: PerImage, index: np.ndarray, counts: np.ndarray, k: int,
+                              class_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
     if not table.has_cls:  # a segmentation-only run: no classification figure, hence no interval
         nothing = np.full(counts.shape[0], np.nan)
         return {"accuracy": nothing, "f1_macro": nothing}
@@ -40,25 +44,37 @@ def _resampled_classification(table: PerImage, index: np.ndarray, counts: np.nda
     f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0)  # zero_division=0
     present = denominator > 0  # macro over the classes in the truth or the predictions, as evaluation.metrics
     f1_macro = (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
-    return {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": f1_macro}
+    out = {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": f1_macro}
+    with np.errstate(invalid="ignore", divide="ignore"):  # a class absent from a resample: NaN, left out
+        for c, name in enumerate(class_names):
+            out[f"precision_{name}"] = np.where(predicted[:, c] > 0, tp[:, c] / predicted[:, c], np.nan)
+            out[f"recall_{name}"] = np.where(support[:, c] > 0, tp[:, c] / support[:, c], np.nan)
+            out[f"f1_{name}"] = np.where(denominator[:, c] > 0, f1[:, c], np.nan)
+    return out
 
 
-def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, num_classes: int
-                      ) -> dict[str, np.ndarray]:
-    """Accuracy, macro-F1, tumour Dice and IoU (native resolution) of each resample: {name: (B,) array}.
+def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, num_classes: int,
+                      class_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1, tumour Dice and IoU (native resolution) of each resample: {name: (B,) array}; with
+    `class_names`, also each class's precision, recall, F1 and tumour Dice (`recall_glioma`, `dice_glioma`, ...).
 
     `counts[b, j]` is how often image `index[j]` is drawn in resample b. Dice / IoU are NaN for a resample
     without a tumour image.
     """
-    out = _resampled_classification(table, index, counts, num_classes)
+    out = _resampled_classification(table, index, counts, num_classes, class_names)
 
-    native = table.native[index]
-    dice, iou = per_image_overlap(native)
-    tumour = (table.annotated[index] & ((native[:, 0] + native[:, 2]) > 0)).astype(np.float64)
+    dice, iou = per_image_overlap(table.native[index])
+    tumour = tumour_images(table, index).astype(np.float64)
     tumour_draws = counts @ tumour
     with np.errstate(invalid="ignore", divide="ignore"):
         out["dice"] = np.where(tumour_draws > 0, counts @ (dice * tumour) / tumour_draws, np.nan)
         out["iou"] = np.where(tumour_draws > 0, counts @ (iou * tumour) / tumour_draws, np.nan)
+        if table.has_cls:
+            for c, name in enumerate(class_names):
+                of_class = tumour * (table.labels[index] == c)
+                draws = counts @ of_class
+                if of_class.any():
+                    out[f"dice_{name}"] = np.where(draws > 0, counts @ (dice * of_class) / draws, np.nan)
         if table.distances is not None:  # HD95 / ASSD: mean over the images where they are defined
             distances = table.distances[index]
             defined = np.isfinite(distances[:, 0])
@@ -70,8 +86,9 @@ def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, nu
 
 
 def bootstrap_intervals(table: PerImage, index: np.ndarray, num_classes: int, resamples: int = 1000,
-                        seed: int = 0, level: float = 0.95) -> dict:
-    """{metric: [low, high]} for `INTERVAL_METRICS` on the images at `index`, plus the method's settings.
+                        seed: int = 0, level: float = 0.95, class_names: Sequence[str] = ()) -> dict:
+    """{metric: [low, high]} for `INTERVAL_METRICS` on the images at `index` (and, with `class_names`, for
+    `CLASS_INTERVAL_METRICS` of each class: `recall_glioma`, ...), plus the method's settings.
 
     A metric with no defined value in any resample (e.g. Dice on a subset without tumours) gets None.
     """
@@ -80,9 +97,11 @@ def bootstrap_intervals(table: PerImage, index: np.ndarray, num_classes: int, re
                   "seed": seed}
     if len(index) == 0:
         return {**info, **{name: None for name in INTERVAL_METRICS}}
-    figures = resampled_figures(table, index, resample_counts(len(index), resamples, seed), num_classes)
+    figures = resampled_figures(table, index, resample_counts(len(index), resamples, seed), num_classes,
+                                class_names)
     tail = 100 * (1 - level) / 2
-    for name in INTERVAL_METRICS:
+    per_class = [f"{metric}_{name}" for name in class_names for metric in CLASS_INTERVAL_METRICS]
+    for name in list(INTERVAL_METRICS) + [key for key in per_class if key in figures]:
         if name not in figures:
             info[name] = None
             continue

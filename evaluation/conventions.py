@@ -26,7 +26,8 @@ How `test.py` scores (keys of `metrics.json`):
   which is the training data itself, only `all` exists). The test loss `loss` is over all images.
 - **Intervals.** `ci95` (per subset): 95 % percentile bootstrap intervals from per-image resampling within the
   subset (1000 resamples, seed 0; `--bootstrap N`, `--seed S`) for `accuracy`, `f1_macro`, `dice`, `iou`,
-  `hd95`, `assd`. Shown as `99.30 [98.80, 99.70]`.
+  `hd95`, `assd`, and per class for `precision_<class>`, `recall_<class>`, `f1_<class>` and `dice_<class>`
+  (tumour Dice per image over that true class's tumour images). Shown as `99.30 [98.80, 99.70]`.
 - **Boundary distances** (pixels at native size; millimetres when `data.spacing` or `--spacing` gives the
   pixel spacing, `distance_unit` in metrics.json). The contour of a mask is its tumour pixels with a background
   4-neighbour (outside the image counts as background); distances are Euclidean between pixel centres. `hd95`:

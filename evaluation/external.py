@@ -32,8 +32,8 @@ from evaluation.labels import LabelSpace, label_figures, label_intervals, label_
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 from evaluation.native import NativeCounts
 from evaluation.per_image import per_image_rows, write_per_image_csv
-from evaluation.report import (TestOptions, check_options, distance_unit, fit_on_validation, per_image_table,
-                               print_summary, score_subsets)
+from evaluation.report import (TestOptions, check_options, fit_on_validation, per_image_table, print_summary,
+                               score_subsets, scored_results)
 from model.loading import load_model_from_checkpoint
 from utils.config import ConfigError, DataConfig, config_from_dict, parse_override
 from utils.runs import write_json_atomic
@@ -232,24 +232,16 @@ def run_external_test(opts: TestOptions) -> dict:
         not score_cls) else None
 
     absent = absent_figures(data.format, score_cls, score_seg, space.is_model_space)
-    num_params = sum(p.numel() for p in model.parameters())
-    results = dict(subsets[headline])
+    results = scored_results(opts, model, cfg, ckpt, subsets, headline, threshold if score_seg else None, tuning,
+                             temperature, False, None, leak_info, breakdown, calibration, spacing)
+    num_params = results["params"]
     results.update({
-        "model": cfg.model.name, "params": num_params, "split": opts.split, "data_root": str(data.root),
-        "data_format": data.format, "trained_on": str(trained.root), "headline_subset": headline,
-        "resolution": "native", "threshold": threshold if score_seg else None, "threshold_tuned": opts.tune_threshold,
-        "tta": opts.tta, "temperature": temperature, "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"),
-        "image_size": data.image_size, "resize": data.resize, "gate_masks": False,
-        "ema_weights": bool(opts.use_ema and ckpt.get("ema")), "loss": None, "subsets": subsets,
-        "leak_check": leak_info, "breakdowns": breakdown, "calibration": calibration,
-        "distance_unit": distance_unit(spacing), "spacing": spacing,
+        "data_format": data.format, "trained_on": str(trained.root), "spacing": spacing,
         "label_space": {"scoring": "model classes" if space.is_model_space else "mapped labels",
                         "labels": space.names, "class_map": space.class_map,
                         "model_classes": {c: space.names[i] for c, i in zip(CLASS_NAMES, space.of_model_class)}},
         "absent_figures": absent,
     })
-    if tuning:
-        results["threshold_tuning"] = tuning
     write_json_atomic(results, out_dir / "metrics.json")
 
     (out_dir / "metric_definitions.md").write_text(METRIC_DEFINITIONS_MD + "\n" + CONVENTIONS_MD + EXTERNAL_MD,

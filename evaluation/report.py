@@ -160,7 +160,8 @@ def score_subsets(table: PerImage, leaked: Optional[dict], num_classes: int, res
             subsets[name] = {"num_images": 0}
             continue
         subsets[name] = subset_figures(table, index, CLASS_NAMES)
-        subsets[name]["ci95"] = bootstrap_intervals(table, index, num_classes, resamples, seed) if resamples else None
+        subsets[name]["ci95"] = bootstrap_intervals(table, index, num_classes, resamples, seed,
+                                                       class_names=CLASS_NAMES) if resamples else None
     return indices, subsets
 
 
@@ -280,19 +281,9 @@ def run_test(opts: TestOptions) -> dict:
                                       1.0 if temperature is None else temperature) if has_cls else None
     breakdown = breakdowns(table, indices[headline], CLASS_NAMES, list(PLANES))
 
-    num_params = sum(p.numel() for p in model.parameters())
-    results = {key: value for key, value in subsets[headline].items()}
-    results.update({
-        "model": cfg.model.name, "params": num_params, "split": opts.split, "data_root": str(cfg.data.root),
-        "headline_subset": headline, "resolution": "native", "threshold": threshold if has_seg else None,
-        "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
-        "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
-        "resize": cfg.data.resize, "gate_masks": gated, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
-        "loss": counted["loss"], "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
-        "calibration": calibration, "distance_unit": distance_unit(spacing),
-    })
-    if tuning:
-        results["threshold_tuning"] = tuning
+    results = scored_results(opts, model, cfg, ckpt, subsets, headline, threshold if has_seg else None, tuning,
+                             temperature, gated, counted["loss"], leak_info, breakdown, calibration, spacing)
+    num_params = results["params"]
     write_json_atomic(results, out_dir / "metrics.json")
 
     report = metrics.classification_report(digits=4) if has_cls else ""
@@ -318,6 +309,28 @@ def run_test(opts: TestOptions) -> dict:
     if has_cls:
         print("\nPer-class report (scikit-learn, all images):\n" + report)
     print(f"results written to {out_dir}")
+    return results
+
+
+def scored_results(opts: TestOptions, model: nn.Module, cfg: Config, ckpt: dict, subsets: dict, headline: str,
+                   threshold: Optional[float], tuning: Optional[dict], temperature: Optional[float], gated: bool,
+                   loss: Optional[float], leak_info: dict, breakdown: Optional[dict], calibration: Optional[dict],
+                   spacing: Optional[list]) -> dict:
+    """metrics.json: the headline subset's figures at the top level, then the setting they were scored in
+    (split, subsets, resolution, threshold, TTA, weights, ...) and the per-subset figures. The run's own split
+    (`run_test`) and another dataset (`evaluation.external`) both write it; the latter adds its own keys."""
+    results = dict(subsets[headline])
+    results.update({
+        "model": cfg.model.name, "params": sum(p.numel() for p in model.parameters()), "split": opts.split,
+        "data_root": str(cfg.data.root), "headline_subset": headline, "resolution": "native",
+        "threshold": threshold, "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
+        "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
+        "resize": cfg.data.resize, "gate_masks": gated, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
+        "loss": loss, "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
+        "calibration": calibration, "distance_unit": distance_unit(spacing),
+    })
+    if tuning:
+        results["threshold_tuning"] = tuning
     return results
 
 

@@ -89,10 +89,30 @@ def subset_figures(table: PerImage, index: np.ndarray, class_names: Sequence[str
             results[f"{key}_train_res"] = value
     if table.distances is not None:
         results.update(boundary_means(table.distances[index]))
+    if table.has_cls:
+        results.update(class_dice(table, index, class_names))
     if table.has_cls and "no_tumor" in class_names:
         results.update(agreement_figures(table.preds[index], table.native[index], annotated,
                                          class_names.index("no_tumor")))
     return results
+
+
+def tumour_images(table: PerImage, index: np.ndarray) -> np.ndarray:
+    """Which of the images at `index` have an annotated, non-empty tumour mask (the images tumour Dice averages
+    over)."""
+    native = table.native[index]
+    return table.annotated[index] & ((native[:, 0] + native[:, 2]) > 0)
+
+
+def class_dice(table: PerImage, index: np.ndarray, class_names: Sequence[str]) -> dict:
+    """`dice_<class>`: tumour Dice per image (native size) averaged over the tumour images of each true class;
+    classes without a tumour image in the subset (no_tumor) get no entry."""
+    index = np.asarray(index, dtype=np.int64)
+    dice, _ = per_image_overlap(table.native[index])
+    tumour = tumour_images(table, index)
+    labels = table.labels[index]
+    return {f"dice_{name}": float(dice[tumour & (labels == k)].mean())
+            for k, name in enumerate(class_names) if (tumour & (labels == k)).any()}
 
 
 def boundary_means(distances: np.ndarray) -> dict:

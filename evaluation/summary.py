@@ -63,13 +63,32 @@ def format_value(key: str, figures: dict, interval: Optional[list] = None) -> st
     return f"{shown} [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else shown
 
 
+AGGREGATES = ("macro", "weighted")
+
+
+def class_rows(figures: dict) -> list[tuple[str, str, str]]:
+    """Summary rows per class (or mapped label): recall, F1 and, where masks are scored, tumour Dice."""
+    names = [key[len("recall_"):] for key in figures
+             if key.startswith("recall_") and key[len("recall_"):] not in AGGREGATES]
+    rows = []
+    for name in names:
+        rows += [(f"recall_{name}", f"Recall {name}", f"images of class {name}"),
+                 (f"f1_{name}", f"F1 {name}", f"class {name}"),
+                 (f"dice_{name}", f"Dice {name} (per image)", f"tumour images of class {name}, native size")]
+    return rows
+
+
 def summary_table(subsets: dict[str, dict], headline: str, distance_unit: str = "px") -> str:
     """One column per subset present (all, leak-free, leaked), the headline subset marked with `*`; HD95 and
-    ASSD are labelled in `distance_unit` (px, or mm with a pixel spacing)."""
+    ASSD are labelled in `distance_unit` (px, or mm with a pixel spacing). Per-class rows come before the
+    counts."""
     names = [name for name in SUBSETS if name in subsets]
     header = ("metric", *[SUBSET_LABELS[n] + (" *" if n == headline else "") for n in names], "averaged over")
+    figures = [row for row in SUMMARY_ROWS if not row[0].startswith("num_")]
+    counts = [row for row in SUMMARY_ROWS if row[0].startswith("num_")]
     rows = []
-    for key, label, over in SUMMARY_ROWS:
+    every = {key: value for n in names for key, value in subsets[n].items()}
+    for key, label, over in figures + class_rows(every) + counts:
         if not any(isinstance(subsets[n].get(key), (int, float)) for n in names):
             continue
         cells = [format_value(key, subsets[n], (subsets[n].get("ci95") or {}).get(key)) for n in names]

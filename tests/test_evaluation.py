@@ -13,7 +13,7 @@ import pytest
 from utils.cli import run_main
 from utils.errors import UserError
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from datasets.index import Sample
 from evaluation.bootstrap import bootstrap_intervals, resample_counts, resampled_figures
@@ -23,7 +23,7 @@ from evaluation.conventions import check_comparable, output_folder_name, setting
 from evaluation.metrics import MultiTaskMetrics
 from evaluation.native import NativeCounts
 from evaluation import report
-from evaluation.subsets import PerImage, excluded_list, subset_figures, subset_indices
+from evaluation.subsets import PerImage, excluded_list, per_image_overlap, subset_figures, subset_indices
 from evaluation.summary import format_value, summary_table
 from tests.helpers import SHARED_BRISC
 from utils.config import ConfigError
@@ -177,6 +177,43 @@ def test_each_resample_matches_scikit_learn_and_a_direct_computation():
         assert figures["iou"][b] == pytest.approx(direct["iou"])
 
 
+def test_per_class_resamples_match_scikit_learn_and_the_class_dice():
+    table = random_table(300, seed=5, accuracy=0.7)
+    index = np.arange(300)
+    counts = resample_counts(len(index), 20, seed=6)
+    figures = resampled_figures(table, index, counts, 4, CLASSES)
+    draws = np.random.default_rng(6).integers(0, len(index), size=(20, len(index)))
+    for b in (0, 11, 19):
+        chosen = index[draws[b]]
+        y_true, y_pred = table.labels[chosen], table.preds[chosen]
+        precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=range(4), zero_division=0)
+        direct = subset_figures(table, chosen, CLASSES)  # dice_<class>: mean over that class's tumour images
+        for c, name in enumerate(CLASSES):
+            assert figures[f"recall_{name}"][b] == pytest.approx(recall[c])
+            assert figures[f"precision_{name}"][b] == pytest.approx(precision[c])
+            assert figures[f"f1_{name}"][b] == pytest.approx(f1[c])
+            if f"dice_{name}" in direct:
+                assert figures[f"dice_{name}"][b] == pytest.approx(direct[f"dice_{name}"])
+    intervals = bootstrap_intervals(table, index, 4, resamples=300, seed=0, class_names=CLASSES)
+    point = subset_figures(table, index, CLASSES)
+    for name in CLASSES:
+        low, high = intervals[f"recall_{name}"]
+        assert low <= point[f"recall_{name}"] <= high
+    assert "recall_glioma" not in bootstrap_intervals(table, index, 4, resamples=50, seed=0)  # names opt in
+
+
+def test_class_dice_is_the_mean_over_each_class_tumour_images():
+    table = random_table(120, seed=8)
+    figures = subset_figures(table, np.arange(120), CLASSES)
+    dice, _ = per_image_overlap(table.native)
+    tumour = table.annotated & ((table.native[:, 0] + table.native[:, 2]) > 0)
+    for c, name in enumerate(CLASSES):
+        mine = tumour & (table.labels == c)
+        assert (f"dice_{name}" in figures) == bool(mine.any())
+        if mine.any():
+            assert figures[f"dice_{name}"] == pytest.approx(dice[mine].mean())
+
+
 def test_bootstrap_of_a_thousand_images_and_resamples_is_vectorised():
     import time
 
@@ -272,6 +309,12 @@ def test_summary_table_shows_subsets_side_by_side_with_intervals():
     assert "| all " in table and "leak-free *" in table and "leaked" in table
     assert "99.30 [98.80, 99.70]" in table and "99.22 [98.60, 99.70]" in table
     assert format_value("dice", {"dice": float("nan")}) == "–" and format_value("num_images", {"num_images": 3}) == "3"
+    per_class = summary_table({"all": {"recall_glioma": 0.9, "recall_macro": 0.8, "f1_glioma": 0.85,
+                                       "dice_glioma": 0.6, "num_images": 10,
+                                       "ci95": {"dice_glioma": [0.5, 0.7]}}}, "all")
+    assert "Recall glioma" in per_class and "Dice glioma (per image)" in per_class and "60.00 [50.00, 70.00]" in \
+        per_class and "Recall macro " not in per_class
+    assert per_class.index("Dice glioma") < per_class.index("| Images ")  # per-class rows before the counts
 
 
 def test_results_rows_name_their_setting_and_refuse_mixed_conventions(tmp_path: Path, capsys):
