@@ -155,12 +155,14 @@ def test_sweep_runs_records_failures_and_resumes(tiny_brisc, tmp_path, capsys, o
 
 def test_shipped_ablation_file_plans_against_the_cpu_recipe(tmp_path):
     settings = read_runs_file(REPO / "configs/ablation.yaml")
-    assert len(settings) == 18 and settings[0].name == "baseline" and settings[0].overrides == []
+    assert len(settings) == 19 and settings[0].name == "baseline" and settings[0].overrides == []
     runs = plan_runs(REPO / "configs/brisc_cpu.yaml", [], settings, [0], tmp_path, length_overrides(30, None))
     for run in runs:  # every model builds from its kwargs
         assert run.cfg.train.epochs == 30 and run.cfg.train.time_budget_min == 0
         build_model(run.cfg.model.name, **model_kwargs(run.cfg, pretrained=False))
     by_name = {run.setting.name: run.cfg for run in runs}
-    assert by_name["context_attention"].model.kwargs == {"context": "attention"}
+    # one constructor argument changes; the recipe's own model.kwargs stay
+    assert by_name["context_attention"].model.kwargs == {"output_stride": 2, "context": "attention"}
+    assert by_name["output_stride4"].model.kwargs == {"output_stride": 4}
     assert by_name["bce_dice_focal"].loss.seg.focal == 1.0 and by_name["bce_dice_focal"].loss.seg.bce == 1.0
     assert by_name["no_deep_supervision"].model.deep_supervision is False
