@@ -233,7 +233,8 @@ def run_external_test(opts: TestOptions) -> dict:
 
     absent = absent_figures(data.format, score_cls, score_seg, space.is_model_space)
     results = scored_results(opts, model, cfg, ckpt, subsets, headline, threshold if score_seg else None, tuning,
-                             temperature, False, None, leak_info, breakdown, calibration, spacing)
+                             temperature, gated=False, loss=None, leak_info=leak_info, breakdown=breakdown,
+                             calibration=calibration, spacing=spacing)
     num_params = results["params"]
     results.update({
         "data_format": data.format, "trained_on": str(trained.root), "spacing": spacing,

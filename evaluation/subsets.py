@@ -111,8 +111,8 @@ def class_dice(table: PerImage, index: np.ndarray, class_names: Sequence[str]) -
     dice, _ = per_image_overlap(table.native[index])
     tumour = tumour_images(table, index)
     labels = table.labels[index]
-    return {f"dice_{name}": float(dice[tumour & (labels == k)].mean())
-            for k, name in enumerate(class_names) if (tumour & (labels == k)).any()}
+    of_class = [(name, tumour & (labels == k)) for k, name in enumerate(class_names)]
+    return {f"dice_{name}": float(dice[chosen].mean()) for name, chosen in of_class if chosen.any()}
 
 
 def boundary_means(distances: np.ndarray) -> dict:
