@@ -78,6 +78,7 @@ def render_page(args: argparse.Namespace) -> None:
     from datasets.errors import DataError
     from datasets.naming import CLASS_NAMES
     from evaluation import demo
+    from model import model_tasks
     from utils.errors import UserError
 
     st.set_page_config(page_title="EfficientMTNet demo", layout="wide")
@@ -95,7 +96,7 @@ def render_page(args: argparse.Namespace) -> None:
     except (UserError, OSError) as exc:  # an unknown architecture, a damaged file: say so, keep serving
         st.error(f"cannot use this checkpoint: {exc}")
         st.stop()
-    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))
+    has_seg = "seg" in model_tasks(model)
     tta = side.toggle("Flip test-time augmentation", value=False, help="average with the horizontally flipped slice")
     threshold = side.slider("Mask threshold", 0.05, 0.95, float(cfg.eval.threshold), 0.05, disabled=not has_seg)
     opacity = side.slider("Mask opacity", 0.0, 1.0, 0.45, 0.05, disabled=not has_seg)

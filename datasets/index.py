@@ -9,7 +9,7 @@ from typing import Optional, Union
 from .errors import GET_DATA_HINT, DataError
 from .naming import CLASS_NAMES, NO_TUMOR, BriscNameError, parse_name
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")  # the one list of image files read anywhere
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def index_split(root: Union[str, Path], split: str) -> list[Sample]:
             raise DataError(f"class folder '{folder}' is missing.\n{GET_DATA_HINT}")
         files = list_files(folder, IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"class folder '{folder}' holds no images (.jpg/.jpeg/.png)")
+            raise DataError(f"class folder '{folder}' holds no images ({'/'.join(IMAGE_SUFFIXES)})")
         for path in files:
             try:
                 name = parse_name(path)

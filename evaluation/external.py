@@ -34,6 +34,7 @@ from evaluation.native import NativeCounts
 from evaluation.per_image import per_image_rows, write_per_image_csv
 from evaluation.report import (TestOptions, check_options, fit_on_validation, per_image_table, print_summary,
                                score_subsets, scored_results)
+from model import model_tasks
 from model.loading import load_model_from_checkpoint
 from utils.config import ConfigError, DataConfig, config_from_dict, parse_override
 from utils.runs import write_json_atomic
@@ -169,7 +170,7 @@ def run_external_test(opts: TestOptions) -> dict:
     check_options(opts)
     device = select_device(opts.device, key="--device")
     model, cfg, ckpt = load_model_from_checkpoint(opts.checkpoint, device, use_ema=opts.use_ema)
-    tasks = getattr(model, "tasks", ("cls", "seg"))
+    tasks = model_tasks(model)
     score_cls, score_seg = _check_external_options(opts, "cls" in tasks, "seg" in tasks)
     run_dir = Path(opts.checkpoint).resolve().parent
     split_path = run_dir / "split.json"

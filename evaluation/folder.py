@@ -21,11 +21,12 @@ import torch
 
 from datasets import CLASS_NAMES, DataError
 from datasets.geometry import logits_to_original
+from datasets.index import IMAGE_SUFFIXES
 from evaluation.inference import predict
+from model import model_tasks
 from model.loading import load_model_from_checkpoint
 from utils.runtime import select_device
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 MASK_SUFFIX = "_mask.png"
 
 
@@ -88,7 +89,7 @@ def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], th
 
     model_input, (width, height) = load_image_for_inference(image, cfg.data)
     device = next(model.parameters()).device
-    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))
+    has_seg = "seg" in model_tasks(model)
     start = time.perf_counter()
     outputs = predict(model, model_input.unsqueeze(0).to(device), tta=tta)
     # .cpu() waits for the device; a segmentation-only run has no class output
@@ -120,8 +121,8 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     device = select_device(device_name, key="--device")
     model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
     out_dir = Path(out_dir) if out_dir else fresh_output_dir(checkpoint, input_dir)
-    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))  # classification-only models write the CSV alone
-    has_cls = "cls" in getattr(model, "tasks", ("cls", "seg"))  # segmentation-only runs write no class columns
+    has_seg = "seg" in model_tasks(model)  # classification-only models write the CSV alone
+    has_cls = "cls" in model_tasks(model)  # segmentation-only runs write no class columns
     mask_dir = out_dir / "masks"
     (mask_dir if has_seg else out_dir).mkdir(parents=True, exist_ok=True)
     columns = ["file", *(["predicted_class"] if has_cls else []), *(["tumour_pixels"] if has_seg else []),

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from evaluation.metrics import MultiTaskMetrics
+from model import model_tasks
 from utils.checkpoint import unwrap_model
 from utils.runtime import autocast
 
@@ -37,9 +38,7 @@ def move_batch(batch: dict, device: torch.device, channels_last: bool = False) -
 def run_outputs(model: nn.Module, outputs: dict) -> dict:
     """The outputs of the tasks the run trains (`model.tasks`, set by `model.loading.assign_tasks`): a
     segmentation-only run of a two-head model drops its untrained `cls` logits, so no table shows them."""
-    tasks = getattr(unwrap_model(model), "tasks", None)
-    if tasks is None:
-        return outputs
+    tasks = model_tasks(model)
     return {key: value for key, value in outputs.items() if key in tasks or key not in ("cls", "seg")}
 
 

@@ -21,6 +21,7 @@ from datasets.factory import build_eval_dataset, sample_index
 from datasets.naming import NO_TUMOR
 from datasets.naming import PLANES
 from losses import MultiTaskLoss
+from model import model_tasks
 from model.loading import load_model_from_checkpoint
 from utils.config import Config, ConfigError
 from evaluation.agreement import gate_masks, gating_figures
@@ -222,8 +223,8 @@ def run_test(opts: TestOptions) -> dict:
     run_dir = Path(opts.checkpoint).resolve().parent
     split_path = run_dir / "split.json"
     num_classes = cfg.model.num_classes
-    has_seg = "seg" in getattr(model, "tasks", ("cls", "seg"))
-    has_cls = "cls" in getattr(model, "tasks", ("cls", "seg"))  # False: a segmentation-only run
+    has_seg = "seg" in model_tasks(model)
+    has_cls = "cls" in model_tasks(model)  # False: a segmentation-only run
     for flag, used in (("--calibrate", opts.calibrate), ("--gradcam", opts.gradcam > 0)):
         if used and not has_cls:
             raise ConfigError(f"{flag}: the run of '{cfg.model.name}' trains no classifier (loss.cls_weight=0), so "

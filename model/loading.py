@@ -11,7 +11,7 @@ import torch.nn as nn
 from utils.checkpoint import CheckpointError, config_of, read_checkpoint, unwrap_model
 from utils.config import Config, ConfigError
 
-from .registry import build_model
+from .registry import build_model, model_tasks
 
 
 def load_weights(model: nn.Module, state_dict: dict, source: str, model_name: Optional[str] = None) -> None:
@@ -70,7 +70,7 @@ def assign_tasks(model: nn.Module, cfg: Config) -> tuple[str, ...]:
     `evaluation.inference.predict` drops the outputs of the other task, so no untrained head reaches a table.
     A loss that scores a task the model does not predict is a `ConfigError` naming the key.
     """
-    declared = tuple(getattr(model, "tasks", TASKS))
+    declared = model_tasks(model)
     weights = {"cls": ("loss.cls_weight", cfg.loss.cls_weight), "seg": ("loss.seg_weight", cfg.loss.seg_weight)}
     for task, (key, weight) in weights.items():
         if weight > 0 and task not in declared:

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Mapping
 
 import torch.nn as nn
 
+from utils.checkpoint import unwrap_model
 from utils.config import ConfigError
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
@@ -30,6 +31,15 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
         return factory
 
     return decorator
+
+
+TASKS = ("cls", "seg")  # what a model predicts unless its class attribute `tasks` says otherwise
+
+
+def model_tasks(model: nn.Module) -> tuple[str, ...]:
+    """The tasks `model` predicts: its `tasks` attribute (set per run by `model.loading.assign_tasks`), both
+    by default. The one place that answers "does this model classify / segment?"."""
+    return tuple(getattr(unwrap_model(model), "tasks", TASKS))
 
 
 def list_models() -> list[str]:

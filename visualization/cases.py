@@ -13,6 +13,7 @@ from matplotlib.patches import Patch
 
 from datasets.brisc import IMAGENET_MEAN, IMAGENET_STD
 from datasets.naming import CLASS_NAMES
+from model import model_tasks
 from utils.errors import InputError
 from visualization.common import (GT_COLOUR, PRED_COLOUR, ArrayLike, PathLike, binary_masks, dataset_ids,
     dataset_labels, display_images, new_figure, paint_mask, plain_axis, save_figure, spread_indices,
@@ -119,7 +120,7 @@ def _predict_cases(model: nn.Module, images: torch.Tensor, threshold: float, siz
             prob = torch.nn.functional.interpolate(prob, size=size, mode="nearest")
         masks.append((prob[:, 0] >= threshold).cpu().numpy())
         # a segmentation-only run (model.tasks without "cls") has no trained class to show
-        has_cls = "cls" in out and "cls" in getattr(model, "tasks", ("cls",))
+        has_cls = "cls" in out and "cls" in model_tasks(model)
         classes.extend(out["cls"].argmax(1).tolist() if has_cls else [None] * len(prob))
     return np.concatenate(masks), classes
 
