@@ -1,6 +1,6 @@
 """Classification and segmentation metrics, accumulated as counts on the device and computed once.
 
-Definitions (the same text is `METRIC_DEFINITIONS_MD`, reproduced in the README):
+Definitions (the same text is `METRIC_DEFINITIONS_MD`, reproduced in docs/metrics.md):
 
 Classification (4 classes, label order glioma, meningioma, no_tumor, pituitary):
 accuracy; precision, recall and F1 per class, and their macro (unweighted mean over the classes present) and weighted

@@ -348,13 +348,6 @@ def test_benchmark_metrics_name_their_setting_and_refuse_mixed_conventions(tmp_p
     assert math.isfinite(found["unet"]["accuracy"])
 
 
-def test_readme_states_the_scoring_conventions():
-    from evaluation.conventions import CONVENTIONS_MD
-    from tests.helpers import REPO
-
-    assert CONVENTIONS_MD in (REPO / "README.md").read_text(encoding="utf-8")
-
-
 def test_leak_check_is_skipped_with_a_reason_where_no_training_data_exists(tmp_path: Path):
     from evaluation.leaks import leak_check
 
