@@ -124,11 +124,13 @@ def quantize_checked(fp32_path: Path, out_path: Path, model: nn.Module, cfg, tas
             for image in inputs:
                 expected = model.eval()(image)
                 for name, array in zip(tasks, runner(image)):
-                    reference[name].append(expected[name].float().flatten(1))
-                    produced[name].append(torch.from_numpy(np.ascontiguousarray(array)).float().flatten(1))
+                    # cls stays (B, K) for class agreement; seg is flattened (the check inputs differ in size)
+                    flat = (lambda t: t.flatten(1)) if name == "cls" else (lambda t: t.flatten())
+                    reference[name].append(flat(expected[name].float()))
+                    produced[name].append(flat(torch.from_numpy(np.ascontiguousarray(array)).float()))
         reference = {k: torch.cat(v) for k, v in reference.items()}
         produced = {k: torch.cat(v) for k, v in produced.items()}
-        figures.update(output_agreement(reference, produced))  # cls as (N, K), seg flattened per image
+        figures.update(output_agreement(reference, produced))
         for name in tasks:
             span = float(reference[name].max() - reference[name].min()) or 1.0
             relative = figures[f"{name}_max_abs_diff"] / span

@@ -197,3 +197,31 @@ def test_a_notebook_gets_the_kept_allocator_from_the_first_cpu_forward(run_dir: 
     import sys
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert after.startswith("glibc, freed memory kept")
+
+
+def test_runtime_table_has_a_row_per_combination_and_a_measured_peak(run_dir: Path, tmp_path: Path,
+                                                                    one_thread) -> None:
+    from model.runtime_bench import markdown, matmul_peak_gflops, runtime_table
+
+    assert matmul_peak_gflops(size=128, repeats=2) > 0
+    table = runtime_table(run_dir / "best.pth", runtimes=("torch", "onnxruntime"),
+                          precisions=("fp32", "int8-dynamic", "int8-static"), batch_sizes=(1, 3), sizes=(64,),
+                          pixel_budgets=(-1, 64 * 64), warmup=0, repeats=1, cache_dir=tmp_path)
+    combos = [(r["runtime"], r["precision"], r["images_per_forward"], r["batch"]) for r in table["rows"]]
+    # INT8 only on onnxruntime; int8-static skipped without calibration images, and said so
+    assert combos == [("torch", "fp32", 1, 1), ("torch", "fp32", 3, 3), ("torch", "fp32", 1, 1),
+                      ("torch", "fp32", 1, 3), ("onnxruntime", "fp32", 1, 1), ("onnxruntime", "fp32", 3, 3),
+                      ("onnxruntime", "fp32", 1, 1), ("onnxruntime", "fp32", 1, 3),
+                      ("onnxruntime", "int8-dynamic", 1, 1), ("onnxruntime", "int8-dynamic", 3, 3),
+                      ("onnxruntime", "int8-dynamic", 1, 1), ("onnxruntime", "int8-dynamic", 1, 3)]
+    assert table["notes"] == ["int8-static skipped: no calibration images given"]
+    model, _, _ = load_model_from_checkpoint(run_dir / "best.pth", "cpu")
+    from utils.flops import flop_counter_flops
+
+    for row in table["rows"]:
+        assert row["gflop_per_image"] == pytest.approx(flop_counter_flops(model, torch.zeros(1, 3, 64, 64)) / 1e9)
+        assert row["per_image_ms"] == pytest.approx(row["latency_ms"] / row["batch"])
+        assert row["peak_share"] == pytest.approx(row["achieved_gflops"] / table["peak_gflops"])
+        assert row["achieved_gflops"] == pytest.approx(row["gflop_per_image"] * row["throughput_img_s"])
+    text = markdown(table)
+    assert text.count("\n| onnxruntime | int8-dynamic | 64 |") == 4 and "matmul peak" in text
