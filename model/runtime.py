@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -230,9 +231,11 @@ def _write_record(path: Path, record: dict) -> None:
 
 
 def _remove_stale(folder: Path, prefix: str, keep: str) -> None:
-    """Earlier exports of the same checkpoint, runtime and precision (another key): superseded."""
+    """Earlier exports of the same checkpoint, runtime, precision and weights (another key): superseded."""
+    pattern = re.compile(rf"{re.escape(prefix)}-[0-9a-f]{{12}}")
     for old in folder.glob(f"{prefix}-*"):
-        if not old.name.startswith(keep):
+        name = old.name.split(".", 1)[0]
+        if pattern.fullmatch(name) and name != keep:
             old.unlink(missing_ok=True)
 
 
@@ -244,13 +247,18 @@ def exported_file(checkpoint: Path, model: nn.Module, cfg, runtime: str, precisi
     calibration_key = getattr(calibration, "key", None) if precision == "int8-static" else None
     if precision == "int8-static" and calibration is not None and calibration_key is None:
         calibration = list(calibration)  # plain tensors: their content is the key
-        calibration_key = hashlib.sha256(b"".join(t.numpy().tobytes() for t in calibration)).hexdigest()[:16]
+        content = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in calibration))
+        calibration_key = content.hexdigest()[:16]
     key = cache_key(checkpoint, runtime, precision, use_ema, cfg.data.image_size, calibration_key)
-    prefix = f"{checkpoint.stem}-{runtime}-{precision}"
+    # raw and EMA weights of one checkpoint are separate files, so alternating between them does not re-export
+    prefix = f"{checkpoint.stem}-{runtime}-{precision}{'' if use_ema else '-raw'}"
     name = f"{prefix}-{_digest(key)}"
     path, record_path = cache_dir / f"{name}{export.FORMATS[fmt]}", cache_dir / f"{name}.json"
     if path.is_file() and record_path.is_file():
-        record = json.loads(record_path.read_text())
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError):  # a damaged record: export again rather than trust the file
+            record = {}
         if record.get("key") == key:
             return path, dict(record, cached=True)
     cache_dir.mkdir(parents=True, exist_ok=True)

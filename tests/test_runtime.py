@@ -85,9 +85,12 @@ def test_export_is_cached_and_redone_when_the_checkpoint_changes(run_dir: Path, 
     with torch.no_grad():
         expected = model(_images())
     torch.testing.assert_close(changed(_images())["seg"], expected["seg"], atol=rt.EXPORT_ATOL, rtol=0)
-    # the precision is part of the key too: fp32 and torchscript files live side by side
+    # the runtime and the weights are part of the key too: these files live side by side
     rt.load_predictor(checkpoint, "torchscript")
-    assert len(list((tmp_path / "exports").glob("*.onnx"))) == 1 and len(list((tmp_path / "exports").glob("*.pt"))) == 1
+    raw = rt.load_predictor(checkpoint, "onnxruntime", use_ema=False)
+    assert not raw.info["cached"] and raw.info["path"] != changed.info["path"]
+    assert rt.load_predictor(checkpoint, "onnxruntime").info["cached"]  # the raw export did not replace it
+    assert len(list((tmp_path / "exports").glob("*.onnx"))) == 2 and len(list((tmp_path / "exports").glob("*.pt"))) == 1
 
 
 def test_an_export_that_does_not_reproduce_pytorch_is_refused(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
