@@ -31,7 +31,7 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 DEFAULT_OPSET = 17
 INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["cls", "seg"]
-Runner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+Runner = Callable[[torch.Tensor], tuple[np.ndarray, ...]]  # the outputs in the file's order (cls, seg)
 
 
 class ExportError(RuntimeError):
@@ -44,14 +44,15 @@ class InferencePath(nn.Module):
     Exporters need tensors or tuples as outputs, not the dict of the model contract.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, outputs: Sequence[str] = tuple(OUTPUT_NAMES)) -> None:
         super().__init__()
         self.model = model
+        self.outputs = tuple(outputs)  # a single-task model exports its one output
         self.eval()
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(image)
-        return out["cls"], out["seg"]
+        return tuple(out[name] for name in self.outputs)
 
 
 def _first_line(exc: Exception) -> str:
@@ -88,8 +89,10 @@ def deployment_metadata(cfg: Config) -> dict[str, str]:
 
 
 def export_model(model: nn.Module, path: Path, fmt: str, example: torch.Tensor, dynamic: bool = True,
-                 opset: int = DEFAULT_OPSET, metadata: Optional[dict[str, str]] = None) -> Path:
-    """Write `model`'s inference path to `path` as `fmt` ('onnx' or 'torchscript'), traced on `example`.
+                 opset: int = DEFAULT_OPSET, metadata: Optional[dict[str, str]] = None,
+                 outputs: Sequence[str] = tuple(OUTPUT_NAMES)) -> Path:
+    """Write `model`'s inference path to `path` as `fmt` ('onnx' or 'torchscript'), traced on `example`;
+    `outputs` names the output-dict entries the file returns, in order (the model's tasks).
 
     With `dynamic`, the ONNX file takes any batch size and image size; a traced TorchScript module always does
     (it records the shape arithmetic) and is frozen. `metadata` goes into the ONNX file's metadata_props or the
@@ -99,16 +102,17 @@ def export_model(model: nn.Module, path: Path, fmt: str, example: torch.Tensor, 
         raise ExportError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = InferencePath(model).eval()
+    wrapped = InferencePath(model, outputs).eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             _quiet_export_notices()
             if fmt == "onnx":
-                axes = {"image": {0: "batch", 2: "height", 3: "width"}, "cls": {0: "batch"},
-                        "seg": {0: "batch", 2: "height", 3: "width"}} if dynamic else None
+                every_axis = {"image": {0: "batch", 2: "height", 3: "width"}, "cls": {0: "batch"},
+                              "seg": {0: "batch", 2: "height", 3: "width"}}
+                axes = {k: v for k, v in every_axis.items() if k in ("image", *outputs)} if dynamic else None
                 # dynamo=False: the TorchScript-based exporter; the torch.export one needs onnxscript
                 torch.onnx.export(wrapped, (example,), str(path), dynamo=False, input_names=INPUT_NAMES,
-                                  output_names=OUTPUT_NAMES, dynamic_axes=axes, opset_version=opset)
+                                  output_names=list(outputs), dynamic_axes=axes, opset_version=opset)
                 if metadata:
                     import onnx
 
@@ -140,9 +144,10 @@ def load_runner(path: Path, fmt: str, threads: int = 0) -> Runner:
         options.log_severity_level = 3  # errors only
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-        def run_onnx(image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            cls, seg = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: image.detach().cpu().numpy()})
-            return cls, seg
+        names = [output.name for output in session.get_outputs()]
+
+        def run_onnx(image: torch.Tensor) -> tuple[np.ndarray, ...]:
+            return tuple(session.run(names, {INPUT_NAMES[0]: image.detach().cpu().contiguous().numpy()}))
 
         return run_onnx
     if fmt == "torchscript":
@@ -150,22 +155,25 @@ def load_runner(path: Path, fmt: str, threads: int = 0) -> Runner:
             _quiet_export_notices()
             module = torch.jit.load(str(path), map_location="cpu").eval()
 
-        def run_torchscript(image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        def run_torchscript(image: torch.Tensor) -> tuple[np.ndarray, ...]:
             with torch.no_grad():
-                cls, seg = module(image.cpu())
-            return cls.numpy(), seg.numpy()
+                return tuple(output.numpy() for output in module(image.cpu()))
 
         return run_torchscript
     raise ExportError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
 
 
-def max_difference(runner: Runner, model: nn.Module, image: torch.Tensor) -> float:
-    """Largest absolute difference between the exported outputs and PyTorch's (cls and seg) on `image`."""
+def max_difference(runner: Runner, model: nn.Module, image: torch.Tensor,
+                   outputs: Sequence[str] = tuple(OUTPUT_NAMES)) -> float:
+    """Largest absolute difference between the exported outputs and PyTorch's (`outputs`: cls, seg) on `image`."""
     with torch.no_grad():
         reference = model.eval()(image)
     produced = runner(image)
     worst = 0.0
-    for name, array in zip(OUTPUT_NAMES, produced):
+    if len(produced) != len(outputs):
+        raise ExportError(f"the exported file returns {len(produced)} outputs, expected {len(outputs)} "
+                          f"({', '.join(outputs)})")
+    for name, array in zip(outputs, produced):
         expected = reference[name].detach().cpu().float().numpy()
         if array.shape != expected.shape:
             raise ExportError(f"exported '{name}' has shape {array.shape}, PyTorch gives {expected.shape}")
@@ -174,12 +182,12 @@ def max_difference(runner: Runner, model: nn.Module, image: torch.Tensor) -> flo
 
 
 def check_export(runner: Runner, model: nn.Module, images: Sequence[torch.Tensor], atol: float,
-                 fmt: str) -> float:
+                 fmt: str, outputs: Sequence[str] = tuple(OUTPUT_NAMES)) -> float:
     """Compare the exported outputs with PyTorch's on each image batch; ExportError beyond `atol`."""
     worst = 0.0
     for image in images:
         try:
-            difference = max_difference(runner, model, image)
+            difference = max_difference(runner, model, image, outputs)
         except ExportError:
             raise
         except Exception as exc:  # the runtime rejects the input, e.g. a shape the file was not exported for
