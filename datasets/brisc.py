@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from utils.config import AugmentConfig
 
 from .cache import CACHE_MODES, ArrayCache
-from .decode import load_sample
+from .decode import load_sample, sample_placement
+from .geometry import Placement
 from .errors import DataError
 from .index import index_split
 from .naming import CLASS_NAMES, PLANES
@@ -29,7 +30,8 @@ class BriscDataset(Dataset):
     Each item: `image` float (C, H, W) normalised, `mask` float (1, H, W) in {0, 1}, `label` long,
     `has_mask` bool (False only for a tumour image without a mask file), `id` the file stem.
     `stems` restricts the split to a subset (the train/val parts of a saved split); `resize` places each
-    image on the square input (stretch | letterbox, see geometry.py).
+    image on the square input (stretch | letterbox | head with `head_margin`, see geometry.py); `placement(i)`
+    says where image i sits (what `geometry.logits_to_original` needs to map its logits back).
     """
 
     def __init__(
@@ -51,11 +53,13 @@ class BriscDataset(Dataset):
         intensity_norm: str = "imagenet",
         percentile_range: Sequence[float] = (0.5, 99.5),
         index: Optional[Callable[[Path, str], list]] = None,
+        head_margin: float = 0.05,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
         self.root, self.split, self.image_size, self.train = Path(root), split, int(image_size), train
-        self.in_channels, self.resize = in_channels, resize
+        self.in_channels, self.resize, self.head_margin = in_channels, resize, float(head_margin)
+        self._placements: dict[int, Placement] = {}
         self.name = name or split
         self.class_names = list(CLASS_NAMES)
         # `index(root, split)` lists the samples: BRISC by default, another layout's indexer (datasets/factory.py)
@@ -73,7 +77,7 @@ class BriscDataset(Dataset):
         self.cache_mode = cache
         self.cache = (
             ArrayCache(self.samples, self.image_size, cache, cache_dir, split=self.name, verbose=verbose,
-                       resize=resize)
+                       resize=resize, head_margin=self.head_margin)
             if cache != "none"
             else None
         )
@@ -107,7 +111,8 @@ class BriscDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
-        image, mask = self.cache.get(i) if self.cache is not None else load_sample(sample, self.image_size, self.resize)
+        image, mask = self.cache.get(i) if self.cache is not None else load_sample(sample, self.image_size, self.resize,
+                                                                                     self.head_margin)
         if self.shift is not None:
             image, mask = self.shift(image, mask, sample.stem)
         image_t, mask_t = self.transform(image, mask)
@@ -118,6 +123,13 @@ class BriscDataset(Dataset):
             "has_mask": torch.tensor(sample.has_mask),
             "id": sample.stem,
         }
+
+    def placement(self, i: int) -> Placement:
+        """Where image i sits on the model's input (decoded again from its file once, then remembered); its
+        `fallback` is True when head mode found no head and letterboxed it."""
+        if i not in self._placements:
+            self._placements[i] = sample_placement(self.samples[i], self.image_size, self.resize, self.head_margin)
+        return self._placements[i]
 
     def class_counts(self) -> dict[str, int]:
         counts = Counter(self.labels)

@@ -1,18 +1,18 @@
 """Decode one sample from disk into square uint8 arrays at the training size (greyscale image, 0/255 mask),
-stretched or letterboxed (`data.resize`; the placement is defined in geometry.py).
+stretched, letterboxed or cropped to the head (`data.resize`; the placement is defined in geometry.py).
 
 This is the only place that touches image files during training; every failure names the file.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import cv2
 import numpy as np
 
 from .errors import DataError
-from .geometry import RESIZE_MODES, letterbox_box
+from .geometry import Placement, crop_box, letterbox_box, place
 from .index import Sample
 
 MASK_THRESHOLD = 128  # masks carry JPEG-like ringing (0-10 / 246-255)
@@ -87,30 +87,59 @@ def resize_mask(mask: np.ndarray, size: Union[int, tuple[int, int]]) -> np.ndarr
     return out
 
 
-def to_square(image: np.ndarray, size: int, resize: str = "stretch", is_mask: bool = False) -> np.ndarray:
-    """A greyscale image (or a 0/255 mask) on the model's (size, size) input, by `resize` mode: stretched, or
-    letterboxed (scaled into `geometry.letterbox_box`, zero padding around it)."""
+def to_square(image: np.ndarray, size: int, resize: Union[str, Placement] = "stretch", is_mask: bool = False,
+              margin: float = 0.1) -> np.ndarray:
+    """A greyscale image (or a 0/255 mask) on the model's (size, size) input, by `resize` mode: stretched,
+    letterboxed (scaled into `geometry.letterbox_box`, zero padding around it) or cropped to the head's square
+    (`geometry.place`, with `margin`). A mask needs its image's `Placement` in head mode."""
+    placement = resize if isinstance(resize, Placement) else None
+    if placement is None:
+        if resize == "head" and is_mask:
+            raise ValueError("a mask is placed by its image's head: pass the image's Placement")
+        placement = place(image, size, resize, margin)
     fit = resize_mask if is_mask else resize_image
-    if resize == "stretch":
+    if placement.mode == "stretch":
         return fit(image, size)
-    if resize != "letterbox":
-        raise ValueError(f"unknown resize mode '{resize}'; expected one of {', '.join(RESIZE_MODES)}")
+    if placement.mode == "head":
+        return fit(np.ascontiguousarray(crop_box(image, placement.box)), size)
     top, left, height, width = letterbox_box(image.shape[:2], size)
     return cv2.copyMakeBorder(fit(image, (height, width)), top, size - top - height, left, size - left - width,
                               cv2.BORDER_CONSTANT, value=0)
 
 
-def load_sample(sample: Sample, size: int, resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
-    """(image, mask) of one sample as (size, size) uint8 arrays placed by `resize` (stretch | letterbox);
-    the mask is 0/255 and empty without a file."""
+def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """(grey image, 0/255 mask) of one sample at the file's own size; the mask is empty without a file."""
     image = read_grey(sample.image)
     if sample.mask is None:
-        return to_square(image, size, resize), np.zeros((size, size), np.uint8)
+        return image, np.zeros(image.shape, np.uint8)
     mask = read_grey(sample.mask, what="mask")
     if mask.shape != image.shape:
         raise DataError(
             f"mask '{sample.mask}' is {mask.shape[1]}x{mask.shape[0]} but its image '{sample.image}' is "
             f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size"
         )
-    return to_square(image, size, resize), to_square(binarize(mask, sample.mask_threshold), size, resize,
-                                                     is_mask=True)
+    return image, binarize(mask, sample.mask_threshold)
+
+
+def place_pair(image: np.ndarray, mask: np.ndarray, size: int, resize: str = "stretch", margin: float = 0.1
+               ) -> tuple[np.ndarray, np.ndarray, Placement]:
+    """An image and its 0/255 mask at the file's size on the (size, size) input, both placed by the image."""
+    placement = place(image, size, resize, margin)
+    return to_square(image, size, placement), to_square(mask, size, placement, is_mask=True), placement
+
+
+def load_sample(sample: Sample, size: int, resize: str = "stretch", margin: float = 0.1,
+                canvas: Optional[Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask) of one sample as (size, size) uint8 arrays placed by `resize` (stretch | letterbox | head,
+    `margin` for head); the mask is 0/255 and empty without a file. `canvas(image, mask)` (a training
+    augmentation) changes the decoded pair before the placement."""
+    image, mask = read_pair(sample)
+    if canvas is not None:
+        image, mask = canvas(image, mask)
+    return place_pair(image, mask, size, resize, margin)[:2]
+
+
+def sample_placement(sample: Sample, size: int, resize: str = "stretch", margin: float = 0.1) -> Placement:
+    """The `Placement` of a sample's image (decoded again from its file): what maps its logits back."""
+    return place(read_grey(sample.image), size, resize, margin)

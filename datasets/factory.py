@@ -74,6 +74,7 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
         verbose=verbose,
         name=name,
         resize=data_cfg.resize,
+        head_margin=data_cfg.head_margin,
         intensity_norm=data_cfg.intensity_norm,
         percentile_range=data_cfg.percentile_range,
         index=index or sample_index(data_cfg),

@@ -19,6 +19,7 @@ from torch.utils.data import get_worker_info
 from utils.config import AugmentConfig, DataConfig
 
 from .decode import MASK_THRESHOLD, read_grey, to_square
+from .geometry import Placement, place
 from .mri_shifts import MriShiftAugment
 
 INTENSITY_NORMS = ("imagenet", "zscore", "percentile")
@@ -199,15 +200,23 @@ def build_transform(
                            percentile_range=percentile_range)
 
 
-def load_image_for_inference(path: Union[str, Path, np.ndarray], data_cfg: DataConfig
-                             ) -> tuple[torch.Tensor, tuple[int, int]]:
+def prepare_for_inference(path: Union[str, Path, np.ndarray], data_cfg: DataConfig) -> tuple[torch.Tensor, Placement]:
     """Any image file (or its decoded uint8 greyscale array) as the model's normalised (C, S, S) input,
-    decoded and placed as in training (`data.resize`); also returns its original (width, height) to map a
-    predicted mask back onto it (`geometry.logits_to_original` with the same resize mode)."""
+    decoded and placed as in training (`data.resize`, `data.head_margin`), and its `Placement`: what
+    `geometry.logits_to_original(logits, placement.original_hw, placement)` needs to map a mask back."""
     grey = path if isinstance(path, np.ndarray) else read_grey(Path(path))
     transform = build_transform(data_cfg.image_size, train=False, in_channels=data_cfg.in_channels,
                                 mean=data_cfg.mean, std=data_cfg.std, intensity_norm=data_cfg.intensity_norm,
                                 percentile_range=data_cfg.percentile_range)
     empty = np.zeros((data_cfg.image_size, data_cfg.image_size), np.uint8)
-    image, _ = transform(to_square(grey, data_cfg.image_size, data_cfg.resize), empty)
-    return image, (grey.shape[1], grey.shape[0])
+    placement = place(grey, data_cfg.image_size, data_cfg.resize, data_cfg.head_margin)
+    image, _ = transform(to_square(grey, data_cfg.image_size, placement), empty)
+    return image, placement
+
+
+def load_image_for_inference(path: Union[str, Path, np.ndarray], data_cfg: DataConfig
+                             ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`prepare_for_inference` returning the image's original (width, height) instead of its placement (enough
+    to map a mask back in stretch and letterbox modes; head mode needs the placement)."""
+    image, placement = prepare_for_inference(path, data_cfg)
+    return image, (placement.original_hw[1], placement.original_hw[0])

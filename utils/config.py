@@ -113,8 +113,10 @@ class DataConfig:
     near_threshold: float = spec(0.99, gt=0, le=1)
     folds: int = spec(0, ge=0)  # K-fold cross-validation: 0 = off (val_fraction split), else K >= 2 folds ...
     fold: int = spec(0, ge=0)  # ... and this fold (0..K-1) is the validation part
-    # stretch to a square, or scale the longest side and pad (letterbox)
-    resize: str = spec("stretch", choices=("stretch", "letterbox"))
+    # stretch to a square, scale the longest side and pad (letterbox), or crop the head's square (head: the
+    # file's canvas does not reach the model; datasets/geometry.py, docs/geometry-and-confounds.md)
+    resize: str = spec("stretch", choices=("stretch", "letterbox", "head"))
+    head_margin: float = spec(0.05, ge=0, le=1)  # head: margin on each side, fraction of the head box's longer side
     # [row, col] millimetres per pixel of the original images: HD95 / ASSD in mm (null: in pixels)
     spacing: Optional[list] = spec(None, each={"gt": 0})
     synthetic_train_duplicates: int = spec(0, ge=0)  # generated data: train images that copy another train image
