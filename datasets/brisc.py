@@ -18,7 +18,7 @@ from .geometry import Placement
 from .errors import DataError
 from .index import index_split
 from .naming import CLASS_NAMES, PLANES
-from .transforms import build_transform
+from .transforms import RandomCanvas, build_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,6 +70,9 @@ class BriscDataset(Dataset):
         self.labels = [s.label for s in self.samples]
         self.transform = build_transform(self.image_size, train, augment, in_channels, mean, std, intensity_norm,
                                          percentile_range)
+        # a random canvas acts on the decoded file before the geometry step: those samples are read from the file
+        use_canvas = train and augment is not None and augment.p_canvas > 0
+        self.canvas = RandomCanvas(augment.p_canvas, augment.canvas_ratio) if use_canvas else None
         # Optional (image, mask, stem) -> (image, mask) on the decoded uint8 arrays before the transform
         # (the acquisition-shift benchmark sets it).
         self.shift: Optional[Callable[[np.ndarray, np.ndarray, str], tuple[np.ndarray, np.ndarray]]] = None
@@ -111,8 +114,12 @@ class BriscDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
-        image, mask = self.cache.get(i) if self.cache is not None else load_sample(sample, self.image_size, self.resize,
-                                                                                     self.head_margin)
+        if self.canvas is not None and self.canvas.fires():
+            image, mask = load_sample(sample, self.image_size, self.resize, self.head_margin, canvas=self.canvas)
+        elif self.cache is not None:
+            image, mask = self.cache.get(i)
+        else:
+            image, mask = load_sample(sample, self.image_size, self.resize, self.head_margin)
         if self.shift is not None:
             image, mask = self.shift(image, mask, sample.stem)
         image_t, mask_t = self.transform(image, mask)

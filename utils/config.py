@@ -80,6 +80,20 @@ class AugmentConfig:
     p_mri_contrast: float = spec(0.0, **PROB)  # window change
     p_mri_rotate_zoom: float = spec(0.0, **PROB)
     mri_severity: list = spec(factory=lambda: [0.0, 2.0], pair=True, each={"ge": 0, "le": 3})
+    # Storage cues (docs/geometry-and-confounds.md): JPEG re-encoding at a random quality, resampling down and up
+    # at a random factor (both on the model-size image), and a random canvas: the decoded file cropped or padded
+    # to a random aspect ratio (width / height) BEFORE the geometry step (decodes the file each time: no cache)
+    p_jpeg: float = spec(0.0, **PROB)
+    jpeg_quality: list = spec(factory=lambda: [30, 95], pair=True, each={"ge": 1, "le": 100})
+    p_resample: float = spec(0.0, **PROB)
+    resample_scale: list = spec(factory=lambda: [0.4, 0.9], pair=True, each={"gt": 0, "lt": 1})  # down factor
+    p_canvas: float = spec(0.0, **PROB)
+    canvas_ratio: list = spec(factory=lambda: [0.6, 1.6], pair=True, each={"gt": 0})
+    # Acquisition shifts that the shift benchmark does not contain (datasets/mri_shifts.py lists what imitates
+    # which shift): a reconstruction filter (sharpening) and a coarser bit depth (posterize, bits kept)
+    p_sharpen: float = spec(0.0, **PROB)
+    p_posterize: float = spec(0.0, **PROB)
+    posterize_bits: list = spec(factory=lambda: [4, 7], pair=True, each={"ge": 1, "le": 8})
 
 
 @dataclass
