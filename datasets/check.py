@@ -1,7 +1,7 @@
 """Integrity report of a BRISC-layout dataset; exit status 1 when errors were found.
 
     python -m datasets.check ROOT [--examples 5] [--workers 4] [--manifest FILE [--near-threshold 0.99]]
-                                  [--confounds]
+                                  [--confounds [--config YAML [--audit-limit N]]]
     python -m datasets.check ROOT --format imagefolder --against BRISC_ROOT [--manifest FILE]
 
 Errors: missing folders, folders of unknown classes, bad file names and unknown codes, class folder/code
@@ -13,7 +13,8 @@ another split, and duplicated content (the same decoded pixels) within a split o
 
 `--manifest FILE` also writes the duplicate manifest (JSON; see `datasets.duplicates`): exact and near
 groups within and across splits, their counts, and per evaluation split the images with training copies.
-`--confounds` adds the source-confound audit of the train split (see `datasets.confounds`).
+`--confounds` adds the source-confound audit of the train split (see `datasets.confounds`); with `--config`,
+also the audit of the model's inputs under that config's preprocessing (see `datasets.input_confounds`).
 `--against OTHER_ROOT` compares two datasets instead (see `datasets.cross_check`): images of either with an exact
 or near copy in the other, per class, and the manifest of the groups spanning both.
 """
@@ -310,6 +311,17 @@ def _check_against(args: argparse.Namespace, start: float) -> int:
     return 0
 
 
+def _input_audit(args: argparse.Namespace) -> str:
+    """`--confounds --config YAML`: the audit of the model's inputs (datasets/input_confounds.py)."""
+    from utils.config import load_config
+
+    from .input_confounds import input_audit, render_input_audit, subsample
+
+    data_cfg = load_config(args.config).data
+    samples = subsample(index_split(args.root, "train"), args.audit_limit)
+    return render_input_audit(input_audit(samples, data_cfg, workers=args.workers))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Integrity report of a BRISC 2025-layout dataset.")
     parser.add_argument("root", help="folder holding classification_task/ and segmentation_task/")
@@ -320,6 +332,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="thumbnail correlation for near duplicates in the manifest (default %(default)s)")
     parser.add_argument("--confounds", action="store_true",
                         help="also measure how well trivial file/image properties predict the class (train split)")
+    parser.add_argument("--config", metavar="YAML",
+                        help="with --confounds: also audit the model's input under this config's preprocessing "
+                             "(data.image_size, resize, head_margin, intensity_norm)")
+    parser.add_argument("--audit-limit", type=positive_int, metavar="N",
+                        help="with --config: audit the inputs of a class-stratified, seeded sample of N images")
     layout = parser.add_argument_group("other layouts (the data.* keys of the same names)")
     layout.add_argument("--format", choices=("brisc", "imagefolder", "pairs"), default="brisc")
     layout.add_argument("--train-dir", default="Training")
@@ -337,6 +354,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                        help="layout of OTHER_ROOT, read with the default settings of that layout")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if (args.config or args.audit_limit) and not args.confounds:
+        parser.error("--config and --audit-limit belong to --confounds (the audit of the model's inputs)")
     start = time.perf_counter()
     if args.against:
         return _check_against(args, start)
@@ -355,6 +374,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .confounds import confound_audit, render_audit
 
         print(render_audit(confound_audit(args.root, workers=args.workers)))
+        if args.config:
+            print(_input_audit(args))
     print(f"checked in {time.perf_counter() - start:.1f} s")
     return 0 if report.ok else 1
 
