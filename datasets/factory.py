@@ -44,7 +44,7 @@ def ensure_data_root(data_cfg: DataConfig) -> Path:
 
     try:
         if data_cfg.format != "brisc":  # a fake copy of the other layout
-            from .layouts import generate_layout
+            from .synthetic_layouts import generate_layout
 
             generate_layout(root, data_cfg.format, data_cfg.synthetic_train, data_cfg.synthetic_test,
                             data_cfg.synthetic_seed)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.check import check_dataset
+from datasets.brisc_integrity import check_dataset
 from datasets.decode import MIN_IMAGE_SIDE, DataError, ImageTooSmallError, decode_grey, read_grey
 from datasets.geometry import logits_to_original
 from datasets.index import index_split
@@ -206,5 +206,5 @@ def test_check_reports_sixteen_bit_and_tiny_images(data_copy):
     files[0].unlink()
     cv2.imwrite(str(files[1]), np.full((8, 8), 90, np.uint8))
     report = check_dataset(data_copy)
-    assert report.warnings["16-bit image (its min..max range is scaled to 8 bits)"] == [str(deep)]
+    assert report.warnings["16-bit image (scaled to 8 bits by its bit depth in use)"] == [str(deep)]
     assert any(files[1].name in d for d in report.errors[f"image below {MIN_IMAGE_SIDE} px"])
