@@ -26,17 +26,27 @@ class ImageTooSmallError(DataError):
 
 
 def decode_grey(path: Path, what: str = "image") -> tuple[np.ndarray, int]:
-    """An image file as one uint8 greyscale channel, and the bit depth it was stored with (8 or 16).
+    """An image file as one uint8 greyscale channel, and the bit depth it was stored with (8 or 16; 32 for float).
 
-    8-bit files decode exactly as `cv2.IMREAD_GRAYSCALE` (3-channel files hold grey content). 16-bit files
-    (MRI exports often keep 12-bit data in them) are read at full depth and their real range, min..max of
-    the image, is mapped linearly onto 0..255: reading them as 8-bit would keep only the top byte (0-15).
+    8-bit files decode exactly as `cv2.IMREAD_GRAYSCALE` (3-channel files hold grey content). Deeper files (MRI
+    exports often keep 12-bit data in 16-bit PNGs) are scaled by `depth_scale`: 0 stays 0 and the largest value
+    the bits in use can hold (2^k - 1, the smallest such >= the file's maximum, k >= 8) becomes 255. Every file
+    of one scanner and bit depth gets the same grey levels for the same values, whatever its own range; reading
+    them as 8-bit would keep only the top byte (0-15).
     """
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read {what} '{path}': {exc}") from None
     return decode_grey_buffer(data, str(path), what)
+
+
+def depth_scale(image: np.ndarray) -> float:
+    """The full scale of a deep (16-bit or float) image: 2^k - 1 for the smallest k with 2^k - 1 >= its maximum,
+    k >= 8 for integers (8-bit data in a 16-bit file stays as it is) and k >= 1 for floats (0..1 data: 1)."""
+    top = float(image.max()) if image.size else 0.0
+    k = max(8 if image.dtype.kind in "ui" else 1, int(np.ceil(np.log2(max(top, 0.0) + 1.0))))
+    return float(2**k - 1)
 
 
 def decode_grey_buffer(data: np.ndarray, path: str, what: str = "image") -> tuple[np.ndarray, int]:
@@ -48,9 +58,9 @@ def decode_grey_buffer(data: np.ndarray, path: str, what: str = "image") -> tupl
     if image.dtype != np.uint8:
         if image.dtype.kind == "f" and not np.isfinite(image).all():
             raise DataError(f"{what} '{path}' holds non-finite pixel values")
-        low, high = float(image.min()), float(image.max())
-        scaled = (image.astype(np.float64) - low) * (255.0 / (high - low)) if high > low else np.zeros(image.shape)
-        image = np.rint(scaled).astype(np.uint8)
+        # negative values (signed or float files) are below the black level: clipped to 0
+        scaled = np.clip(image.astype(np.float64), 0.0, None) * (255.0 / depth_scale(image))
+        image = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     if what != "mask" and min(image.shape) < MIN_IMAGE_SIDE:  # a mask must match its image's size instead
         raise ImageTooSmallError(f"{what} '{path}' is {image.shape[1]}x{image.shape[0]} pixels; images smaller "
                                  f"than {MIN_IMAGE_SIDE} px on a side are refused")

@@ -72,6 +72,24 @@ def test_twelve_bit_png_decodes_like_its_eight_bit_copy(tmp_path):
     assert np.abs(decoded12.astype(int) - decoded8.astype(int)).max() <= 1
 
 
+def test_sixteen_bit_files_of_one_scanner_share_one_scale(tmp_path):
+    """Scaled by the bit depth in use (4095 for 12-bit data), not by each file's own min..max: two crops of one
+    12-bit slice, one without its brightest part, keep the same grey levels (the old per-file stretch did not)."""
+    from datasets.decode import depth_scale
+
+    rng = np.random.default_rng(0)
+    slice12 = rng.integers(200, 2500, (64, 96)).astype(np.uint16)
+    slice12[:, 64:] = 3900  # a bright region only the wide crop holds
+    cv2.imwrite(str(tmp_path / "wide.png"), slice12)
+    cv2.imwrite(str(tmp_path / "narrow.png"), slice12[:, :64])
+    wide, narrow = decode_grey(tmp_path / "wide.png")[0], decode_grey(tmp_path / "narrow.png")[0]
+    expected = np.rint(slice12.astype(np.float64) * 255 / 4095).astype(np.uint8)  # hand-computed
+    assert np.array_equal(wide, expected) and np.array_equal(narrow, expected[:, :64])
+    assert depth_scale(slice12) == 4095 and depth_scale(slice12[:, :64]) == 4095  # max 2499 -> 12 bits
+    assert depth_scale(np.array([[200]], np.uint16)) == 255  # 8-bit data in a 16-bit file stays as it is
+    assert depth_scale(np.array([[0.0, 0.7]], np.float32)) == 1.0 and depth_scale(np.array([[4096]], np.uint16)) == 8191
+
+
 def test_images_below_the_minimum_size_are_refused(tmp_path):
     cv2.imwrite(str(tmp_path / "tiny.png"), np.full((1, 1), 128, np.uint8))
     cv2.imwrite(str(tmp_path / "thin.png"), np.full((MIN_IMAGE_SIDE - 1, 200), 128, np.uint8))
