@@ -60,6 +60,7 @@ class BriscDataset(Dataset):
         self.root, self.split, self.image_size, self.train = Path(root), split, int(image_size), train
         self.in_channels, self.resize, self.head_margin = in_channels, resize, float(head_margin)
         self._placements: dict[int, Placement] = {}
+        self._positions: Optional[dict[str, int]] = None
         self.name = name or split
         self.class_names = list(CLASS_NAMES)
         # `index(root, split)` lists the samples: BRISC by default, another layout's indexer (datasets/factory.py)
@@ -131,12 +132,23 @@ class BriscDataset(Dataset):
             "id": sample.stem,
         }
 
-    def placement(self, i: int) -> Placement:
-        """Where image i sits on the model's input (decoded again from its file once, then remembered); its
-        `fallback` is True when head mode found no head and letterboxed it."""
+    def placement(self, i: Union[int, str]) -> Placement:
+        """Where image i (a position, or a stem as in the batch's `id`) sits on the model's input, decoded again
+        from its file once, then remembered; `fallback` is True when head mode found no head and letterboxed it.
+        `geometry.logits_to_original(logits, placement.original_hw, placement)` maps its logits back."""
+        if isinstance(i, str):
+            if self._positions is None:
+                self._positions = {stem: n for n, stem in enumerate(self.stems)}
+            i = self._positions[i]
         if i not in self._placements:
             self._placements[i] = sample_placement(self.samples[i], self.image_size, self.resize, self.head_margin)
         return self._placements[i]
+
+    def head_fallbacks(self) -> list[str]:
+        """Stems of the images that head mode could not place (letterboxed instead); empty in other modes."""
+        if self.resize != "head":
+            return []
+        return [stem for n, stem in enumerate(self.stems) if self.placement(n).fallback]
 
     def class_counts(self) -> dict[str, int]:
         counts = Counter(self.labels)

@@ -125,3 +125,5 @@ def test_dataset_with_head_geometry_and_a_random_canvas(tiny_brisc, tmp_path):
     item, reference = ds[0], plain[0]
     assert item["image"].shape == reference["image"].shape == (3, 32, 32)
     assert ds.placement(0).mode in ("head", "letterbox") and ds.placement(0).original_hw == plain.placement(0).original_hw
+    assert ds.placement(ds.stems[0]) is ds.placement(0)
+    assert ds.head_fallbacks() == [] and BriscDataset(tiny_brisc, "test", image_size=32, verbose=False).head_fallbacks() == []
