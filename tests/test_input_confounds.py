@@ -80,3 +80,16 @@ def test_subsample_keeps_class_proportions(tmp_path):
     counts = np.bincount([s.label for s in kept])
     assert abs(len(kept) - 50) <= 2 and counts[0] == 20 and list(counts[1:]) == [10, 10, 10]
     assert subsample(samples, None) == samples and subsample(samples, 50) == kept
+
+
+def test_check_command_runs_both_audits(tiny_brisc, tmp_path, capsys):
+    from datasets.check import main as check_main
+
+    config = tmp_path / "head.yaml"
+    config.write_text("data:\n  image_size: 32\n  resize: head\n", encoding="utf-8")
+    check_main([str(tiny_brisc), "--confounds", "--config", str(config), "--audit-limit", "40", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "source-confound audit" in out and "model-input audit (40 images, data.resize head, 32 px" in out
+    assert "head not found (letterboxed instead): 0 image(s)" in out
+    with pytest.raises(SystemExit):
+        check_main([str(tiny_brisc), "--config", str(config)])
