@@ -14,7 +14,7 @@ from utils.config import AugmentConfig
 
 from .cache import CACHE_MODES, ArrayCache
 from .decode import load_sample, sample_placement
-from .geometry import Placement
+from .geometry import DEFAULT_HEAD_MARGIN, Placement
 from .errors import DataError
 from .index import index_split
 from .naming import CLASS_NAMES, PLANES
@@ -53,7 +53,7 @@ class BriscDataset(Dataset):
         intensity_norm: str = "imagenet",
         percentile_range: Sequence[float] = (0.5, 99.5),
         index: Optional[Callable[[Path, str], list]] = None,
-        head_margin: float = 0.05,
+        head_margin: float = DEFAULT_HEAD_MARGIN,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .decode import load_sample
-from .geometry import HEAD_VERSION
+from .geometry import DEFAULT_HEAD_MARGIN, HEAD_VERSION
 from .index import Sample
 
 CACHE_MODES = ("none", "ram", "disk")
@@ -90,7 +90,7 @@ class ArrayCache:
         split: str = "data",
         verbose: bool = True,
         resize: str = "stretch",
-        head_margin: float = 0.05,
+        head_margin: float = DEFAULT_HEAD_MARGIN,
     ) -> None:
         if mode not in ("ram", "disk"):
             raise ValueError(f"cache mode must be 'ram' or 'disk' here, got {mode!r}")

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from .errors import DataError
-from .geometry import Placement, crop_box, letterbox_box, place
+from .geometry import DEFAULT_HEAD_MARGIN, Placement, crop_box, letterbox_box, place
 from .index import Sample
 
 MASK_THRESHOLD = 128  # masks carry JPEG-like ringing (0-10 / 246-255)
@@ -98,7 +98,7 @@ def resize_mask(mask: np.ndarray, size: Union[int, tuple[int, int]]) -> np.ndarr
 
 
 def to_square(image: np.ndarray, size: int, resize: Union[str, Placement] = "stretch", is_mask: bool = False,
-              margin: float = 0.1) -> np.ndarray:
+              margin: float = DEFAULT_HEAD_MARGIN) -> np.ndarray:
     """A greyscale image (or a 0/255 mask) on the model's (size, size) input, by `resize` mode: stretched,
     letterboxed (scaled into `geometry.letterbox_box`, zero padding around it) or cropped to the head's square
     (`geometry.place`, with `margin`). A mask needs its image's `Placement` in head mode."""
@@ -131,14 +131,14 @@ def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     return image, binarize(mask, sample.mask_threshold)
 
 
-def place_pair(image: np.ndarray, mask: np.ndarray, size: int, resize: str = "stretch", margin: float = 0.1
-               ) -> tuple[np.ndarray, np.ndarray, Placement]:
+def place_pair(image: np.ndarray, mask: np.ndarray, size: int, resize: str = "stretch",
+               margin: float = DEFAULT_HEAD_MARGIN) -> tuple[np.ndarray, np.ndarray, Placement]:
     """An image and its 0/255 mask at the file's size on the (size, size) input, both placed by the image."""
     placement = place(image, size, resize, margin)
     return to_square(image, size, placement), to_square(mask, size, placement, is_mask=True), placement
 
 
-def load_sample(sample: Sample, size: int, resize: str = "stretch", margin: float = 0.1,
+def load_sample(sample: Sample, size: int, resize: str = "stretch", margin: float = DEFAULT_HEAD_MARGIN,
                 canvas: Optional[Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(image, mask) of one sample as (size, size) uint8 arrays placed by `resize` (stretch | letterbox | head,
@@ -150,6 +150,7 @@ def load_sample(sample: Sample, size: int, resize: str = "stretch", margin: floa
     return place_pair(image, mask, size, resize, margin)[:2]
 
 
-def sample_placement(sample: Sample, size: int, resize: str = "stretch", margin: float = 0.1) -> Placement:
+def sample_placement(sample: Sample, size: int, resize: str = "stretch",
+                     margin: float = DEFAULT_HEAD_MARGIN) -> Placement:
     """The `Placement` of a sample's image (decoded again from its file): what maps its logits back."""
     return place(read_grey(sample.image), size, resize, margin)

@@ -36,6 +36,7 @@ HEAD_VERSION = 1  # bump when find_head changes: part of the cache key
 # whole head while staying well above the background's noise and JPEG ringing (a few grey levels).
 HEAD_OTSU_FRACTION = 0.5
 HEAD_MIN_AREA = 0.02  # a largest component below this share of the image is not a head: fall back
+DEFAULT_HEAD_MARGIN = 0.05  # data.head_margin's default
 BACKGROUND_LOGIT = -1e4  # outside a head crop nothing was predicted: background (fits fp16)
 
 
@@ -108,7 +109,7 @@ def head_box(grey: np.ndarray, margin: float) -> Optional[tuple[int, int, int]]:
     return int(math.floor((centre_2y - side) / 2)), int(math.floor((centre_2x - side) / 2)), side
 
 
-def place(grey: np.ndarray, size: int, mode: str = "stretch", margin: float = 0.1) -> Placement:
+def place(grey: np.ndarray, size: int, mode: str = "stretch", margin: float = DEFAULT_HEAD_MARGIN) -> Placement:
     """The placement of a decoded uint8 greyscale image on the (size, size) input in `mode`."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode '{mode}'; expected one of {', '.join(RESIZE_MODES)}")

@@ -11,7 +11,7 @@ import torch
 
 from datasets.cache import cache_key, decode_settings, geometry_settings
 from datasets.decode import load_sample, place_pair, to_square
-from datasets.geometry import Placement, find_head, head_box, logits_to_original, place
+from datasets.geometry import DEFAULT_HEAD_MARGIN, Placement, find_head, head_box, logits_to_original, place
 from datasets.index import Sample
 from datasets.transforms import prepare_for_inference
 from utils.config import ConfigError, DataConfig, load_config
@@ -137,3 +137,4 @@ def test_config_cache_key_and_inference_know_head(tmp_path: Path):
     assert _dice(back, canvas_mask > 0) > 0.95
     with pytest.raises(ConfigError, match="head_margin"):
         load_config(None, ["data.head_margin=1.5"])
+    assert DataConfig().head_margin == DEFAULT_HEAD_MARGIN  # one default for the config and the functions
