@@ -13,11 +13,12 @@ from torch.utils.data import Dataset
 from utils.config import AugmentConfig
 
 from .cache import CACHE_MODES, ArrayCache
-from .decode import load_sample
+from .decode import load_sample, sample_placement
+from .geometry import DEFAULT_HEAD_MARGIN, Placement
 from .errors import DataError
 from .index import index_split
 from .naming import CLASS_NAMES, PLANES
-from .transforms import build_transform
+from .transforms import RandomCanvas, build_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +30,8 @@ class BriscDataset(Dataset):
     Each item: `image` float (C, H, W) normalised, `mask` float (1, H, W) in {0, 1}, `label` long,
     `has_mask` bool (False only for a tumour image without a mask file), `id` the file stem.
     `stems` restricts the split to a subset (the train/val parts of a saved split); `resize` places each
-    image on the square input (stretch | letterbox, see geometry.py).
+    image on the square input (stretch | letterbox | head with `head_margin`, see geometry.py); `placement(i)`
+    says where image i sits (what `geometry.logits_to_original` needs to map its logits back).
     """
 
     def __init__(
@@ -51,11 +53,14 @@ class BriscDataset(Dataset):
         intensity_norm: str = "imagenet",
         percentile_range: Sequence[float] = (0.5, 99.5),
         index: Optional[Callable[[Path, str], list]] = None,
+        head_margin: float = DEFAULT_HEAD_MARGIN,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
         self.root, self.split, self.image_size, self.train = Path(root), split, int(image_size), train
-        self.in_channels, self.resize = in_channels, resize
+        self.in_channels, self.resize, self.head_margin = in_channels, resize, float(head_margin)
+        self._placements: dict[int, Placement] = {}
+        self._positions: Optional[dict[str, int]] = None
         self.name = name or split
         self.class_names = list(CLASS_NAMES)
         # `index(root, split)` lists the samples: BRISC by default, another layout's indexer (datasets/factory.py)
@@ -66,6 +71,9 @@ class BriscDataset(Dataset):
         self.labels = [s.label for s in self.samples]
         self.transform = build_transform(self.image_size, train, augment, in_channels, mean, std, intensity_norm,
                                          percentile_range)
+        # a random canvas acts on the decoded file before the geometry step: those samples are read from the file
+        use_canvas = train and augment is not None and augment.p_canvas > 0
+        self.canvas = RandomCanvas(augment.p_canvas, augment.canvas_ratio) if use_canvas else None
         # Optional (image, mask, stem) -> (image, mask) on the decoded uint8 arrays before the transform
         # (the acquisition-shift benchmark sets it).
         self.shift: Optional[Callable[[np.ndarray, np.ndarray, str], tuple[np.ndarray, np.ndarray]]] = None
@@ -73,7 +81,7 @@ class BriscDataset(Dataset):
         self.cache_mode = cache
         self.cache = (
             ArrayCache(self.samples, self.image_size, cache, cache_dir, split=self.name, verbose=verbose,
-                       resize=resize)
+                       resize=resize, head_margin=self.head_margin)
             if cache != "none"
             else None
         )
@@ -107,7 +115,12 @@ class BriscDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
-        image, mask = self.cache.get(i) if self.cache is not None else load_sample(sample, self.image_size, self.resize)
+        if self.canvas is not None and self.canvas.fires():
+            image, mask = load_sample(sample, self.image_size, self.resize, self.head_margin, canvas=self.canvas)
+        elif self.cache is not None:
+            image, mask = self.cache.get(i)
+        else:
+            image, mask = load_sample(sample, self.image_size, self.resize, self.head_margin)
         if self.shift is not None:
             image, mask = self.shift(image, mask, sample.stem)
         image_t, mask_t = self.transform(image, mask)
@@ -118,6 +131,24 @@ class BriscDataset(Dataset):
             "has_mask": torch.tensor(sample.has_mask),
             "id": sample.stem,
         }
+
+    def placement(self, i: Union[int, str]) -> Placement:
+        """Where image i (a position, or a stem as in the batch's `id`) sits on the model's input, decoded again
+        from its file once, then remembered; `fallback` is True when head mode found no head and letterboxed it.
+        `geometry.logits_to_original(logits, placement.original_hw, placement)` maps its logits back."""
+        if isinstance(i, str):
+            if self._positions is None:
+                self._positions = {stem: n for n, stem in enumerate(self.stems)}
+            i = self._positions[i]
+        if i not in self._placements:
+            self._placements[i] = sample_placement(self.samples[i], self.image_size, self.resize, self.head_margin)
+        return self._placements[i]
+
+    def head_fallbacks(self) -> list[str]:
+        """Stems of the images that head mode could not place (letterboxed instead); empty in other modes."""
+        if self.resize != "head":
+            return []
+        return [stem for n, stem in enumerate(self.stems) if self.placement(n).fallback]
 
     def class_counts(self) -> dict[str, int]:
         counts = Counter(self.labels)

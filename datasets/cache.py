@@ -8,7 +8,7 @@ before any DataLoader worker starts, so workers only read it:
 - `disk`: `<cache_dir>/<split>_<size>px_<n>_<key>.npy`, opened as a read-only memory map in each worker.
   It is written to a temporary file and renamed, so an interrupted fill never leaves a broken cache.
   The key hashes the stems, labels, sizes and modification times (ns) of the image and mask files and the
-  decode settings (image size, resize mode; not the root path): an image edited in place, or another
+  decode settings (image size, resize mode, head margin; not the root path): an image edited in place, or another
   decoding, gets a new cache file.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .decode import load_sample
+from .geometry import DEFAULT_HEAD_MARGIN, HEAD_VERSION
 from .index import Sample
 
 CACHE_MODES = ("none", "ram", "disk")
@@ -50,6 +51,13 @@ def unpack(row: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
 def decode_settings(size: int, extra: Optional[dict] = None) -> dict:
     """Every setting that changes the decoded arrays (the one place to add a new one): part of the cache key."""
     return {"image_size": int(size), **(extra or {})}
+
+
+def geometry_settings(resize: str, head_margin: float) -> dict:
+    """The placement settings in a cache key: the head's margin and detector version only matter for head."""
+    if resize != "head":
+        return {"resize": resize}
+    return {"resize": resize, "head_margin": float(head_margin), "head_version": HEAD_VERSION}
 
 
 def _file_stamp(path: Optional[Path]) -> list[int]:
@@ -82,10 +90,12 @@ class ArrayCache:
         split: str = "data",
         verbose: bool = True,
         resize: str = "stretch",
+        head_margin: float = DEFAULT_HEAD_MARGIN,
     ) -> None:
         if mode not in ("ram", "disk"):
             raise ValueError(f"cache mode must be 'ram' or 'disk' here, got {mode!r}")
         self.size, self.mode, self.verbose, self.resize = size, mode, verbose, resize
+        self.head_margin = head_margin
         self.path: Optional[Path] = None
         self._rows: Optional[Union[np.ndarray, torch.Tensor]] = None
         shape = (len(samples), _row_width(size))
@@ -96,7 +106,7 @@ class ArrayCache:
         else:
             if cache_dir is None:
                 raise ValueError("cache='disk' needs a cache_dir")
-            key = cache_key(samples, decode_settings(size, {"resize": resize}))
+            key = cache_key(samples, decode_settings(size, geometry_settings(resize, head_margin)))
             self.path = Path(cache_dir) / f"{split}_{size}px_{len(samples)}_{key}.npy"
             if not self._usable(shape):
                 self._write(samples, shape)
@@ -129,7 +139,7 @@ class ArrayCache:
         start = time.perf_counter()
 
         def fill_one(i: int) -> None:
-            rows[i] = pack(*load_sample(samples[i], self.size, self.resize))
+            rows[i] = pack(*load_sample(samples[i], self.size, self.resize, self.head_margin))
 
         workers = max(1, min(4, os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:

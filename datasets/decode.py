@@ -1,18 +1,18 @@
 """Decode one sample from disk into square uint8 arrays at the training size (greyscale image, 0/255 mask),
-stretched or letterboxed (`data.resize`; the placement is defined in geometry.py).
+stretched, letterboxed or cropped to the head (`data.resize`; the placement is defined in geometry.py).
 
 This is the only place that touches image files during training; every failure names the file.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import cv2
 import numpy as np
 
 from .errors import DataError
-from .geometry import RESIZE_MODES, letterbox_box
+from .geometry import DEFAULT_HEAD_MARGIN, Placement, crop_box, letterbox_box, place
 from .index import Sample
 
 MASK_THRESHOLD = 128  # masks carry JPEG-like ringing (0-10 / 246-255)
@@ -26,17 +26,27 @@ class ImageTooSmallError(DataError):
 
 
 def decode_grey(path: Path, what: str = "image") -> tuple[np.ndarray, int]:
-    """An image file as one uint8 greyscale channel, and the bit depth it was stored with (8 or 16).
+    """An image file as one uint8 greyscale channel, and the bit depth it was stored with (8 or 16; 32 for float).
 
-    8-bit files decode exactly as `cv2.IMREAD_GRAYSCALE` (3-channel files hold grey content). 16-bit files
-    (MRI exports often keep 12-bit data in them) are read at full depth and their real range, min..max of
-    the image, is mapped linearly onto 0..255: reading them as 8-bit would keep only the top byte (0-15).
+    8-bit files decode exactly as `cv2.IMREAD_GRAYSCALE` (3-channel files hold grey content). Deeper files (MRI
+    exports often keep 12-bit data in 16-bit PNGs) are scaled by `depth_scale`: 0 stays 0 and the largest value
+    the bits in use can hold (2^k - 1, the smallest such >= the file's maximum, k >= 8) becomes 255. Every file
+    of one scanner and bit depth gets the same grey levels for the same values, whatever its own range; reading
+    them as 8-bit would keep only the top byte (0-15).
     """
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read {what} '{path}': {exc}") from None
     return decode_grey_buffer(data, str(path), what)
+
+
+def depth_scale(image: np.ndarray) -> float:
+    """The full scale of a deep (16-bit or float) image: 2^k - 1 for the smallest k with 2^k - 1 >= its maximum,
+    k >= 8 for integers (8-bit data in a 16-bit file stays as it is) and k >= 1 for floats (0..1 data: 1)."""
+    top = float(image.max()) if image.size else 0.0
+    k = max(8 if image.dtype.kind in "ui" else 1, int(np.ceil(np.log2(max(top, 0.0) + 1.0))))
+    return float(2**k - 1)
 
 
 def decode_grey_buffer(data: np.ndarray, path: str, what: str = "image") -> tuple[np.ndarray, int]:
@@ -48,9 +58,9 @@ def decode_grey_buffer(data: np.ndarray, path: str, what: str = "image") -> tupl
     if image.dtype != np.uint8:
         if image.dtype.kind == "f" and not np.isfinite(image).all():
             raise DataError(f"{what} '{path}' holds non-finite pixel values")
-        low, high = float(image.min()), float(image.max())
-        scaled = (image.astype(np.float64) - low) * (255.0 / (high - low)) if high > low else np.zeros(image.shape)
-        image = np.rint(scaled).astype(np.uint8)
+        # negative values (signed or float files) are below the black level: clipped to 0
+        scaled = np.clip(image.astype(np.float64), 0.0, None) * (255.0 / depth_scale(image))
+        image = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     if what != "mask" and min(image.shape) < MIN_IMAGE_SIDE:  # a mask must match its image's size instead
         raise ImageTooSmallError(f"{what} '{path}' is {image.shape[1]}x{image.shape[0]} pixels; images smaller "
                                  f"than {MIN_IMAGE_SIDE} px on a side are refused")
@@ -87,30 +97,60 @@ def resize_mask(mask: np.ndarray, size: Union[int, tuple[int, int]]) -> np.ndarr
     return out
 
 
-def to_square(image: np.ndarray, size: int, resize: str = "stretch", is_mask: bool = False) -> np.ndarray:
-    """A greyscale image (or a 0/255 mask) on the model's (size, size) input, by `resize` mode: stretched, or
-    letterboxed (scaled into `geometry.letterbox_box`, zero padding around it)."""
+def to_square(image: np.ndarray, size: int, resize: Union[str, Placement] = "stretch", is_mask: bool = False,
+              margin: float = DEFAULT_HEAD_MARGIN) -> np.ndarray:
+    """A greyscale image (or a 0/255 mask) on the model's (size, size) input, by `resize` mode: stretched,
+    letterboxed (scaled into `geometry.letterbox_box`, zero padding around it) or cropped to the head's square
+    (`geometry.place`, with `margin`). A mask needs its image's `Placement` in head mode."""
+    placement = resize if isinstance(resize, Placement) else None
+    if placement is None:
+        if resize == "head" and is_mask:
+            raise ValueError("a mask is placed by its image's head: pass the image's Placement")
+        placement = place(image, size, resize, margin)
     fit = resize_mask if is_mask else resize_image
-    if resize == "stretch":
+    if placement.mode == "stretch":
         return fit(image, size)
-    if resize != "letterbox":
-        raise ValueError(f"unknown resize mode '{resize}'; expected one of {', '.join(RESIZE_MODES)}")
+    if placement.mode == "head":
+        return fit(np.ascontiguousarray(crop_box(image, placement.box)), size)
     top, left, height, width = letterbox_box(image.shape[:2], size)
     return cv2.copyMakeBorder(fit(image, (height, width)), top, size - top - height, left, size - left - width,
                               cv2.BORDER_CONSTANT, value=0)
 
 
-def load_sample(sample: Sample, size: int, resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
-    """(image, mask) of one sample as (size, size) uint8 arrays placed by `resize` (stretch | letterbox);
-    the mask is 0/255 and empty without a file."""
+def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """(grey image, 0/255 mask) of one sample at the file's own size; the mask is empty without a file."""
     image = read_grey(sample.image)
     if sample.mask is None:
-        return to_square(image, size, resize), np.zeros((size, size), np.uint8)
+        return image, np.zeros(image.shape, np.uint8)
     mask = read_grey(sample.mask, what="mask")
     if mask.shape != image.shape:
         raise DataError(
             f"mask '{sample.mask}' is {mask.shape[1]}x{mask.shape[0]} but its image '{sample.image}' is "
             f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size"
         )
-    return to_square(image, size, resize), to_square(binarize(mask, sample.mask_threshold), size, resize,
-                                                     is_mask=True)
+    return image, binarize(mask, sample.mask_threshold)
+
+
+def place_pair(image: np.ndarray, mask: np.ndarray, size: int, resize: str = "stretch",
+               margin: float = DEFAULT_HEAD_MARGIN) -> tuple[np.ndarray, np.ndarray, Placement]:
+    """An image and its 0/255 mask at the file's size on the (size, size) input, both placed by the image."""
+    placement = place(image, size, resize, margin)
+    return to_square(image, size, placement), to_square(mask, size, placement, is_mask=True), placement
+
+
+def load_sample(sample: Sample, size: int, resize: str = "stretch", margin: float = DEFAULT_HEAD_MARGIN,
+                canvas: Optional[Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask) of one sample as (size, size) uint8 arrays placed by `resize` (stretch | letterbox | head,
+    `margin` for head); the mask is 0/255 and empty without a file. `canvas(image, mask)` (a training
+    augmentation) changes the decoded pair before the placement."""
+    image, mask = read_pair(sample)
+    if canvas is not None:
+        image, mask = canvas(image, mask)
+    return place_pair(image, mask, size, resize, margin)[:2]
+
+
+def sample_placement(sample: Sample, size: int, resize: str = "stretch",
+                     margin: float = DEFAULT_HEAD_MARGIN) -> Placement:
+    """The `Placement` of a sample's image (decoded again from its file): what maps its logits back."""
+    return place(read_grey(sample.image), size, resize, margin)

@@ -44,7 +44,7 @@ def ensure_data_root(data_cfg: DataConfig) -> Path:
 
     try:
         if data_cfg.format != "brisc":  # a fake copy of the other layout
-            from .layouts import generate_layout
+            from .synthetic_layouts import generate_layout
 
             generate_layout(root, data_cfg.format, data_cfg.synthetic_train, data_cfg.synthetic_test,
                             data_cfg.synthetic_seed)
@@ -74,6 +74,7 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
         verbose=verbose,
         name=name,
         resize=data_cfg.resize,
+        head_margin=data_cfg.head_margin,
         intensity_norm=data_cfg.intensity_norm,
         percentile_range=data_cfg.percentile_range,
         index=index or sample_index(data_cfg),

@@ -15,6 +15,13 @@ levels, and parameters are interpolated linearly in between (`SEVERITY_TABLE`).
 | `low_resolution` | a lower-resolution scanner: Gaussian blur, downsample, upsample back (bilinear) | factor 1.5 / 2 / 3 |
 | `contrast` | another display window: [lo, hi] stretched to [0, 255], outside clipped | [10, 220] / [20, 185] / [30, 150] |
 | `rotate_zoom` | head position and field of view: rotation (random sign) and zoom out; the mask moves too | 5 deg x0.95 / 10 deg x0.90 / 15 deg x0.85 |
+| `ghosting` | motion ghosting: every other phase-encoding line (rows of k-space) gets a phase error, so a copy of the head appears shifted by half the field of view | phase error 0.35 / 0.7 / 1.2 rad |
+| `kspace_truncation` | a shorter acquisition along the phase-encoding axis only: the outer rows of k-space are zeroed (Gibbs ringing, blur along one axis) | keep 60 % / 40 % / 25 % of the rows |
+| `histogram_match` | another sequence's contrast: the grey levels remapped so that their histogram matches another slice's (a synthetic slice of datasets/synthetic.py, or slices given as `references`), blended with the original | weight 1/3 / 2/3 / 1 |
+
+`HELD_OUT` lists the shifts that no training augmentation imitates; `imitated_by(name, augment)` names the
+augmentation keys (`data.augment.p_*`) that do imitate a shift, so the shift table can say which of its rows
+are in-distribution for a recipe.
 
 Bias field and Rician noise follow TorchIO's `RandomBiasField` and the standard magnitude-image noise model;
 they are written here on numpy/OpenCV because TorchIO needs SimpleITK and nibabel and works on 3-D volumes.
@@ -40,8 +47,34 @@ SEVERITY_TABLE: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "low_resolution": {"factor": (1.0, 1.5, 2.0, 3.0)},
     "contrast": {"low": (0.0, 10.0, 20.0, 30.0), "high": (255.0, 220.0, 185.0, 150.0)},
     "rotate_zoom": {"angle": (0.0, 5.0, 10.0, 15.0), "zoom": (1.0, 0.95, 0.9, 0.85)},
+    "ghosting": {"phase": (0.0, 0.35, 0.7, 1.2)},
+    "kspace_truncation": {"keep": (1.0, 0.6, 0.4, 0.25)},
+    "histogram_match": {"weight": (0.0, 1 / 3, 2 / 3, 1.0)},
 }
 SHIFT_NAMES = tuple(SEVERITY_TABLE)
+# Augmentation keys (data.augment) whose transform imitates each shift; a shift with none is held out.
+IMITATED_BY: dict[str, tuple[str, ...]] = {
+    "intensity": ("p_mri_intensity", "p_brightness_contrast"),
+    "gamma": ("p_mri_gamma", "p_gamma"),
+    "bias_field": ("p_bias_field",),
+    "noise": ("p_mri_noise", "p_noise"),
+    "low_resolution": ("p_low_resolution", "p_resample", "p_blur"),
+    "contrast": ("p_mri_contrast", "p_brightness_contrast"),
+    "rotate_zoom": ("p_mri_rotate_zoom", "p_rotate", "p_shift_scale"),
+    "ghosting": (),
+    "kspace_truncation": (),
+    "histogram_match": (),
+}
+HELD_OUT = tuple(name for name in SHIFT_NAMES if not IMITATED_BY[name])
+
+
+def imitated_by(name: str, augment: Any = None) -> list[str]:
+    """The augmentation keys that imitate shift `name`: all of them, or with `augment` (an AugmentConfig) only
+    those switched on there (probability > 0). Empty: the shift is out of distribution for that recipe."""
+    if name not in IMITATED_BY:
+        raise ValueError(f"unknown shift '{name}'; expected one of {', '.join(SHIFT_NAMES)}")
+    keys = list(IMITATED_BY[name])
+    return keys if augment is None else [k for k in keys if getattr(augment, k, 0) > 0]
 BIAS_FIELD_ORDER = 3
 
 
@@ -130,6 +163,55 @@ def rotate_zoom(array: np.ndarray, angle: float, zoom: float, nearest: bool) -> 
     return _keep_shape(warp, array)
 
 
+def ghosting(image: np.ndarray, phase: float) -> np.ndarray:
+    """Magnitude of the image whose odd k-space rows carry a phase error `phase` (radians): a ghost of the head
+    shifted by half the field of view along the rows, of relative strength sin(phase / 2)."""
+    if phase == 0.0:
+        return image
+
+    def ghost(plane: np.ndarray) -> np.ndarray:
+        k = np.fft.fft2(plane.astype(np.float64))
+        k[1::2] *= np.exp(1j * phase)
+        return _to_uint8(np.abs(np.fft.ifft2(k)))
+
+    return _keep_shape(ghost, image)
+
+
+def kspace_truncation(image: np.ndarray, keep: float) -> np.ndarray:
+    """Keep the central `keep` fraction of the k-space rows (phase-encoding axis), zero the others."""
+    if keep >= 1.0:
+        return image
+
+    def truncate(plane: np.ndarray) -> np.ndarray:
+        k = np.fft.fftshift(np.fft.fft2(plane.astype(np.float64)), axes=0)
+        rows = plane.shape[0]
+        kept = max(1, int(round(rows * keep)))
+        start = (rows - kept) // 2
+        k[:start], k[start + kept:] = 0, 0
+        return _to_uint8(np.abs(np.fft.ifft2(np.fft.ifftshift(k, axes=0))))
+
+    return _keep_shape(truncate, image)
+
+
+def match_histogram(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Grey levels of `image` remapped so that their cumulative histogram follows `reference`'s."""
+    source_cdf = np.cumsum(np.bincount(image.reshape(-1), minlength=256)) / image.size
+    reference_cdf = np.cumsum(np.bincount(reference.reshape(-1), minlength=256)) / reference.size
+    lut = np.searchsorted(reference_cdf, source_cdf, side="left").clip(0, 255).astype(np.uint8)
+    return lut[image]
+
+
+def reference_slice(seed: int, size: int = 128) -> np.ndarray:
+    """A slice of another contrast to match histograms to: a synthetic slice (datasets/synthetic.py) whose grey
+    levels are inverted inside the head (a T2-like contrast: dark tissue, bright fluid)."""
+    from .synthetic import render  # the generator is only needed here
+
+    rng = np.random.default_rng(seed)
+    grey, _ = render(rng, int(rng.integers(4)), ("ax", "co", "sa")[int(rng.integers(3))], (size, size))
+    head = grey > 8
+    return np.where(head, 255 - grey, grey).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------- shifts
 def draw_params(name: str, severity: float, rng: np.random.Generator) -> dict[str, Any]:
     """Everything one application of shift `name` needs, random parts drawn from `rng` (image and mask share it)."""
@@ -141,6 +223,8 @@ def draw_params(name: str, severity: float, rng: np.random.Generator) -> dict[st
         params["noise_seed"] = int(rng.integers(2**32))
     elif name == "rotate_zoom":
         params["angle"] *= 1.0 if rng.random() < 0.5 else -1.0
+    elif name == "histogram_match":
+        params["reference_seed"] = int(rng.integers(2**31))
     return params
 
 
@@ -161,6 +245,16 @@ def shift_image(name: str, image: np.ndarray, params: dict[str, Any]) -> np.ndar
         return window(image, params["low"], params["high"])
     if name == "rotate_zoom":
         return rotate_zoom(image, params["angle"], params["zoom"], nearest=False)
+    if name == "ghosting":
+        return ghosting(image, params["phase"])
+    if name == "kspace_truncation":
+        return kspace_truncation(image, params["keep"])
+    if name == "histogram_match":
+        reference = params.get("reference")
+        if reference is None:
+            reference = reference_slice(params["reference_seed"])
+        matched = match_histogram(image, reference).astype(np.float32)
+        return _to_uint8((1.0 - params["weight"]) * image + params["weight"] * matched)
     raise ValueError(f"unknown shift '{name}'; expected one of {', '.join(SHIFT_NAMES)}")
 
 
@@ -177,26 +271,32 @@ def image_seed(seed: int, name: str, severity: float, stem: str) -> np.random.Ge
                                   zlib.crc32(stem.encode())])
 
 
-def apply_shift(name: str, severity: float, image: np.ndarray, mask: np.ndarray, stem: str, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """One image (and its mask) under shift `name` at `severity`, deterministic for (seed, stem)."""
+def apply_shift(name: str, severity: float, image: np.ndarray, mask: np.ndarray, stem: str, seed: int = 0,
+                references: Optional[Sequence[np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """One image (and its mask) under shift `name` at `severity`, deterministic for (seed, stem).
+    `references`: uint8 slices for `histogram_match` to draw from (default: synthetic slices)."""
     if name not in SEVERITY_TABLE:
         raise ValueError(f"unknown shift '{name}'; expected one of {', '.join(SHIFT_NAMES)}")
     if severity == 0:
         return image, mask
-    params = draw_params(name, severity, image_seed(seed, name, severity, stem))
+    rng = image_seed(seed, name, severity, stem)
+    params = draw_params(name, severity, rng)
+    if name == "histogram_match" and references:
+        params["reference"] = references[int(rng.integers(len(references)))]
     return shift_image(name, image, params), shift_mask(name, mask, params)
 
 
 class ShiftHook:
     """A picklable `(image, mask, stem) -> (image, mask)` callable for `BriscDataset.shift` (DataLoader workers)."""
 
-    def __init__(self, name: str, severity: float, seed: int = 0) -> None:
+    def __init__(self, name: str, severity: float, seed: int = 0,
+                 references: Optional[Sequence[np.ndarray]] = None) -> None:
         severity_params(name, severity)  # validates the name
         self.name, self.severity, self.seed = name, float(severity), int(seed)
+        self.references = list(references) if references else None
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, stem: str) -> tuple[np.ndarray, np.ndarray]:
-        return apply_shift(self.name, self.severity, image, mask, stem, self.seed)
+        return apply_shift(self.name, self.severity, image, mask, stem, self.seed, self.references)
 
 
 class MriShiftAugment(A.DualTransform):

@@ -19,6 +19,7 @@ from torch.utils.data import get_worker_info
 from utils.config import AugmentConfig, DataConfig
 
 from .decode import MASK_THRESHOLD, read_grey, to_square
+from .geometry import Placement, place
 from .mri_shifts import MriShiftAugment
 
 INTENSITY_NORMS = ("imagenet", "zscore", "percentile")
@@ -69,11 +70,54 @@ def train_pipeline(image_size: int, aug: AugmentConfig) -> A.Compose:
         (aug.p_blur, lambda p: A.GaussianBlur(sigma_limit=tuple(aug.blur_sigma), p=p)),
         (aug.p_noise, lambda p: A.GaussNoise(std_range=tuple(aug.noise_std), p=p)),
     ]
+    steps += [
+        (aug.p_jpeg, lambda p: A.ImageCompression(quality_range=tuple(int(q) for q in aug.jpeg_quality), p=p)),
+        (aug.p_resample, lambda p: A.Downscale(scale_range=tuple(aug.resample_scale), p=p)),
+        (aug.p_sharpen, lambda p: A.Sharpen(alpha=(0.1, 0.4), lightness=(1.0, 1.0), p=p)),
+        (aug.p_posterize, lambda p: A.Posterize(num_bits=tuple(int(b) for b in aug.posterize_bits), p=p)),
+    ]
     transforms = [make(p) for p, make in steps if p > 0]
     transforms += [MriShiftAugment(name, aug.mri_severity, p=getattr(aug, key))
                    for key, name in MRI_AUGMENTS if getattr(aug, key) > 0]
     # The cached image is already at the training size; the resize only matters for other inputs.
     return A.Compose([A.Resize(image_size, image_size), *transforms])
+
+
+class RandomCanvas:
+    """Training augmentation on the decoded file, before the geometry step: with probability `p` (`fires`), the
+    canvas is cropped or padded (zeros, an even chance of each) to an aspect ratio (width / height) drawn log-uniformly
+    from `ratio`, at a random position; the mask follows. A file's shape then says nothing about its class.
+
+    Its random stream follows torch's seed of the process like `SampleTransform` (distinct per worker/epoch)."""
+
+    def __init__(self, p: float, ratio: Sequence[float] = (0.6, 1.6)) -> None:
+        if not 0.0 <= p <= 1.0 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"RandomCanvas needs 0 <= p <= 1 and 0 < ratio[0] <= ratio[1], got {p}, {list(ratio)}")
+        self.p, self.ratio = float(p), (float(ratio[0]), float(ratio[1]))
+        self._seed: Optional[int] = None
+        self.rng = np.random.default_rng(0)
+
+    def fires(self) -> bool:
+        """Draw whether the next sample gets a new canvas (a sample that does not can come from the cache)."""
+        seed = SampleTransform._torch_seed() % 2**32
+        if seed != self._seed:
+            self._seed, self.rng = seed, np.random.default_rng(seed)
+        return bool(self.rng.random() < self.p)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pair on a new canvas (always: `fires` decides whether to call it)."""
+        height, width = image.shape[:2]
+        target = float(np.exp(self.rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1]))))
+        wider = target > width / height
+        if self.rng.random() < 0.5:  # pad the short side up to the ratio
+            new_h, new_w = (height, round(height * target)) if wider else (round(width / target), width)
+            top, left = int(self.rng.integers(new_h - height + 1)), int(self.rng.integers(new_w - width + 1))
+            pad = (top, new_h - height - top, left, new_w - width - left)
+            return tuple(cv2.copyMakeBorder(a, *pad, cv2.BORDER_CONSTANT, value=0) for a in (image, mask))
+        # crop the long side down to the ratio
+        new_h, new_w = (max(1, round(width / target)), width) if wider else (height, max(1, round(height * target)))
+        top, left = int(self.rng.integers(height - new_h + 1)), int(self.rng.integers(width - new_w + 1))
+        return image[top:top + new_h, left:left + new_w], mask[top:top + new_h, left:left + new_w]
 
 
 def eval_pipeline(image_size: int) -> A.Compose:
@@ -199,15 +243,23 @@ def build_transform(
                            percentile_range=percentile_range)
 
 
-def load_image_for_inference(path: Union[str, Path, np.ndarray], data_cfg: DataConfig
-                             ) -> tuple[torch.Tensor, tuple[int, int]]:
+def prepare_for_inference(path: Union[str, Path, np.ndarray], data_cfg: DataConfig) -> tuple[torch.Tensor, Placement]:
     """Any image file (or its decoded uint8 greyscale array) as the model's normalised (C, S, S) input,
-    decoded and placed as in training (`data.resize`); also returns its original (width, height) to map a
-    predicted mask back onto it (`geometry.logits_to_original` with the same resize mode)."""
+    decoded and placed as in training (`data.resize`, `data.head_margin`), and its `Placement`: what
+    `geometry.logits_to_original(logits, placement.original_hw, placement)` needs to map a mask back."""
     grey = path if isinstance(path, np.ndarray) else read_grey(Path(path))
     transform = build_transform(data_cfg.image_size, train=False, in_channels=data_cfg.in_channels,
                                 mean=data_cfg.mean, std=data_cfg.std, intensity_norm=data_cfg.intensity_norm,
                                 percentile_range=data_cfg.percentile_range)
     empty = np.zeros((data_cfg.image_size, data_cfg.image_size), np.uint8)
-    image, _ = transform(to_square(grey, data_cfg.image_size, data_cfg.resize), empty)
-    return image, (grey.shape[1], grey.shape[0])
+    placement = place(grey, data_cfg.image_size, data_cfg.resize, data_cfg.head_margin)
+    image, _ = transform(to_square(grey, data_cfg.image_size, placement), empty)
+    return image, placement
+
+
+def load_image_for_inference(path: Union[str, Path, np.ndarray], data_cfg: DataConfig
+                             ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`prepare_for_inference` returning the image's original (width, height) instead of its placement (enough
+    to map a mask back in stretch and letterbox modes; head mode needs the placement)."""
+    image, placement = prepare_for_inference(path, data_cfg)
+    return image, (placement.original_hw[1], placement.original_hw[0])

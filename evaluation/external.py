@@ -4,7 +4,7 @@
   are scored as in test.py when the map leaves them alone.
 - Figures the layout supports, only: imagefolder has no masks (no segmentation figures), pairs no classes (no
   classification figures); metrics.json lists the absent ones and why (`absent_figures`).
-- Overlap. Images of the other dataset with an exact or near copy (datasets.cross_check) in the data the run
+- Overlap. Images of the other dataset with an exact or near copy (datasets.cross_dataset_copies) in the data the run
   trained on (its root's train split) or in that root's test split (seen by whoever tuned the recipe) form the
   `leaked` subset; the rest are `leak_free`, the headline by default, as for test.py.
 """
@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from datasets.cross_check import cross_matches, split_samples
+from datasets.cross_dataset_copies import cross_matches, split_samples
 from datasets.errors import DataError
 from datasets.factory import build_eval_dataset, sample_index
 from datasets.imagefolder import class_folders, folder_samples
@@ -129,7 +129,7 @@ def overlap_check(eval_samples: Sequence[Sample], trained: DataConfig, cache_dir
                                                    for kind in ("exact", "near")}} for split, samples in seen.items()}
     info = {"applied": True, "against": f"{root} ({' and '.join(f'{s} split' for s in seen)})",
             "num_training_images": sum(len(v) for v in seen.values()), "near_threshold": trained.near_threshold,
-            "method": "datasets.cross_check.cross_matches (identical decoded pixels, or 32x32 thumbnail correlation "
+            "method": "datasets.cross_dataset_copies.cross_matches (identical decoded pixels, or 32x32 thumbnail correlation "
                       ">= near_threshold)",
             "num_exact": sum(1 for e in excluded if e["kind"] == "exact"),
             "num_near": sum(1 for e in excluded if e["kind"] == "near"), "by_split": by_split, "excluded": excluded}

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Subset
 
 from datasets import CLASS_NAMES, BriscDataset, DataError, build_eval_dataset, build_train_val, ensure_data_root
 from datasets.cache import pack, unpack
-from datasets.check import _jpeg_channels, check_dataset, main as check_main
+from datasets.brisc_integrity import _jpeg_channels, check_dataset
+from datasets.check import main as check_main
 from datasets.decode import read_grey, resize_mask
 from datasets.index import index_split
 from datasets.naming import BriscNameError, format_name, parse_name

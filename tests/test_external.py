@@ -1,5 +1,5 @@
 """Scoring a BRISC-trained checkpoint on another dataset's layout (evaluation/external.py, test.py --data-format)
-and the cross-dataset duplicate check (datasets/cross_check.py, python -m datasets.check ROOT --against OTHER)."""
+and the cross-dataset duplicate check (datasets/cross_dataset_copies.py, python -m datasets.check ROOT --against OTHER)."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
 from datasets.duplicates import read_manifest
-from datasets.layouts import generate_layout
+from datasets.synthetic_layouts import generate_layout
 from datasets.synthetic import generate
 from evaluation.bootstrap import bootstrap_intervals
 from evaluation.labels import label_figures, label_intervals, label_space, parse_class_map

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.check import check_dataset
+from datasets.brisc_integrity import check_dataset
 from datasets.decode import MIN_IMAGE_SIDE, DataError, ImageTooSmallError, decode_grey, read_grey
 from datasets.geometry import logits_to_original
 from datasets.index import index_split
@@ -70,6 +70,24 @@ def test_twelve_bit_png_decodes_like_its_eight_bit_copy(tmp_path):
     assert (depth8, depth12) == (8, 16) and decoded12.dtype == np.uint8
     # 8-bit decoding used to keep the top byte of the 16-bit values: 0..15 instead of 0..255.
     assert np.abs(decoded12.astype(int) - decoded8.astype(int)).max() <= 1
+
+
+def test_sixteen_bit_files_of_one_scanner_share_one_scale(tmp_path):
+    """Scaled by the bit depth in use (4095 for 12-bit data), not by each file's own min..max: two crops of one
+    12-bit slice, one without its brightest part, keep the same grey levels (the old per-file stretch did not)."""
+    from datasets.decode import depth_scale
+
+    rng = np.random.default_rng(0)
+    slice12 = rng.integers(200, 2500, (64, 96)).astype(np.uint16)
+    slice12[:, 64:] = 3900  # a bright region only the wide crop holds
+    cv2.imwrite(str(tmp_path / "wide.png"), slice12)
+    cv2.imwrite(str(tmp_path / "narrow.png"), slice12[:, :64])
+    wide, narrow = decode_grey(tmp_path / "wide.png")[0], decode_grey(tmp_path / "narrow.png")[0]
+    expected = np.rint(slice12.astype(np.float64) * 255 / 4095).astype(np.uint8)  # hand-computed
+    assert np.array_equal(wide, expected) and np.array_equal(narrow, expected[:, :64])
+    assert depth_scale(slice12) == 4095 and depth_scale(slice12[:, :64]) == 4095  # max 2499 -> 12 bits
+    assert depth_scale(np.array([[200]], np.uint16)) == 255  # 8-bit data in a 16-bit file stays as it is
+    assert depth_scale(np.array([[0.0, 0.7]], np.float32)) == 1.0 and depth_scale(np.array([[4096]], np.uint16)) == 8191
 
 
 def test_images_below_the_minimum_size_are_refused(tmp_path):
@@ -206,5 +224,5 @@ def test_check_reports_sixteen_bit_and_tiny_images(data_copy):
     files[0].unlink()
     cv2.imwrite(str(files[1]), np.full((8, 8), 90, np.uint8))
     report = check_dataset(data_copy)
-    assert report.warnings["16-bit image (its min..max range is scaled to 8 bits)"] == [str(deep)]
+    assert report.warnings["16-bit image (scaled to 8 bits by its bit depth in use)"] == [str(deep)]
     assert any(files[1].name in d for d in report.errors[f"image below {MIN_IMAGE_SIDE} px"])

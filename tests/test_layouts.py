@@ -15,7 +15,7 @@ from datasets.decode import load_sample
 from datasets.errors import DataError
 from datasets.factory import build_eval_dataset, build_train_val
 from datasets.imagefolder import index_imagefolder
-from datasets.layouts import KAGGLE_FOLDERS, generate_layout
+from datasets.synthetic_layouts import KAGGLE_FOLDERS, generate_layout
 from datasets.naming import CLASS_NAMES
 from datasets.pairs import UNLABELLED, index_pairs
 from tests.helpers import REPO, run_entry

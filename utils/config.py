@@ -80,6 +80,20 @@ class AugmentConfig:
     p_mri_contrast: float = spec(0.0, **PROB)  # window change
     p_mri_rotate_zoom: float = spec(0.0, **PROB)
     mri_severity: list = spec(factory=lambda: [0.0, 2.0], pair=True, each={"ge": 0, "le": 3})
+    # Storage cues (docs/geometry-and-confounds.md): JPEG re-encoding at a random quality, resampling down and up
+    # at a random factor (both on the model-size image), and a random canvas: the decoded file cropped or padded
+    # to a random aspect ratio (width / height) BEFORE the geometry step (decodes the file each time: no cache)
+    p_jpeg: float = spec(0.0, **PROB)
+    jpeg_quality: list = spec(factory=lambda: [30, 95], pair=True, each={"ge": 1, "le": 100})
+    p_resample: float = spec(0.0, **PROB)
+    resample_scale: list = spec(factory=lambda: [0.4, 0.9], pair=True, each={"gt": 0, "lt": 1})  # down factor
+    p_canvas: float = spec(0.0, **PROB)
+    canvas_ratio: list = spec(factory=lambda: [0.6, 1.6], pair=True, each={"gt": 0})
+    # Acquisition shifts that the shift benchmark does not contain (datasets/mri_shifts.py lists what imitates
+    # which shift): a reconstruction filter (sharpening) and a coarser bit depth (posterize, bits kept)
+    p_sharpen: float = spec(0.0, **PROB)
+    p_posterize: float = spec(0.0, **PROB)
+    posterize_bits: list = spec(factory=lambda: [4, 7], pair=True, each={"ge": 1, "le": 8})
 
 
 @dataclass
@@ -113,8 +127,10 @@ class DataConfig:
     near_threshold: float = spec(0.99, gt=0, le=1)
     folds: int = spec(0, ge=0)  # K-fold cross-validation: 0 = off (val_fraction split), else K >= 2 folds ...
     fold: int = spec(0, ge=0)  # ... and this fold (0..K-1) is the validation part
-    # stretch to a square, or scale the longest side and pad (letterbox)
-    resize: str = spec("stretch", choices=("stretch", "letterbox"))
+    # stretch to a square, scale the longest side and pad (letterbox), or crop the head's square (head: the
+    # file's canvas does not reach the model; datasets/geometry.py, docs/geometry-and-confounds.md)
+    resize: str = spec("stretch", choices=("stretch", "letterbox", "head"))
+    head_margin: float = spec(0.05, ge=0, le=1)  # head: margin on each side, fraction of the head box's longer side
     # [row, col] millimetres per pixel of the original images: HD95 / ASSD in mm (null: in pixels)
     spacing: Optional[list] = spec(None, each={"gt": 0})
     synthetic_train_duplicates: int = spec(0, ge=0)  # generated data: train images that copy another train image

@@ -8,7 +8,7 @@ same synthetic anatomy and tumours:
 - pairs: `<out>/images/<stem>.jpg` + `<out>/masks/<stem>_mask.png` for every image of both splits (no-tumour
   images get an empty mask file), one pool that the loader splits by `data.test_fraction`.
 
-    python -m datasets.layouts --format imagefolder --out data/demo_imagefolder --train 200 --test 40
+    python -m datasets.synthetic_layouts --format imagefolder --out data/demo_imagefolder --train 200 --test 40
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .check import Report
+from .integrity_report import Report, report_identical_content
 from .decode import decode_grey, read_grey
 from .errors import DataError
 from .index import Sample
@@ -58,19 +58,12 @@ def check_layout(root: Path, index: Callable[[Path, str], list[Sample]], layout:
                     report.error("unreadable or mismatched file", facts["problem"])
                     continue
                 if facts["depth"] != 8:
-                    report.warn("16-bit image (scaled by its own range)", str(sample.image))
+                    report.warn("16-bit image (scaled to 8 bits by its bit depth in use)", str(sample.image))
                 if facts["foreground"] == 0:
                     report.warn("empty mask", str(sample.mask))
                 seen[facts["digest"]].append(str(sample.image))
-            for paths in seen.values():
-                if len(paths) > 1:
-                    report.warn(f"same content within {split}", " == ".join(Path(p).name for p in paths[:3]))
             digests[split] = seen
-    shared = sorted(set(digests["train"]) & set(digests["test"]))
-    for digest in shared:
-        report.warn("same content in train and test",
-                    f"{Path(digests['train'][digest][0]).name} == {Path(digests['test'][digest][0]).name}")
-    report.info.append(f"train/test duplicates (identical decoded pixels): {len(shared)}")
+    report_identical_content(report, digests)
     return report
 
 
