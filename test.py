@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate or predict; a mistake in the input raises a `UserError` (printed by `run_main`)."""
     args = parse_args(argv)
     from evaluation.folder import predict_folder
-    from evaluation.report import TestOptions, run_test
+    from evaluation.pipeline import TestOptions, run_test
 
     checkpoint = resolve_checkpoint_arg(args.checkpoint)
     for flag, used in (("--class-map", args.class_map is not None), ("--opts", bool(args.opts))):

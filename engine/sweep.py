@@ -8,7 +8,7 @@ Settings come from `--grid KEY=V1,V2,...` (the cartesian product over the keys; 
 `--opts`; commas inside [...] or {...} do not split) or from `--runs FILE.yaml`, a mapping of named runs, each a
 mapping of dotted config keys to values (see configs/ablation.yaml). Every setting runs once per seed
 (`experiment.seed`), one run after another, through the normal machinery: `engine.trainer.train`, then
-`evaluation.report.run_test` on the run's best.pth (the validation split by default). Run k of setting S trains in
+`evaluation.pipeline.run_test` on the run's best.pth (the validation split by default). Run k of setting S trains in
 `<out>/<S>/seed<k>/<timestamp>/` and records `<out>/<S>/seed<k>/result.json`.
 
 Every config is loaded and validated, and every model built (which checks `model.kwargs`), before the first run
@@ -285,7 +285,7 @@ def execute(run: Run, split: str, bootstrap: int, show_progress: bool) -> dict:
     from engine.resume import plan_resume
     from engine.trainer import train
     from evaluation.conventions import setting_of
-    from evaluation.report import TestOptions, run_test
+    from evaluation.pipeline import TestOptions, run_test
 
     start = time.time()
     last = last_checkpoint(run)

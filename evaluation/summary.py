@@ -94,3 +94,35 @@ def summary_table(subsets: dict[str, dict], headline: str, distance_unit: str = 
         cells = [format_value(key, subsets[n], (subsets[n].get("ci95") or {}).get(key)) for n in names]
         rows.append((label.replace("(pixels)", "(mm)") if distance_unit == "mm" else label, *cells, over))
     return format_table(rows, header)
+
+
+def print_summary(results: dict, bootstrap: bool) -> None:
+    """The leak check, the side-by-side subset table and the calibration line of a results dict."""
+    headline, leak_info = results["headline_subset"], results["leak_check"]
+    if leak_info.get("applied"):
+        kinds = f"; {leak_info['num_exact']} identical, {leak_info['num_near']} near-identical" \
+            if "num_exact" in leak_info else ""
+        print(f"leak check against {leak_info['against']}: {leak_info['num_leaked']} of "
+              f"{results['subsets']['all']['num_images']} images share content with training images{kinds} "
+              "(listed in metrics.json)")
+    print(f"headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
+          + ("; [95 % bootstrap interval]" if bootstrap else ""))
+    print(summary_table(results["subsets"], headline, results.get("distance_unit", "px")))
+    gating = results["subsets"][headline].get("mask_gating")
+    if gating:
+        ungated, gated = gating["ungated"], gating["gated"]
+        print(f"class-mask agreement ({SUBSET_LABELS[headline]}): masks {'gated' if gating['applied'] else 'not gated'}"
+              f" (eval.gate_masks / --gate-masks); contradiction rate {_pct(ungated['contradiction_rate'])} without "
+              f"gating, {_pct(gated['contradiction_rate'])} with; empty-mask false positives "
+              f"{_pct(ungated['empty_fp_rate'])} / {_pct(gated['empty_fp_rate'])}; Dice {_pct(ungated['dice'])} / "
+              f"{_pct(gated['dice'])}")
+    calibration, temperature = results["calibration"], results["temperature"]
+    if calibration is None:  # a segmentation-only run
+        return
+    print(f"calibration ({SUBSET_LABELS[headline]}): ECE {100 * calibration['ece']:.2f} %, NLL "
+          f"{calibration['nll']:.4f}" + (f" at temperature {temperature:.3f} (uncalibrated ECE "
+                                         f"{100 * calibration['ece_uncalibrated']:.2f} %)" if temperature else ""))
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"

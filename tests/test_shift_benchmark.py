@@ -24,7 +24,7 @@ def checkpoint(tiny_brisc, tmp_path_factory) -> Path:
 
 
 def test_clean_row_equals_test_py_and_outputs(checkpoint, tmp_path, capsys):
-    from evaluation.report import TestOptions, run_test
+    from evaluation.pipeline import TestOptions, run_test
 
     reference = run_test(TestOptions(checkpoint=checkpoint, split="test", out_dir=tmp_path / "test",
                                      num_workers=0, show_progress=False))

@@ -136,7 +136,7 @@ def test_segmentation_only_run_trains_tests_and_tabulates_without_class_figures(
     assert not any(key.startswith(("train/cls", "val/accuracy", "val/f1", "val/precision")) for key in history[0])
     assert " acc " not in (run_dir / "train.log").read_text()
 
-    from evaluation.report import TestOptions, run_test
+    from evaluation.pipeline import TestOptions, run_test
 
     out = run_dir / "test_seg"
     run_test(TestOptions(checkpoint=run_dir / "best.pth", out_dir=out, num_workers=0, tta=True, bootstrap=50,
