@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Evaluate or predict; a mistake in the input raises a `UserError` (printed by `run_main`)."""
     args = parse_args(argv)
-    from evaluation.folder import predict_folder
+    from prediction.folder import predict_folder
     from evaluation.pipeline import TestOptions, run_test
 
     checkpoint = resolve_checkpoint_arg(args.checkpoint)

@@ -12,7 +12,6 @@ from tqdm import tqdm
 
 from evaluation.metrics import MultiTaskMetrics
 from model import model_tasks
-from utils.checkpoint import unwrap_model
 from utils.runtime import autocast
 
 

@@ -35,6 +35,8 @@ from datasets.mri_shifts import MAX_SEVERITY, SEVERITIES, SHIFT_NAMES, ShiftHook
 from datasets.transforms import MRI_AUGMENTS
 from evaluation.inference import eval_loader, evaluate
 from evaluation.metrics import MultiTaskMetrics
+from evaluation.summary import HEADLINE_FIGURES
+from utils.tables import markdown_table
 from model.loading import load_model_from_checkpoint
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import CheckpointError
@@ -42,15 +44,14 @@ from utils.config import ConfigError
 from utils.runs import write_json_atomic
 from utils.runtime import select_device
 
-# The headline figures of the benchmark: (key in the metric dict, column label).
-HEADLINE = (("accuracy", "Accuracy"), ("f1_macro", "Macro-F1"), ("dice", "Dice"), ("iou", "IoU"))
+HEADLINE = HEADLINE_FIGURES  # the figures of the benchmark: (key in the metric dict, column label)
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def summarise(clean: dict, shifted: dict, severities: Sequence[str], reference: Optional[dict] = None) -> dict:
+def suite_summary(clean: dict, shifted: dict, severities: Sequence[str], reference: Optional[dict] = None) -> dict:
     """Suite means, drops from clean and corruption errors from per-shift, per-severity headline figures.
 
     `clean`: {metric: value}; `shifted`: {shift: {severity: {metric: value}}}; `reference`: another shift.json.
@@ -87,11 +88,8 @@ def shift_table(result: dict) -> str:
         rows += [(name, s, values) for s, values in by_sev.items()]
     rows += [("mean over shifts", s, values) for s, values in result["mean_by_severity"].items()]
     rows += [("mean over suite", "all", result["mean"]), ("drop from clean", "all", result["drop"])]
-    header = ["shift", "severity", *labels]
     cells = [[name, str(s), *(f"{100 * values[k]:.2f}" for k in keys)] for name, s, values in rows]
-    widths = [max(len(r[i]) for r in cells + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+    return markdown_table(["shift", "severity", *labels], cells, pad=True)
 
 
 def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
@@ -99,7 +97,7 @@ def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
     `severity` and over all severities, and the relative mCE, in percent."""
     header = ["run", "intensity norm", "MRI augmentation", "clean acc", "clean Dice", f"sev {severity} acc",
               f"sev {severity} Dice", "suite acc", "suite Dice", "rel. mCE acc", "rel. mCE Dice"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for path in paths:
         r = json.loads(Path(path).read_text(encoding="utf-8"))
         if severity not in r["mean_by_severity"]:
@@ -112,9 +110,8 @@ def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
         for key, p in r.get("mri_augment", {}).items():
             by_p.setdefault(p, []).append(key.removeprefix("p_").removeprefix("mri_"))
         augment = "; ".join(f"{', '.join(names)} at {p:g}" for p, names in by_p.items())
-        row = [name, r["intensity_norm"], augment or "none", *(f"{100 * c:.2f}" for c in cells)]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        lines.append([name, r["intensity_norm"], augment or "none", *(f"{100 * c:.2f}" for c in cells)])
+    return markdown_table(header, lines)
 
 
 def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[str] = SHIFT_NAMES,
@@ -162,7 +159,7 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
                             for n in shifts},
         "clean": clean, "shifted": shifted,
     }
-    result.update(summarise(clean, shifted, labels, reference_result))
+    result.update(suite_summary(clean, shifted, labels, reference_result))
     if reference:
         result["reference"] = str(reference)
     out_dir = Path(out_dir) if out_dir else run_dir / f"shift_{split}"

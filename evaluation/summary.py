@@ -5,6 +5,10 @@ import math
 from typing import Optional
 
 from evaluation.subsets import SUBSET_LABELS, SUBSETS
+from utils.tables import markdown_table
+
+# The headline figures of every comparison table (README results, shift benchmark, sweep, cv): (key, label).
+HEADLINE_FIGURES = (("accuracy", "Accuracy"), ("f1_macro", "Macro-F1"), ("dice", "Dice"), ("iou", "IoU"))
 
 # Figures in pixels (boundary distances; mm with a pixel spacing), printed as they are rather than as percentages.
 PIXEL_KEYS = ("hd95", "assd")
@@ -40,12 +44,13 @@ SUMMARY_ROWS = [
     ("num_images", "Images", "count"),
     ("num_tumour_images", "Images with tumour", "count"),
 ]
+# Every figure key of a metrics.json, in the order of the summary (with the test loss).
+FIGURE_KEYS = tuple(key for key, _, _ in SUMMARY_ROWS if not key.startswith("num_")) + ("loss",)
 
 
 def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    """A console table, columns padded (`utils.tables.markdown_table`)."""
+    return markdown_table(header, rows, pad=True)
 
 
 def format_value(key: str, figures: dict, interval: Optional[list] = None) -> str:

@@ -225,7 +225,7 @@ def test_efficientnet_b0_cls_trains_and_tests_without_segmentation_figures(tiny_
     with pytest.raises(ConfigError, match="--tune-threshold.*no segmentation output"):
         run_test(options)
 
-    from evaluation.folder import predict_folder
+    from prediction.folder import predict_folder
 
     folder = copy_test_images(tiny_brisc, tmp_path / "unlabelled")
     predict_folder(run_dir / "best.pth", folder, tmp_path / "pred")

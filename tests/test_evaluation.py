@@ -318,7 +318,7 @@ def test_summary_table_shows_subsets_side_by_side_with_intervals():
 
 
 def test_results_rows_name_their_setting_and_refuse_mixed_conventions(tmp_path: Path, capsys):
-    from evaluation import results
+    from evaluation import readme_table as results
 
     for name, metrics in (("a", {"split": "test", "headline_subset": "leak_free", "resolution": "native"}),
                           ("b", {"split": "test", "headline_subset": "all", "resolution": "native"})):

@@ -10,7 +10,7 @@ import torch
 
 from datasets.factory import build_eval_dataset
 from datasets.mri_shifts import ShiftHook, apply_shift
-from evaluation.shift import HEADLINE, main, summarise
+from evaluation.shift import HEADLINE, main, suite_summary as summarise
 from tests.helpers import save_untrained_checkpoint
 from utils.config import load_config
 
