@@ -23,7 +23,8 @@ eval mode, so deep-supervision heads are neither run nor timed. Per model:
 - with --runtime onnxruntime / torchscript: one more row per model, input size and batch size, timing the file that
   `python -m model.export` writes (exported to a temporary folder, checked against PyTorch on the timed input,
   run by ONNX Runtime's CPU provider or torch.jit.load; fp32, CPU only) with the same warm-up and median;
-- with --metrics: accuracy, two-class mIoU, tumour Dice and macro F1 from test.py's metrics.json files, with
+- with --metrics: the headline figures (evaluation.summary.HEADLINE_FIGURES) and two-class mIoU from test.py's
+  metrics.json files, with
   the setting each was scored with (split, subset, resolution, threshold, TTA); files that differ in split,
   subset or resolution are refused, since their figures are not comparable.
 - with --train-step: the median wall time of one training step (forward in training mode, loss, backward, AdamW
@@ -34,7 +35,8 @@ eval mode, so deep-supervision heads are neither run nor timed. Per model:
 
 Writes a Markdown table to stdout and benchmark.csv, benchmark.json, radar.png to --out; the environment
 (device name, torch version, threads, precision, input and batch sizes, CPU allocator) is stored with the
-numbers.
+numbers. (Somewhat over 400 lines: one entry point whose parts, measuring, ratios, the metrics join, the table,
+the CSV and the radar, all read the same rows; this docstring is a tenth of it.)
 """
 from __future__ import annotations
 
