@@ -1,17 +1,9 @@
-"""What test.py scores, "a source": the run's own split, or another dataset through its layout and label map.
-
-A `Source` says everything in which the two differ; `evaluation.pipeline.run_test` runs the same steps for both.
-
-- `own_split`: the run's data (or `--data-root`), its split (`split.json` for val), the leak check against the
-  run's training split (`evaluation.leaks`), the model's classes, the training loss, optional mask gating.
-- `other_dataset` (`test.py --data-root OTHER --data-format brisc|imagefolder|pairs`):
-  - Labels: `evaluation.labels` (the class map and the figures in the mapped label space); the model's own classes
-    are scored as on the own split when the map leaves them alone.
-  - Figures the layout supports, only: imagefolder has no masks (no segmentation figures), pairs no classes (no
-    classification figures); metrics.json lists the absent ones and why (`absent_figures`).
-  - Overlap. Images of the other dataset with an exact or near copy (datasets.cross_check) in the data the run
-    trained on (its root's train split) or in that root's test split (seen by whoever tuned the recipe) form the
-    `leaked` subset; the rest are `leak_free`, the headline by default, as for the own split.
+"""What test.py scores, "a source": the run's own split (`own_split`), or another dataset through its layout and
+label map (`other_dataset`, `test.py --data-format brisc|imagefolder|pairs`). A `Source` holds everything in
+which the two differ (dataset and indexer, the leak or overlap check, the label space, the figures that are
+absent and why, the output folder, extra metrics.json keys); `evaluation.pipeline.run_test` runs the same steps
+for both. Another dataset's images with an exact or near copy (datasets.cross_check) in the run's training root
+(train and test splits) form its `leaked` subset. docs/pipeline.md compares the two in a table.
 """
 from __future__ import annotations
 
