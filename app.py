@@ -4,7 +4,7 @@
 
 Without --checkpoint the newest `runs/*/latest/best.pth` is served (a picker offers the others). The page is
 drawn with Streamlit: `python app.py` checks its arguments, then starts the Streamlit server on this same file,
-which draws the page (`render_page`). Predictions come from `evaluation.folder.predict_image`, the function
+which draws the page (`render_page`). Predictions come from `prediction.folder.predict_image`, the function
 behind `test.py --input`. A research tool, not a medical device.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def offered_checkpoints(args: argparse.Namespace) -> list[Path]:
     """The --checkpoint first (when given), then every run's latest best.pth, newest first; never empty."""
-    from evaluation.demo import DEMO_COMMAND, find_checkpoints
+    from prediction.demo import DEMO_COMMAND, find_checkpoints
     from utils.checkpoint import resolve_checkpoint_arg
 
     found = find_checkpoints(args.runs)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check the arguments, make the example slices, then hand over to the Streamlit server (blocks)."""
     args = parse_args(argv)
     checkpoints = offered_checkpoints(args)
-    from evaluation.demo import ensure_examples
+    from prediction.demo import ensure_examples
 
     ensure_examples(args.examples_dir)
     from streamlit.web import cli as streamlit_cli
@@ -77,7 +77,7 @@ def render_page(args: argparse.Namespace) -> None:
 
     from datasets.errors import DataError
     from datasets.naming import CLASS_NAMES
-    from evaluation import demo
+    from prediction import demo
     from model import model_tasks
     from utils.errors import UserError
 
@@ -126,7 +126,7 @@ def _choose_slice(examples_dir: Path) -> tuple[str, bytes] | None:
     """The uploader and the example buttons; returns (file name, bytes) of the latest choice, or None."""
     import streamlit as st
 
-    from evaluation import demo
+    from prediction import demo
 
     examples = demo.ensure_examples(examples_dir)
     upload_column, example_column = st.columns([3, 2])
@@ -154,7 +154,7 @@ def _show_results(model, cfg, info: dict, prediction, grey, record: dict, opacit
     import streamlit as st
 
     from datasets.naming import CLASS_NAMES
-    from evaluation import demo
+    from prediction import demo
     from utils.errors import UserError
 
     name, threshold, has_seg = record["file"], record.get("threshold"), prediction.tumour_probability is not None
@@ -231,14 +231,14 @@ def _session_cached(slot: str, key: tuple, compute):
 
 
 def _predict(model, cfg, grey, tta: bool, key: tuple):
-    from evaluation.folder import predict_image
+    from prediction.folder import predict_image
 
     # predicted at the config's threshold; the slider re-thresholds the stored probabilities
     return _session_cached("prediction", key, lambda: predict_image(model, cfg, grey, tta=tta))
 
 
 def _gradcam(model, cfg, prediction, grey, target, key: tuple):
-    from evaluation.demo import gradcam_view
+    from prediction.demo import gradcam_view
 
     return _session_cached("gradcam", key, lambda: gradcam_view(model, cfg, prediction, grey, target))
 

@@ -23,7 +23,8 @@ eval mode, so deep-supervision heads are neither run nor timed. Per model:
 - with --runtime onnxruntime / torchscript: one more row per model, input size and batch size, timing the file that
   `python -m model.export` writes (exported to a temporary folder, checked against PyTorch on the timed input,
   run by ONNX Runtime's CPU provider or torch.jit.load; fp32, CPU only) with the same warm-up and median;
-- with --metrics: accuracy, two-class mIoU, tumour Dice and macro F1 from test.py's metrics.json files, with
+- with --metrics: the headline figures (evaluation.summary.HEADLINE_FIGURES) and two-class mIoU from test.py's
+  metrics.json files, with
   the setting each was scored with (split, subset, resolution, threshold, TTA); files that differ in split,
   subset or resolution are refused, since their figures are not comparable.
 - with --train-step: the median wall time of one training step (forward in training mode, loss, backward, AdamW
@@ -34,7 +35,8 @@ eval mode, so deep-supervision heads are neither run nor timed. Per model:
 
 Writes a Markdown table to stdout and benchmark.csv, benchmark.json, radar.png to --out; the environment
 (device name, torch version, threads, precision, input and batch sizes, CPU allocator) is stored with the
-numbers.
+numbers. (Somewhat over 400 lines: one entry point whose parts, measuring, ratios, the metrics join, the table,
+the CSV and the radar, all read the same rows; this docstring is a tenth of it.)
 """
 from __future__ import annotations
 
@@ -56,12 +58,15 @@ from utils.cli import add_debug_flag, int_at_least, non_negative_int, positive_i
 from utils.errors import UserError
 from utils.runtime import select_device
 from evaluation.conventions import check_comparable, setting_label, setting_of
+from evaluation.summary import HEADLINE_FIGURES
+from utils.tables import markdown_table
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # runtimes besides eager PyTorch ("torch") -> the model.export format they run
 EXPORTED_RUNTIMES = {"onnxruntime": "onnx", "torchscript": "torchscript"}
 # metrics.json key -> column label; values are fractions and are shown as percentages
-METRIC_COLUMNS = {"accuracy": "Acc %", "miou_2class": "mIoU % (2-class)", "dice": "Dice %", "f1_macro": "F1 %"}
+# test.py figures joined from metrics.json: the headline figures and the published table's 2-class mIoU
+METRIC_COLUMNS = {**{key: f"{label} %" for key, label in HEADLINE_FIGURES}, "miou_2class": "mIoU % (2-class)"}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -102,21 +107,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """One row per (image size, precision, batch size) for the model `name`, then the exported runtimes' rows."""
     from model import build_model
-    from utils.flops import (count_parameters, flop_counter_flops, latency_summary, peak_memory_mb,
-                             reset_peak_memory, thop_macs, time_forward, time_train_step)
+    from utils.flops import (flop_counter_flops, latency_summary, model_cost, peak_memory_mb, reset_peak_memory,
+                             time_forward, time_train_step)
 
     torch.manual_seed(0)
     model = build_model(name, num_classes=args.num_classes, in_channels=3, deep_supervision=True).eval()
     with torch.no_grad():
         if "aux" in model(torch.randn(1, 3, 64, 64)):
             raise RuntimeError(f"model '{name}' returns deep-supervision outputs in eval mode; they would be timed")
-    params = count_parameters(model)
     bases = {}  # per input size: what the operation counts depend on
     for size in args.image_size:
-        probe = torch.randn(1, 3, size, size)
-        macs = thop_macs(model, probe) / 1e9
-        bases[size] = {"model": name, "params": params, "gmacs_thop": macs,
-                       "gflops_flopcounter": flop_counter_flops(model, probe) / 1e9, "gflops_thop": 2 * macs}
+        cost = model_cost(model, 3, size)
+        bases[size] = {"model": name, "params": cost["params"], "gmacs_thop": cost["gmacs"],
+                       "gflops_flopcounter": flop_counter_flops(model, torch.randn(1, 3, size, size)) / 1e9,
+                       "gflops_thop": 2 * cost["gmacs"]}
 
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -271,7 +275,7 @@ def _fmt(value: object, digits: int) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else str(value)
 
 
-def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
+def render_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
     header = ["Model", "Params (M)", "Input px", "GMACs (thop)", "GFLOPs (2xMACs)", "GFLOPs (FlopCounterMode)",
               "Batch", "Precision", "Runtime", "Latency ms (median)", "ms / image", "Throughput img/s",
               "Peak mem MiB", "Efficiency ratio", "Speed ratio"]
@@ -296,9 +300,8 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
         "MACs / FLOPs per image (batch 1, fp32); latency per batch, median of "
         f"{env['repeats']} runs after {env['warmup']} warm-up runs.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
     ]
+    cells_of = []
     for r in rows:
         per_image = r["latency_ms"] / r["batch_size"] if r.get("latency_ms") is not None else None
         cells = [r["model"], _fmt(r["params"] / 1e6, 3), str(r.get("image_size", "n/a")), _fmt(r["gmacs_thop"], 3),
@@ -311,8 +314,8 @@ def markdown_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
         if with_metrics:
             cells += [_fmt(100 * r[k], 2) if k in r else "n/a" for k in METRIC_COLUMNS]
             cells.append(r.get("test_setting", "n/a"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells_of.append(cells)
+    return "\n".join(lines + [markdown_table(header, cells_of, align=["l"] + ["r"] * (len(header) - 1))])
 
 
 def write_csv(rows: list[dict], env: dict, path: Path) -> None:
@@ -408,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with_metrics = bool(metrics)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    print(markdown_table(rows, env, with_metrics))
+    print(render_table(rows, env, with_metrics))
     write_csv(rows, env, args.out / "benchmark.csv")
     write_json_atomic({"environment": env, "rows": rows}, args.out / "benchmark.json")
     draw_radar(rows, args.out / "radar.png", with_metrics)

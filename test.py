@@ -7,6 +7,7 @@
     python test.py --checkpoint best.pth --input my_slices/ --out predictions/
     python test.py --checkpoint best.pth --data-root /data/kaggle --data-format imagefolder \
         --class-map 'glioma=tumour,meningioma=tumour,pituitary=tumour,no_tumor=normal'
+    python test.py --checkpoint best.pth --data-root /data/pairs --data-format pairs --layout data.mask_suffix=_mask
 """
 from __future__ import annotations
 
@@ -16,17 +17,13 @@ from pathlib import Path
 
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import resolve_checkpoint_arg
-from utils.cli import add_debug_flag, non_negative_int, open_unit_float, positive_float, positive_int, run_main
+from utils.cli import add_debug_flag, add_eval_flags, non_negative_int, positive_float, run_main
 from utils.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="best.pth / last.pth of a run (a run folder: its best.pth)")
-    parser.add_argument("--split", default="test", choices=["test", "val", "train"],
-                        help="test: the release's test split; val: the run's validation split (split.json)")
-    parser.add_argument("--data-root", default=None, help="dataset root, if not the one the run trained on")
+    add_eval_flags(parser, checkpoint_help="best.pth / last.pth of a run (a run folder: its best.pth)")
     parser.add_argument("--data-format", default=None, choices=["brisc", "imagefolder", "pairs"],
                         help="score another dataset at --data-root in this layout: only the figures it supports "
                              "(imagefolder: classes, pairs: masks), its images with copies in the run's training "
@@ -35,16 +32,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --data-format: map the dataset's folder names and the model's class names into "
                              "one label space, e.g. 'glioma=tumour,meningioma=tumour,pituitary=tumour,"
                              "no_tumor=normal' (unlisted names map to themselves; default: data.class_map of the run)")
-    parser.add_argument("--opts", nargs="*", default=[], metavar="data.KEY=VALUE",
+    parser.add_argument("--layout", nargs="*", default=[], metavar="data.KEY=VALUE",
                         help="with --data-format: the other dataset's layout keys, e.g. data.mask_suffix=_mask "
                              "data.test_dir=Test (train_dir, test_dir, class_map, mask_suffix, mask_threshold, "
                              "test_fraction, split_seed, spacing)")
+    parser.add_argument("--opts", nargs="*", default=None, metavar="data.KEY=VALUE",
+                        help="deprecated: the old name of --layout (it never took train.py's config keys)")
     parser.add_argument("--spacing", type=positive_float, nargs=2, default=None, metavar=("ROW_MM", "COL_MM"),
                         help="pixel spacing in mm: HD95 / ASSD in mm (default: data.spacing of the run; with "
                              "--data-format: pixels)")
-    parser.add_argument("--tta", action="store_true", help="average the prediction with its horizontal flip")
-    parser.add_argument("--threshold", type=open_unit_float, default=None,
-                        help="segmentation threshold, between 0 and 1 (default: config)")
     parser.add_argument("--tune-threshold", action="store_true",
                         help="choose the threshold with the best Dice on the validation split, then evaluate "
                              "another split (not with --split val)")
@@ -62,25 +58,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Grad-CAM overlays for N images per class")
     parser.add_argument("--gradcam-layer", default=None, metavar="NAME",
                         help="Grad-CAM target layer as a dotted module name (default: the last encoder stage)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help=">= 1 (default: config)")
-    parser.add_argument("--num-workers", type=non_negative_int, default=None, help=">= 0 (default: config)")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
     parser.add_argument("--gate-masks", action=argparse.BooleanOptionalAction, default=None,
                         help="empty the mask where the classifier says no_tumor (default: eval.gate_masks)")
     parser.add_argument("--no-progress", action="store_true")
     add_debug_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.opts is not None:
+        print("warning: --opts is deprecated for test.py; it sets another dataset's layout keys only: use --layout",
+              file=sys.stderr)
+        args.layout = [*args.layout, *args.opts]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate or predict; a mistake in the input raises a `UserError` (printed by `run_main`)."""
     args = parse_args(argv)
-    from evaluation.folder import predict_folder
-    from evaluation.report import TestOptions, run_test
+    from prediction.folder import predict_folder
+    from evaluation.pipeline import TestOptions, run_test
 
     checkpoint = resolve_checkpoint_arg(args.checkpoint)
-    for flag, used in (("--class-map", args.class_map is not None), ("--opts", bool(args.opts))):
+    for flag, used in (("--class-map", args.class_map is not None), ("--layout", bool(args.layout))):
         if used and args.data_format is None:
             raise ConfigError(f"{flag} applies to another dataset: give --data-format (and --data-root) too")
     class_map = None
@@ -99,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress,
         subset=args.subset, calibrate=args.calibrate, bootstrap=args.bootstrap, seed=args.seed,
         gate_masks=args.gate_masks, spacing=args.spacing, data_format=args.data_format, class_map=class_map,
-        data_opts=args.opts))
+        data_opts=args.layout))
     return 0
 
 

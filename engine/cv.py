@@ -3,8 +3,9 @@
     python -m engine.cv --config configs/brisc_cpu.yaml --folds 5 [--opts train.epochs=30 ...]
 
 Fold k trains `engine.trainer.train` with `data.folds=K data.fold=k` (grouped by duplicate content and
-stratified by class, see datasets/splits.py) as experiment `<name>_fold<k>`. Each fold's best validation
-figures (`best_val.json`) go into `<work_dir>/<name>_cv/<timestamp>/`: `cv_folds.csv` (one row per fold,
+stratified by class, see datasets/splits.py) as experiment `<name>_fold<k>`. Each fold's best.pth is scored on
+its validation fold by test.py's pipeline (`evaluation.pipeline.run_test`, as `engine.sweep` scores its runs:
+headline subset, native resolution; its metrics.json in the fold's run folder); the figures go into `<work_dir>/<name>_cv/<timestamp>/`: `cv_folds.csv` (one row per fold,
 then the mean and the standard deviation), `cv_summary.md` (mean ± std of the headline figures) and
 `cv.json`. The standard deviation is the sample one (ddof=1) over the K fold results.
 """
@@ -13,42 +14,37 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
+from evaluation.summary import HEADLINE_FIGURES
 from utils.allocator import keep_freed_memory
 from utils.config import Config, ConfigError, load_config
 from utils.cli import add_debug_flag, int_at_least, run_main
 from utils.runs import new_run_dir, point_latest, write_json_atomic
+from utils.tables import markdown_table, summarise
 
-HEADLINE = ("accuracy", "f1_macro", "dice", "iou", "dice_global", "iou_global", "dice_2class", "miou_2class", "loss")
+# the figures of cv_summary.md: the headline figures, then the global and 2-class overlaps and the loss
+SHOWN = (*(key for key, _ in HEADLINE_FIGURES), "dice_global", "iou_global", "dice_2class", "miou_2class", "loss")
 
 
-def fold_results(run_dirs: list[Path]) -> list[dict]:
-    """The numeric best-validation figures of each fold's run, with its fold index and run directory."""
+def fold_results(run_dirs: list[Path], show_progress: bool = True) -> list[dict]:
+    """Each fold's figures, scored on its validation fold by test.py's pipeline (as `engine.sweep` scores its
+    runs), with its fold index and run directory."""
+    from evaluation.pipeline import TestOptions, run_test
+    from evaluation.summary import FIGURE_KEYS
+
     rows = []
     for k, run_dir in enumerate(run_dirs):
-        best = json.loads((Path(run_dir) / "best_val.json").read_text(encoding="utf-8"))
-        figures = {key: float(v) for key, v in best.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = run_test(TestOptions(checkpoint=Path(run_dir) / "best.pth", split="val", bootstrap=0,
+                                       show_progress=show_progress))
+        figures = {key: float(metrics[key]) for key in FIGURE_KEYS if isinstance(metrics.get(key), (int, float))}
         rows.append({"fold": k, "run_dir": str(run_dir), **figures})
     return rows
 
 
-def summarise(rows: list[dict]) -> dict[str, tuple[float, float]]:
-    """{figure: (mean, sample std)} over the folds, for every figure all folds report."""
-    keys = [k for k in rows[0] if k not in ("fold", "run_dir") and all(k in r for r in rows)]
-    out = {}
-    for key in keys:
-        values = np.array([r[key] for r in rows], dtype=float)
-        out[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
-    return out
-
-
-def write_tables(rows: list[dict], out_dir: Path, title: str) -> dict[str, tuple[float, float]]:
+def write_cv_tables(rows: list[dict], out_dir: Path, title: str) -> dict[str, tuple[float, float]]:
     """`cv_folds.csv`, `cv_summary.md` and `cv.json` in `out_dir`; returns the summary."""
     summary = summarise(rows)
     keys = list(summary)
@@ -59,17 +55,17 @@ def write_tables(rows: list[dict], out_dir: Path, title: str) -> dict[str, tuple
             writer.writerow([row["fold"], *(f"{row[k]:.6g}" for k in keys), row["run_dir"]])
         writer.writerow(["mean", *(f"{summary[k][0]:.6g}" for k in keys), ""])
         writer.writerow(["std", *(f"{summary[k][1]:.6g}" for k in keys), ""])
-    shown = [k for k in HEADLINE if k in summary] or keys
+    shown = [k for k in SHOWN if k in summary] or keys
     percent = {k for k in shown if k != "loss"}
-    lines = [f"# {title}: {len(rows)}-fold cross-validation (validation folds, mean ± sample std over folds)", "",
-             "| figure | mean ± std | " + " | ".join(f"fold {r['fold']}" for r in rows) + " |",
-             "|---|---|" + "---|" * len(rows)]
+    cells = []
     for k in shown:
         scale, unit = (100.0, " %") if k in percent else (1.0, "")
         mean, std = summary[k]
-        folds = " | ".join(f"{r[k] * scale:.2f}" for r in rows)
-        lines.append(f"| {k}{unit} | {mean * scale:.2f} ± {std * scale:.2f} | {folds} |")
-    (out_dir / "cv_summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        cells.append([f"{k}{unit}", f"{mean * scale:.2f} ± {std * scale:.2f}", *(f"{r[k] * scale:.2f}" for r in rows)])
+    table = markdown_table(["figure", "mean ± std", *(f"fold {r['fold']}" for r in rows)], cells)
+    (out_dir / "cv_summary.md").write_text(f"# {title}: {len(rows)}-fold cross-validation (validation folds scored "
+                                           f"by test.py, mean ± sample std over folds)\n\n{table}\n",
+                                           encoding="utf-8")
     write_json_atomic({"folds": rows, "summary": {k: {"mean": m, "std": s} for k, (m, s) in summary.items()}},
                       out_dir / "cv.json")
     return summary
@@ -90,7 +86,7 @@ def run_cv(cfg: Config, folds: Optional[int] = None, show_progress: bool = True)
         print(f"[cv] fold {k + 1}/{k_folds}: experiment {fold_cfg.experiment.name}")
         run_dirs.append(train(fold_cfg, show_progress=show_progress))
     out_dir = new_run_dir(cfg.experiment.work_dir, f"{cfg.experiment.name}_cv")
-    write_tables(fold_results(run_dirs), out_dir, cfg.experiment.name)
+    write_cv_tables(fold_results(run_dirs, show_progress), out_dir, cfg.experiment.name)
     point_latest(out_dir)
     return out_dir
 

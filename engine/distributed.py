@@ -66,14 +66,6 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(broadcast_int(1 if flag else 0, device))
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
-
-
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics) so all ranks evaluate the saved model."""
     if dist.is_available() and dist.is_initialized():

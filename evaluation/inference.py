@@ -2,7 +2,7 @@
 forward (optionally with flip test-time augmentation), metrics accumulated on the device."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -12,7 +12,6 @@ from tqdm import tqdm
 
 from evaluation.metrics import MultiTaskMetrics
 from model import model_tasks
-from utils.checkpoint import unwrap_model
 from utils.runtime import autocast
 
 
@@ -64,34 +63,40 @@ def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, device: torch.device,
-             loss_fn: Optional[nn.Module] = None, amp_dtype: Optional[torch.dtype] = None, tta: bool = False,
-             channels_last: bool = False, show_progress: bool = True, desc: str = "eval",
-             distributed: bool = False, on_batch: Optional[Callable[[dict, dict], None]] = None) -> dict:
-    """Run the model over `loader` and return the metric dict (plus `loss` when a loss function is given).
+def inference_batches(model: nn.Module, loader: DataLoader, device: torch.device, tta: bool = False,
+                      amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
+                      show_progress: bool = True, desc: str = "eval") -> Iterator[tuple[dict, dict]]:
+    """The one inference loop: (float outputs of the tasks the run trains, batch on `device`) per batch, in order.
 
-    `on_batch(outputs, batch)`, when given, sees every batch's (float) outputs after the metrics did, e.g. to
-    keep per-image records that the counts do not hold (native-resolution scoring in test.py).
-
-    In a distributed run each rank sees its own shard and counts are summed across ranks before `compute()`.
-    """
+    Training-time validation (`evaluate`), test.py (`evaluation.pipeline`) and the shift benchmark all read the
+    model's predictions through it."""
     model.eval()
-    metrics.reset()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    count = torch.zeros((), device=device, dtype=torch.float64)
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress,
                       mininterval=1.0):
         batch = move_batch(batch, device, channels_last)
         with autocast(device, amp_dtype):
             outputs = predict(model, batch["image"], tta=tta)
-        outputs = {key: value.float() for key, value in outputs.items() if torch.is_tensor(value)}
+        yield {key: value.float() for key, value in outputs.items() if torch.is_tensor(value)}, batch
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, device: torch.device,
+             loss_fn: Optional[nn.Module] = None, amp_dtype: Optional[torch.dtype] = None, tta: bool = False,
+             channels_last: bool = False, show_progress: bool = True, desc: str = "eval",
+             distributed: bool = False) -> dict:
+    """Run the model over `loader` and return the metric dict (plus `loss` when a loss function is given).
+
+    In a distributed run each rank sees its own shard and counts are summed across ranks before `compute()`.
+    """
+    metrics.reset()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for outputs, batch in inference_batches(model, loader, device, tta, amp_dtype, channels_last, show_progress, desc):
         if loss_fn is not None:
             total, _ = loss_fn(outputs, batch)
             loss_sum += total.double() * batch["label"].shape[0]
         count += batch["label"].shape[0]
         metrics.update(outputs, batch)
-        if on_batch is not None:
-            on_batch(outputs, batch)
     if distributed:
         import torch.distributed as dist
 
@@ -105,29 +110,3 @@ def evaluate(model: nn.Module, loader: DataLoader, metrics: MultiTaskMetrics, de
     present = [results[key] for key in ("accuracy", "dice") if key in results]
     results["combined"] = sum(present) / len(present)
     return results
-
-
-@torch.no_grad()
-def collect_outputs(model: nn.Module, loader: DataLoader, device: torch.device, tta: bool = False,
-                    amp_dtype: Optional[torch.dtype] = None, show_progress: bool = True, desc: str = "eval",
-                    keep_cls: bool = True, on_seg: Optional[Callable[[torch.Tensor, dict], None]] = None
-                    ) -> tuple[Optional[torch.Tensor], torch.Tensor, list[str]]:
-    """(class logits (N, K) on the CPU, or None without a class output or `keep_cls`; labels (N,); ids) over
-    `loader`, in order, without scoring anything; `on_seg(seg_logits, batch)` sees each batch's float
-    segmentation logits (e.g. to count pixels at native size)."""
-    model.eval()
-    logits: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    ids: list[str] = []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress,
-                      mininterval=1.0):
-        batch = move_batch(batch, device)
-        with autocast(device, amp_dtype):
-            outputs = predict(model, batch["image"], tta=tta)
-        if "seg" in outputs and on_seg is not None:
-            on_seg(outputs["seg"].float(), batch)
-        if "cls" in outputs and keep_cls:
-            logits.append(outputs["cls"].float().cpu())
-        labels.append(batch["label"].cpu())
-        ids += list(batch["id"])
-    return (torch.cat(logits) if logits else None), torch.cat(labels), ids

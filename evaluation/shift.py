@@ -29,28 +29,28 @@ from typing import Optional, Sequence
 
 
 from datasets import CLASS_NAMES
-from datasets.errors import DataError
 from datasets.factory import build_eval_dataset
 from datasets.mri_shifts import MAX_SEVERITY, SEVERITIES, SHIFT_NAMES, ShiftHook, severity_params
 from datasets.transforms import MRI_AUGMENTS
 from evaluation.inference import eval_loader, evaluate
 from evaluation.metrics import MultiTaskMetrics
+from evaluation.summary import HEADLINE_FIGURES
+from utils.tables import markdown_table
 from model.loading import load_model_from_checkpoint
 from utils.allocator import keep_freed_memory
-from utils.checkpoint import CheckpointError
-from utils.config import ConfigError
+from utils.cli import add_debug_flag, add_eval_flags, run_main
+from utils.errors import InputError
 from utils.runs import write_json_atomic
 from utils.runtime import select_device
 
-# The headline figures of the benchmark: (key in the metric dict, column label).
-HEADLINE = (("accuracy", "Accuracy"), ("f1_macro", "Macro-F1"), ("dice", "Dice"), ("iou", "IoU"))
+HEADLINE = HEADLINE_FIGURES  # the figures of the benchmark: (key in the metric dict, column label)
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def summarise(clean: dict, shifted: dict, severities: Sequence[str], reference: Optional[dict] = None) -> dict:
+def suite_summary(clean: dict, shifted: dict, severities: Sequence[str], reference: Optional[dict] = None) -> dict:
     """Suite means, drops from clean and corruption errors from per-shift, per-severity headline figures.
 
     `clean`: {metric: value}; `shifted`: {shift: {severity: {metric: value}}}; `reference`: another shift.json.
@@ -87,11 +87,8 @@ def shift_table(result: dict) -> str:
         rows += [(name, s, values) for s, values in by_sev.items()]
     rows += [("mean over shifts", s, values) for s, values in result["mean_by_severity"].items()]
     rows += [("mean over suite", "all", result["mean"]), ("drop from clean", "all", result["drop"])]
-    header = ["shift", "severity", *labels]
     cells = [[name, str(s), *(f"{100 * values[k]:.2f}" for k in keys)] for name, s, values in rows]
-    widths = [max(len(r[i]) for r in cells + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+    return markdown_table(["shift", "severity", *labels], cells, pad=True)
 
 
 def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
@@ -99,11 +96,11 @@ def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
     `severity` and over all severities, and the relative mCE, in percent."""
     header = ["run", "intensity norm", "MRI augmentation", "clean acc", "clean Dice", f"sev {severity} acc",
               f"sev {severity} Dice", "suite acc", "suite Dice", "rel. mCE acc", "rel. mCE Dice"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for path in paths:
         r = json.loads(Path(path).read_text(encoding="utf-8"))
         if severity not in r["mean_by_severity"]:
-            raise ValueError(f"'{path}' has no severity {severity} (it has {', '.join(r['severities'])})")
+            raise InputError(f"'{path}' has no severity {severity} (it has {', '.join(r['severities'])})")
         name = Path(r["checkpoint"]).resolve().parent.parent.name
         sev = r["mean_by_severity"][severity]
         cells = [r["clean"]["accuracy"], r["clean"]["dice"], sev["accuracy"], sev["dice"], r["mean"]["accuracy"],
@@ -112,9 +109,19 @@ def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
         for key, p in r.get("mri_augment", {}).items():
             by_p.setdefault(p, []).append(key.removeprefix("p_").removeprefix("mri_"))
         augment = "; ".join(f"{', '.join(names)} at {p:g}" for p, names in by_p.items())
-        row = [name, r["intensity_norm"], augment or "none", *(f"{100 * c:.2f}" for c in cells)]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        lines.append([name, r["intensity_norm"], augment or "none", *(f"{100 * c:.2f}" for c in cells)])
+    return markdown_table(header, lines)
+
+
+def severity(text: str) -> float:
+    """argparse type: a severity in (0, MAX_SEVERITY]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= MAX_SEVERITY:
+        raise argparse.ArgumentTypeError(f"expected a severity in (0, {MAX_SEVERITY:g}], got {text}")
+    return value
 
 
 def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[str] = SHIFT_NAMES,
@@ -128,7 +135,7 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
 
     for s in severities:
         if not 0.0 < float(s) <= MAX_SEVERITY:
-            raise ValueError(f"severity {s} is outside (0, {MAX_SEVERITY:g}]")
+            raise InputError(f"severity {s} is outside (0, {MAX_SEVERITY:g}]")
     reference_result = json.loads(Path(reference).read_text(encoding="utf-8")) if reference else None
     device = select_device(device_name)
     model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
@@ -162,7 +169,7 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
                             for n in shifts},
         "clean": clean, "shifted": shifted,
     }
-    result.update(summarise(clean, shifted, labels, reference_result))
+    result.update(suite_summary(clean, shifted, labels, reference_result))
     if reference:
         result["reference"] = str(reference)
     out_dir = Path(out_dir) if out_dir else run_dir / f"shift_{split}"
@@ -180,49 +187,38 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="best.pth / last.pth of a run")
+    add_eval_flags(parser, split_default="val", checkpoint_required=False)
     parser.add_argument("--compare", nargs="+", type=Path, metavar="SHIFT_JSON",
                         help="instead of scoring: one table row per shift.json (run name = its run folder)")
-    parser.add_argument("--split", default="val", choices=["val", "test", "train"],
-                        help="val: the run's validation split (split.json); test: the release's test split")
     parser.add_argument("--shifts", nargs="+", default=list(SHIFT_NAMES), choices=SHIFT_NAMES, metavar="SHIFT",
                         help=f"shifts to apply (default: all of {', '.join(SHIFT_NAMES)})")
-    parser.add_argument("--severities", nargs="+", type=float, default=list(SEVERITIES),
+    parser.add_argument("--severities", nargs="+", type=severity, default=list(SEVERITIES),
                         help="severities in (0, 3]; 1-3 are the suite's levels, others interpolate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shifts' random parts")
     parser.add_argument("--reference", type=Path, default=None,
                         help="another checkpoint's shift.json: normalise the corruption errors by its own")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/shift_<split>)")
-    parser.add_argument("--data-root", default=None, help="dataset root, if not the one the run trained on")
-    parser.add_argument("--threshold", type=float, default=None, help="segmentation threshold (default: config)")
-    parser.add_argument("--tta", action="store_true", help="average the prediction with its horizontal flip")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.compare is None):
+        parser.error("give --checkpoint (score a run) or --compare (tabulate shift.json files)")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Score a run under the shifts, or tabulate shift.json files; a mistake raises a `UserError` (run_main)."""
     args = parse_args(argv)
-    if (args.checkpoint is None) == (args.compare is None):
-        print("error: give --checkpoint (score a run) or --compare (tabulate shift.json files)", file=sys.stderr)
-        return 2
-    try:
-        if args.compare:
-            print(compare_table(args.compare))
-            return 0
-        run_shift_benchmark(args.checkpoint, args.split, args.shifts, args.severities, args.seed, args.out,
-                            args.device, args.batch_size, args.num_workers, not args.no_ema, args.threshold,
-                            args.tta, args.data_root, args.reference, show_progress=not args.no_progress)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.compare:
+        print(compare_table(args.compare))
+        return 0
+    run_shift_benchmark(args.checkpoint, args.split, args.shifts, args.severities, args.seed, args.out,
+                        args.device, args.batch_size, args.num_workers, not args.no_ema, args.threshold,
+                        args.tta, args.data_root, args.reference, show_progress=not args.no_progress)
     return 0
 
 
 if __name__ == "__main__":
     # CPU: large activations are reused instead of faulted in afresh at every batch (see utils/allocator.py)
     keep_freed_memory()
-    sys.exit(main())
+    sys.exit(run_main(main))

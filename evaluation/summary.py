@@ -5,6 +5,10 @@ import math
 from typing import Optional
 
 from evaluation.subsets import SUBSET_LABELS, SUBSETS
+from utils.tables import markdown_table
+
+# The headline figures of every comparison table (README results, shift benchmark, sweep, cv): (key, label).
+HEADLINE_FIGURES = (("accuracy", "Accuracy"), ("f1_macro", "Macro-F1"), ("dice", "Dice"), ("iou", "IoU"))
 
 # Figures in pixels (boundary distances; mm with a pixel spacing), printed as they are rather than as percentages.
 PIXEL_KEYS = ("hd95", "assd")
@@ -40,12 +44,13 @@ SUMMARY_ROWS = [
     ("num_images", "Images", "count"),
     ("num_tumour_images", "Images with tumour", "count"),
 ]
+# Every figure key of a metrics.json, in the order of the summary (with the test loss).
+FIGURE_KEYS = tuple(key for key, _, _ in SUMMARY_ROWS if not key.startswith("num_")) + ("loss",)
 
 
 def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    """A console table, columns padded (`utils.tables.markdown_table`)."""
+    return markdown_table(header, rows, pad=True)
 
 
 def format_value(key: str, figures: dict, interval: Optional[list] = None) -> str:
@@ -94,3 +99,35 @@ def summary_table(subsets: dict[str, dict], headline: str, distance_unit: str = 
         cells = [format_value(key, subsets[n], (subsets[n].get("ci95") or {}).get(key)) for n in names]
         rows.append((label.replace("(pixels)", "(mm)") if distance_unit == "mm" else label, *cells, over))
     return format_table(rows, header)
+
+
+def print_summary(results: dict, bootstrap: bool) -> None:
+    """The leak check, the side-by-side subset table and the calibration line of a results dict."""
+    headline, leak_info = results["headline_subset"], results["leak_check"]
+    if leak_info.get("applied"):
+        kinds = f"; {leak_info['num_exact']} identical, {leak_info['num_near']} near-identical" \
+            if "num_exact" in leak_info else ""
+        print(f"leak check against {leak_info['against']}: {leak_info['num_leaked']} of "
+              f"{results['subsets']['all']['num_images']} images share content with training images{kinds} "
+              "(listed in metrics.json)")
+    print(f"headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
+          + ("; [95 % bootstrap interval]" if bootstrap else ""))
+    print(summary_table(results["subsets"], headline, results.get("distance_unit", "px")))
+    gating = results["subsets"][headline].get("mask_gating")
+    if gating:
+        ungated, gated = gating["ungated"], gating["gated"]
+        print(f"class-mask agreement ({SUBSET_LABELS[headline]}): masks {'gated' if gating['applied'] else 'not gated'}"
+              f" (eval.gate_masks / --gate-masks); contradiction rate {_pct(ungated['contradiction_rate'])} without "
+              f"gating, {_pct(gated['contradiction_rate'])} with; empty-mask false positives "
+              f"{_pct(ungated['empty_fp_rate'])} / {_pct(gated['empty_fp_rate'])}; Dice {_pct(ungated['dice'])} / "
+              f"{_pct(gated['dice'])}")
+    calibration, temperature = results["calibration"], results["temperature"]
+    if calibration is None:  # a segmentation-only run
+        return
+    print(f"calibration ({SUBSET_LABELS[headline]}): ECE {100 * calibration['ece']:.2f} %, NLL "
+          f"{calibration['nll']:.4f}" + (f" at temperature {temperature:.3f} (uncalibrated ECE "
+                                         f"{100 * calibration['ece_uncalibrated']:.2f} %)" if temperature else ""))
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"

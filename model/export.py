@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 
 from utils.config import Config
+from utils.cli import add_debug_flag, add_eval_flags, int_at_least, non_negative_int, positive_float, positive_int, run_main
+from utils.errors import InputError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 DEFAULT_OPSET = 17
@@ -215,29 +217,27 @@ def check_inputs(in_channels: int, height: int, width: int, batch: int, dynamic:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="best.pth / last.pth of a run")
+    add_eval_flags(parser, ("checkpoint", "no_ema", "batch_size"), batch_default=1)
     parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="file format to write")
     parser.add_argument("--out", type=Path, default=None,
                         help="output file (default: next to the checkpoint, <name>.onnx or <name>.pt)")
     parser.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
                         help="dynamic batch size and image size (default); --no-dynamic fixes them (ONNX only)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
-    parser.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
+    parser.add_argument("--opset", type=int_at_least(7), default=DEFAULT_OPSET, help="ONNX opset version (>= 7)")
+    parser.add_argument("--image-size", type=int_at_least(32), nargs="+", default=None, metavar="PX",
                         help="H [W] of the example input, the fixed shape with --no-dynamic and the timed input "
                              "(default: the config's data.image_size)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch of the example and timed input")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference from PyTorch")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights were saved")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch and ONNX Runtime (0: default)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs (the median is reported)")
+    parser.add_argument("--atol", type=positive_float, default=1e-4, help="largest accepted difference from PyTorch")
+    parser.add_argument("--threads", type=non_negative_int, default=0,
+                        help="CPU threads for PyTorch and ONNX Runtime (0: default)")
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed runs before timing")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed runs (the median is reported)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.format == "torchscript" and not args.dynamic:
         parser.error("--no-dynamic applies to ONNX only: a traced TorchScript module takes any batch and image size")
-    if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) < 32):
+    if args.image_size is not None and len(args.image_size) > 2:
         parser.error("--image-size takes H or H W, each >= 32 pixels")
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.opset < 7 or args.atol <= 0:
-        parser.error("--batch-size and --repeats must be >= 1, --warmup >= 0, --opset >= 7 and --atol > 0")
     return args
 
 
@@ -283,16 +283,33 @@ def run_export(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Export, check and time; a bad checkpoint or a failed export check is one line `error: ...` (run_main)."""
     args = parse_args(argv)
-    from utils.checkpoint import CheckpointError
-
     try:
         run_export(args)
-    except (CheckpointError, ExportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ExportError as exc:
+        raise InputError(str(exc)) from exc
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
+
+
+class RuntimeMismatchError(ExportError):
+    """An exported (or quantised) file whose outputs do not agree with PyTorch's within the tolerance."""
+
+
+def output_agreement(reference: dict, produced: dict) -> dict:
+    """How far `produced` is from `reference` (dicts of cls / seg logits): max |difference| per output, class
+    agreement (same argmax) and mask agreement (same side of logit 0, i.e. probability 0.5), for reports."""
+    figures: dict = {}
+    for name in reference:
+        a = reference[name].detach().float().cpu().numpy()
+        b = produced[name].detach().float().cpu().numpy()
+        figures[f"{name}_max_abs_diff"] = float(np.max(np.abs(a - b))) if a.size else 0.0
+        if name == "cls":
+            figures["class_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
+        else:
+            figures["mask_pixel_agreement"] = float(np.mean((a >= 0) == (b >= 0)))
+    return figures

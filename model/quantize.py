@@ -30,6 +30,7 @@ import torch.nn as nn
 from utils.errors import InputError
 
 from . import export
+from .export import RuntimeMismatchError, output_agreement
 
 INT8_MAX_RELATIVE_ERROR = 0.25  # of the reference logits' range (max - min); a broken quantisation is far beyond
 CHECK_BATCHES = 4  # calibration batches compared with PyTorch after quantising
@@ -102,10 +103,9 @@ def quantize_checked(fp32_path: Path, out_path: Path, model: nn.Module, cfg, tas
                      precision: str, calibration: Optional[Iterable[torch.Tensor]] = None) -> dict:
     """Quantise, then compare the INT8 file with PyTorch (`model`) on check inputs; the record's parity figures.
 
-    Raises model.runtime.RuntimeMismatchError (and removes the file) when an output is not finite or differs by
+    Raises model.export.RuntimeMismatchError (and removes the file) when an output is not finite or differs by
     more than INT8_MAX_RELATIVE_ERROR of the reference range.
     """
-    from .runtime import RuntimeMismatchError, output_agreement
 
     batches = list(calibration) if calibration is not None else None
     pending = out_path.with_name(f".{out_path.stem}.tmp{os.getpid()}{out_path.suffix}")

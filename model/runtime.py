@@ -35,13 +35,13 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from utils.errors import InputError
 
 from . import export
+from .export import RuntimeMismatchError, output_agreement  # noqa: F401 (part of this module's API)
 from .loading import load_model_from_checkpoint
 from .registry import model_tasks
 
@@ -52,10 +52,6 @@ EXPORT_ATOL = 1e-4  # fp32 exports reproduce PyTorch to about 1e-6 on these mode
 DEFAULT_PIXEL_BUDGET = 2 * 512 * 512
 CACHE_VERSION = 1  # bump when what a cached file holds changes
 Forward = Callable[[torch.Tensor], dict]
-
-
-class RuntimeMismatchError(export.ExportError):
-    """An exported (or quantised) file whose outputs do not agree with PyTorch's within the tolerance."""
 
 
 # ------------------------------------------------------------------------------------------ batching
@@ -333,18 +329,3 @@ def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device:
             raise RuntimeMismatchError(str(exc)) from exc
     return Predictor(forward, runtime, precision, tasks, device, pixel_budget, keep_memory,
                      info=dict(record, path=str(path)))
-
-
-def output_agreement(reference: dict, produced: dict) -> dict:
-    """How far `produced` is from `reference` (dicts of cls / seg logits): max |difference| per output, class
-    agreement (same argmax) and mask agreement (same side of logit 0, i.e. probability 0.5), for reports."""
-    figures: dict = {}
-    for name in reference:
-        a = reference[name].detach().float().cpu().numpy()
-        b = produced[name].detach().float().cpu().numpy()
-        figures[f"{name}_max_abs_diff"] = float(np.max(np.abs(a - b))) if a.size else 0.0
-        if name == "cls":
-            figures["class_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
-        else:
-            figures["mask_pixel_agreement"] = float(np.mean((a >= 0) == (b >= 0)))
-    return figures

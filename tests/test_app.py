@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from datasets.errors import DataError
-from evaluation import demo
-from evaluation.folder import predict_image
+from prediction import demo
+from prediction.folder import predict_image
 from model import build_model
 from model.loading import load_model_from_checkpoint, model_kwargs
 from tests.helpers import REPO

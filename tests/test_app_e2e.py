@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import pytest
 
-from evaluation import demo
-from evaluation.folder import predict_image
+from prediction import demo
+from prediction.folder import predict_image
 from model.loading import load_model_from_checkpoint
 from tests.helpers import REPO
 from tests.test_app import save_test_checkpoint

@@ -98,11 +98,11 @@ def test_metrics_join_table_and_radar(tmp_path: Path, capsys):
     benchmark.join_metrics(rows, metrics)
     env = {"device": "CPU", "device_name": "test cpu", "torch": "x", "torch_threads": 1, "image_sizes": [64],
            "precision": ["fp32"], "channels_last": False, "compiled": False, "repeats": 2, "warmup": 1}
-    table = benchmark.markdown_table(rows, env, with_metrics=True)
+    table = benchmark.render_table(rows, env, with_metrics=True)
     row_a = next(line for line in table.splitlines() if line.startswith("| a |"))
     row_b = next(line for line in table.splitlines() if line.startswith("| b |"))
     assert "98.75" in row_a and "85.00" in row_a and "80.00" in row_a
-    assert row_b.count("n/a") == 4  # peak memory on a CPU, mIoU, Dice, F1
+    assert row_b.count("n/a") == 5  # peak memory on a CPU, macro-F1, Dice, IoU, mIoU
     benchmark.draw_radar(rows, tmp_path / "radar.png", with_metrics=True)
     assert (tmp_path / "radar.png").stat().st_size > 10_000
 

@@ -209,7 +209,7 @@ def test_efficientnet_b0_cls_trains_and_tests_without_segmentation_figures(tiny_
     assert not any(key.startswith(("train/seg", "val/dice", "val/iou")) for key in history[0])
     assert "frozen parameters" in (run_dir / "train.log").read_text()
 
-    from evaluation.report import TestOptions, run_test
+    from evaluation.pipeline import TestOptions, run_test
 
     out = tmp_path / "test_out"
     options = TestOptions(checkpoint=run_dir / "best.pth", out_dir=out, num_workers=0, tta=True, show_progress=False)
@@ -225,7 +225,7 @@ def test_efficientnet_b0_cls_trains_and_tests_without_segmentation_figures(tiny_
     with pytest.raises(ConfigError, match="--tune-threshold.*no segmentation output"):
         run_test(options)
 
-    from evaluation.folder import predict_folder
+    from prediction.folder import predict_folder
 
     folder = copy_test_images(tiny_brisc, tmp_path / "unlabelled")
     predict_folder(run_dir / "best.pth", folder, tmp_path / "pred")

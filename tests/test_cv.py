@@ -6,7 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
-from engine.cv import main, summarise
+from engine.cv import main
+from utils.tables import summarise
 from tests.helpers import REPO, run_entry
 from utils.cli import run_main
 
@@ -33,7 +34,9 @@ def test_cv_trains_every_fold_and_writes_one_table(tiny_brisc, tmp_path):
     with open(out / "cv_folds.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["fold"] for r in rows] == ["0", "1", "mean", "std"]
-    folds = [json.loads((Path(r["run_dir"]) / "best_val.json").read_text()) for r in rows[:2]]
+    # each fold scored on its validation fold by test.py's pipeline (metrics.json in the fold's run folder)
+    folds = [json.loads(next(Path(r["run_dir"]).glob("test_val*/metrics.json")).read_text()) for r in rows[:2]]
+    assert all(f["split"] == "val" and f["resolution"] == "native" for f in folds)
     accuracy = [f["accuracy"] for f in folds]
     assert abs(float(rows[2]["accuracy"]) - statistics.mean(accuracy)) < 1e-5
     assert abs(float(rows[3]["accuracy"]) - statistics.stdev(accuracy)) < 1e-5

@@ -22,7 +22,7 @@ from evaluation.calibration import expected_calibration_error, fit_temperature, 
 from evaluation.conventions import check_comparable, output_folder_name, setting_label, setting_of
 from evaluation.metrics import MultiTaskMetrics
 from evaluation.native import NativeCounts
-from evaluation import report
+from evaluation import pipeline
 from evaluation.subsets import PerImage, excluded_list, per_image_overlap, subset_figures, subset_indices
 from evaluation.summary import format_value, summary_table
 from tests.helpers import SHARED_BRISC
@@ -139,7 +139,7 @@ def test_native_counts_undo_the_letterbox(tmp_path: Path):
 def test_threshold_tuning_picks_the_best_native_dice():
     # (N images, 2 candidates, TP FP FN TN): A is perfect at 0.3, B at 0.7; C has no tumour (not averaged).
     counts = np.array([[[10, 0, 0, 90], [5, 0, 5, 90]], [[8, 2, 0, 90], [8, 0, 0, 92]], [[0, 3, 0, 97], [0, 0, 0, 100]]])
-    best, scores = report.tune_threshold(counts, np.array([True, True, True]), [0.3, 0.7])
+    best, scores = pipeline.tune_threshold(counts, np.array([True, True, True]), [0.3, 0.7])
     assert scores[0.3] == pytest.approx((1 + 16 / 18) / 2) and scores[0.7] == pytest.approx((10 / 15 + 1) / 2)
     assert best == 0.3
 
@@ -279,10 +279,10 @@ def test_output_folder_names_never_collide_and_default_stays_put():
 def test_tuning_or_calibrating_on_the_scored_split_is_refused():
     for flags in ({"tune_threshold": True}, {"calibrate": True}):
         with pytest.raises(ConfigError, match="--split val"):
-            report.check_options(report.TestOptions(checkpoint=Path("x.pth"), split="val", **flags))
-        report.check_options(report.TestOptions(checkpoint=Path("x.pth"), split="test", **flags))
+            pipeline.check_options(pipeline.TestOptions(checkpoint=Path("x.pth"), split="val", **flags))
+        pipeline.check_options(pipeline.TestOptions(checkpoint=Path("x.pth"), split="test", **flags))
     with pytest.raises(ConfigError, match="--subset"):
-        report.check_options(report.TestOptions(checkpoint=Path("x.pth"), subset="leaked"))
+        pipeline.check_options(pipeline.TestOptions(checkpoint=Path("x.pth"), subset="leaked"))
 
 
 def test_settings_of_old_and_new_metrics_files_and_mixing_refused():
@@ -318,7 +318,7 @@ def test_summary_table_shows_subsets_side_by_side_with_intervals():
 
 
 def test_results_rows_name_their_setting_and_refuse_mixed_conventions(tmp_path: Path, capsys):
-    from evaluation import results
+    from evaluation import readme_table as results
 
     for name, metrics in (("a", {"split": "test", "headline_subset": "leak_free", "resolution": "native"}),
                           ("b", {"split": "test", "headline_subset": "all", "resolution": "native"})):

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from utils.cli import run_main
 import torch
 
 import benchmark
@@ -113,7 +115,7 @@ def test_an_export_that_does_not_reproduce_pytorch_is_an_error_and_removed(tmp_p
     earlier = tmp_path / "best.pt"
     earlier.write_bytes(b"an earlier export")
     monkeypatch.setattr(export, "load_runner", drifting_runner)
-    assert export.main(["--checkpoint", str(ckpt), "--format", "torchscript"]) == 2
+    assert run_main(export.main, ["--checkpoint", str(ckpt), "--format", "torchscript"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the torchscript file does not reproduce PyTorch") and "\n" not in err
     assert earlier.read_bytes() == b"an earlier export"  # neither replaced by the bad file nor deleted
@@ -132,7 +134,7 @@ def test_bad_checkpoint_or_format_gives_one_line(tmp_path: Path, capsys) -> None
     truncated.write_bytes(_checkpoint(tmp_path / "whole.pth").read_bytes()[:100_000])
     for bad, says in ((broken, f"error: '{broken}' is not a PyTorch checkpoint"),
                       (truncated, f"error: checkpoint '{truncated}' is not a complete torch.save archive")):
-        assert export.main(["--checkpoint", str(bad), "--format", "onnx"]) == 2
+        assert run_main(export.main, ["--checkpoint", str(bad), "--format", "onnx"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(says) and "\n" not in err
         assert not bad.with_suffix(".onnx").exists()
@@ -140,7 +142,7 @@ def test_bad_checkpoint_or_format_gives_one_line(tmp_path: Path, capsys) -> None
     foreign = torch.load(_checkpoint(tmp_path / "other.pth"), weights_only=True)
     foreign["config"]["model"]["name"] = "efficient_mtnet_v9"  # saved by a version with another model
     atomic_save(foreign, tmp_path / "foreign.pth")
-    assert export.main(["--checkpoint", str(tmp_path / "foreign.pth"), "--format", "onnx"]) == 2
+    assert run_main(export.main, ["--checkpoint", str(tmp_path / "foreign.pth"), "--format", "onnx"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: checkpoint '{tmp_path / 'foreign.pth'}' holds a model this version cannot build")
     assert "'efficient_mtnet_v9' is not a registered model" in err and "\n" not in err

@@ -1,4 +1,4 @@
-"""Scoring a BRISC-trained checkpoint on another dataset's layout (evaluation/external.py, test.py --data-format)
+"""Scoring a BRISC-trained checkpoint on another dataset's layout (evaluation/sources.py, test.py --data-format)
 and the cross-dataset duplicate check (datasets/cross_dataset_copies.py, python -m datasets.check ROOT --against OTHER)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from datasets.synthetic import generate
 from evaluation.bootstrap import bootstrap_intervals
 from evaluation.labels import label_figures, label_intervals, label_space, parse_class_map
 from evaluation.subsets import PerImage
-from evaluation import report
+from evaluation import pipeline
 from utils.cli import run_main
 from tests.helpers import save_untrained_checkpoint
 from utils.config import ConfigError
@@ -128,7 +128,7 @@ def test_label_intervals_agree_with_the_test_py_bootstrap():
 
 # --------------------------------------------------------------------------------------------- test.py runs
 def test_coarse_imagefolder_run_excludes_planted_copies(checkpoint, folders, capsys):
-    results = report.run_test(report.TestOptions(checkpoint=checkpoint, data_root=str(folders),
+    results = pipeline.run_test(pipeline.TestOptions(checkpoint=checkpoint, data_root=str(folders),
                                                  data_format="imagefolder", class_map=COARSE_MAP, num_workers=0,
                                                  bootstrap=20, show_progress=False))
     out = checkpoint.parent / "test_ext_folders_test"
@@ -164,8 +164,8 @@ def test_pairs_run_has_no_class_figures_and_boundaries_in_mm(checkpoint, tmp_pat
     root = generate_layout(tmp_path / "pairs", "pairs", 4, 8, seed=19, verbose=False)
     common = dict(checkpoint=checkpoint, data_root=str(root), data_format="pairs", data_opts=["data.mask_suffix=_mask"],
                   num_workers=0, bootstrap=0, show_progress=False)
-    pixels = report.run_test(report.TestOptions(out_dir=tmp_path / "px", **common))
-    mm = report.run_test(report.TestOptions(out_dir=tmp_path / "mm", spacing=[2.0, 2.0], **common))
+    pixels = pipeline.run_test(pipeline.TestOptions(out_dir=tmp_path / "px", **common))
+    mm = pipeline.run_test(pipeline.TestOptions(out_dir=tmp_path / "mm", spacing=[2.0, 2.0], **common))
     assert "classification" in pixels["absent_figures"]
     assert not {"accuracy", "f1_macro", "confusion_matrix", "balanced_accuracy"} & set(pixels["subsets"]["all"])
     assert pixels["dice"] is not None and pixels["num_images"] == 2  # 20 % of 12 pairs
@@ -215,7 +215,7 @@ def test_cross_root_check_finds_the_planted_copies(tiny_brisc, folders, tmp_path
 
 def test_own_classes_on_an_imagefolder_set_score_as_test_py(checkpoint, tmp_path):
     root = generate_layout(tmp_path / "kaggle", "imagefolder", 4, 8, seed=23, verbose=False)  # Kaggle folder names
-    results = report.run_test(report.TestOptions(checkpoint=checkpoint, data_root=str(root), data_format="imagefolder",
+    results = pipeline.run_test(pipeline.TestOptions(checkpoint=checkpoint, data_root=str(root), data_format="imagefolder",
                                                  out_dir=tmp_path / "out", num_workers=0, bootstrap=0,
                                                  show_progress=False, subset="all"))
     assert results["label_space"]["scoring"] == "model classes" and results["num_images"] == 8
@@ -228,7 +228,7 @@ def test_own_classes_on_an_imagefolder_set_score_as_test_py(checkpoint, tmp_path
 
 def test_the_training_root_itself_is_all_overlap(checkpoint, tiny_brisc, tmp_path):
     """The same files count as copies across datasets (within one dataset a file is never its own leak)."""
-    results = report.run_test(report.TestOptions(checkpoint=checkpoint, data_root=str(tiny_brisc), data_format="brisc",
+    results = pipeline.run_test(pipeline.TestOptions(checkpoint=checkpoint, data_root=str(tiny_brisc), data_format="brisc",
                                                  out_dir=tmp_path / "self", num_workers=0, bootstrap=0,
                                                  show_progress=False))
     leak = results["leak_check"]
@@ -239,7 +239,7 @@ def test_the_training_root_itself_is_all_overlap(checkpoint, tiny_brisc, tmp_pat
 
 def test_in_domain_boundaries_in_mm_with_a_spacing(checkpoint, tmp_path):
     common = dict(checkpoint=checkpoint, num_workers=0, bootstrap=0, show_progress=False, subset="all")
-    pixels = report.run_test(report.TestOptions(out_dir=tmp_path / "px", **common))
-    mm = report.run_test(report.TestOptions(out_dir=tmp_path / "mm", spacing=[0.5, 0.5], **common))
+    pixels = pipeline.run_test(pipeline.TestOptions(out_dir=tmp_path / "px", **common))
+    mm = pipeline.run_test(pipeline.TestOptions(out_dir=tmp_path / "mm", spacing=[0.5, 0.5], **common))
     assert (pixels["distance_unit"], mm["distance_unit"]) == ("px", "mm")
     assert mm["hd95"] == pytest.approx(0.5 * pixels["hd95"]) and mm["dice"] == pixels["dice"]

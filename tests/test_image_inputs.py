@@ -16,8 +16,8 @@ from datasets.decode import MIN_IMAGE_SIDE, DataError, ImageTooSmallError, decod
 from datasets.geometry import logits_to_original
 from datasets.index import index_split
 from datasets.transforms import load_image_for_inference
-from evaluation import folder as folder_module
-from evaluation.folder import predict_folder
+from prediction import folder as folder_module
+from prediction.folder import predict_folder
 from model import build_model
 from model.loading import model_kwargs
 from utils.checkpoint import atomic_save

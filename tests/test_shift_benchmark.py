@@ -10,7 +10,8 @@ import torch
 
 from datasets.factory import build_eval_dataset
 from datasets.mri_shifts import ShiftHook, apply_shift
-from evaluation.shift import HEADLINE, main, summarise
+from utils.cli import run_main
+from evaluation.shift import HEADLINE, main, suite_summary as summarise
 from tests.helpers import save_untrained_checkpoint
 from utils.config import load_config
 
@@ -24,7 +25,7 @@ def checkpoint(tiny_brisc, tmp_path_factory) -> Path:
 
 
 def test_clean_row_equals_test_py_and_outputs(checkpoint, tmp_path, capsys):
-    from evaluation.report import TestOptions, run_test
+    from evaluation.pipeline import TestOptions, run_test
 
     reference = run_test(TestOptions(checkpoint=checkpoint, split="test", out_dir=tmp_path / "test",
                                      num_workers=0, show_progress=False))
@@ -98,8 +99,11 @@ def test_summary_against_hand_computation():
 
 
 def test_bad_arguments_exit_2(checkpoint, capsys):
-    assert main(["--checkpoint", str(checkpoint), "--split", "test", "--severities", "4", "--no-progress"]) == 2
-    assert "error: severity 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # the range is declared in the parser
+        main(["--checkpoint", str(checkpoint), "--split", "test", "--severities", "4", "--no-progress"])
+    assert exc.value.code == 2 and "expected a severity in (0, 3], got 4" in capsys.readouterr().err
+    assert run_main(main, ["--checkpoint", str(checkpoint), "--reference", "missing.json", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
     with pytest.raises(SystemExit) as exc:
         main(["--checkpoint", str(checkpoint), "--shifts", "motion"])
     assert exc.value.code == 2
@@ -123,4 +127,6 @@ def test_compare_table_lists_each_run(tmp_path, capsys):
     assert rows[2].startswith("| base | imagenet | none | 90.00 | 70.00 | 80.00 | 50.00 | 80.00 | 50.00 | 10.00 "
                               "| 20.00")
     assert rows[3].startswith("| zscore | zscore | bias_field, gamma at 0.3; noise at 0.5 |")
-    assert main([]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2 and "give --checkpoint" in capsys.readouterr().err

@@ -136,7 +136,7 @@ def test_segmentation_only_run_trains_tests_and_tabulates_without_class_figures(
     assert not any(key.startswith(("train/cls", "val/accuracy", "val/f1", "val/precision")) for key in history[0])
     assert " acc " not in (run_dir / "train.log").read_text()
 
-    from evaluation.report import TestOptions, run_test
+    from evaluation.pipeline import TestOptions, run_test
 
     out = run_dir / "test_seg"
     run_test(TestOptions(checkpoint=run_dir / "best.pth", out_dir=out, num_workers=0, tta=True, bootstrap=50,
@@ -158,7 +158,7 @@ def test_segmentation_only_run_trains_tests_and_tabulates_without_class_figures(
         run_test(TestOptions(checkpoint=run_dir / "best.pth", out_dir=tmp_path / "cal", num_workers=0,
                              calibrate=True, show_progress=False))
 
-    from evaluation.folder import predict_folder
+    from prediction.folder import predict_folder
 
     folder = copy_test_images(tiny_brisc, tmp_path / "unlabelled")
     predict_folder(run_dir / "best.pth", folder, tmp_path / "pred")
@@ -166,7 +166,7 @@ def test_segmentation_only_run_trains_tests_and_tabulates_without_class_figures(
     assert len(lines) == 3 and lines[0] == "file,tumour_pixels,status,error"  # no class columns
     assert len(list((tmp_path / "pred" / "masks").iterdir())) == 2
 
-    from evaluation.results import main as results_main
+    from evaluation.readme_table import main as results_main
 
     assert results_main([str(run_dir), "--folder", "test_seg", "--threads", "1"]) == 0
     table = capsys.readouterr().out

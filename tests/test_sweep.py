@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.sweep import (Setting, _cell, aggregate, check_names, expand_grid, length_overrides, main, override_text,
-                          plan_runs, read_runs_file, render_markdown, split_values)
+from engine.sweep import length_overrides, main, plan_runs
+from engine.sweep_settings import Setting, check_names, expand_grid, override_text, read_runs_file, split_values
+from engine.sweep_table import format_cell as _cell, render_markdown, seed_summary as aggregate
 from model import build_model
 from model.loading import model_kwargs
 from tests.helpers import REPO
@@ -103,7 +104,7 @@ def test_aggregation_is_mean_and_sample_std_by_hand():
     rows = [{"setting": Setting("s", ["optim.lr=0.1"]), "seeds": [0, 1, 2], "done": results, "failed": [],
              "summary": summary, "params": 1_385_359, "gmacs": 0.0572}]
     table = render_markdown(rows, "t", "val")
-    row = "| s | `optim.lr=0.1` | 3/3 | 70.00 ± 26.46 | – | 70.00 ± 10.00 | 20.00 ± 10.00 | 1.385 | 0.057 |"
+    row = "| s | `optim.lr=0.1` | 3/3 | 70.00 ± 26.46 | – | 70.00 ± 10.00 | – | 20.00 ± 10.00 | 1.385 | 0.057 |"
     assert row in table
 
 

@@ -15,7 +15,7 @@ import train as train_entry
 from datasets import check as check_entry
 from datasets import synthetic as synthetic_entry
 from datasets.errors import DataError
-from evaluation import results as results_entry
+from evaluation import readme_table as results_entry
 from model import build_model, check_model_name, list_models
 from tests.helpers import REPO, run_entry
 from utils import runtime

@@ -93,3 +93,39 @@ def positive_float(text: str) -> float:
     if not 0.0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
+
+
+# The evaluation flags of test.py, `python -m evaluation.shift` and `python -m model.export`, declared once with
+# their ranges; each entry point takes the ones that apply to it.
+EVAL_FLAGS = ("checkpoint", "no_ema", "split", "data_root", "threshold", "tta", "device", "batch_size", "num_workers")
+
+
+def add_eval_flags(parser: argparse.ArgumentParser, flags: Sequence[str] = EVAL_FLAGS, split_default: str = "test",
+                   batch_default: Optional[int] = None, checkpoint_help: str = "best.pth / last.pth of a run",
+                   checkpoint_required: bool = True) -> None:
+    """Add the evaluation flags named in `flags` (a subset of EVAL_FLAGS), with their ranges, to `parser`."""
+    from pathlib import Path
+
+    unknown = set(flags) - set(EVAL_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown evaluation flags {sorted(unknown)}; known: {', '.join(EVAL_FLAGS)}")
+    declared = {
+        "checkpoint": (("--checkpoint",), dict(required=checkpoint_required, type=Path, help=checkpoint_help)),
+        "no_ema": (("--no-ema",), dict(action="store_true",
+                                       help="use the raw weights even if EMA weights were saved")),
+        "split": (("--split",), dict(default=split_default, choices=["test", "val", "train"],
+                                     help="test: the release's test split; val: the run's validation split "
+                                          f"(split.json); default {split_default}")),
+        "data_root": (("--data-root",), dict(default=None, help="dataset root, if not the one the run trained on")),
+        "threshold": (("--threshold",), dict(type=open_unit_float, default=None,
+                                             help="segmentation threshold, between 0 and 1 (default: config)")),
+        "tta": (("--tta",), dict(action="store_true", help="average the prediction with its horizontal flip")),
+        "device": (("--device",), dict(default="auto", help="auto | cpu | cuda | cuda:N")),
+        "batch_size": (("--batch-size",), dict(type=positive_int, default=batch_default,
+                                               help=f">= 1 (default: {batch_default or 'config'})")),
+        "num_workers": (("--num-workers",), dict(type=non_negative_int, default=None, help=">= 0 (default: config)")),
+    }
+    for name in EVAL_FLAGS:
+        if name in flags:
+            names, options = declared[name]
+            parser.add_argument(*names, **options)

@@ -11,7 +11,6 @@ rule engine itself lives in `utils/schema.py`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -542,7 +541,3 @@ def config_to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
-
-
-def copy_config(cfg: Config) -> Config:
-    return dataclasses.replace(config_from_dict(config_to_dict(cfg)))

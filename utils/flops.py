@@ -155,6 +155,13 @@ def thop_macs(model: nn.Module, x: torch.Tensor) -> float:
     return float(macs)
 
 
+def model_cost(model: nn.Module, in_channels: int, image_size: int) -> dict[str, float]:
+    """The one cost measurement of the project's tables: parameters and thop GMACs (batch 1, eval mode, at
+    `image_size` x `image_size`); FLOPs = 2 x MACs."""
+    x = torch.zeros(1, in_channels, image_size, image_size)
+    return {"params": count_parameters(model), "gmacs": thop_macs(model.eval(), x) / 1e9}
+
+
 def flop_counter_flops(model: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass (no autograd) counted by `torch.utils.flop_counter.FlopCounterMode`.
 

@@ -1,7 +1,7 @@
 """The web demo's logic (app.py draws the page): checkpoints to offer, example slices, reading an upload,
 and what is shown for one prediction (overlay, tumour share of the head, Grad-CAM, the JSON record).
 
-The prediction itself is `evaluation.folder.predict_image`, the function `test.py --input` uses, so a slice
+The prediction itself is `prediction.folder.predict_image`, the function `test.py --input` uses, so a slice
 gets the same class, probabilities and mask on the page as from the command line.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from datasets.decode import decode_grey_buffer
 from datasets.errors import DataError
 from datasets.geometry import logits_to_original
 from datasets.naming import CLASS_NAMES, format_name
-from evaluation.folder import ImagePrediction
+from prediction.folder import ImagePrediction
 
 MAX_PIXELS = 40_000_000  # uploads above 40 megapixels are refused before they are decoded
 HEAD_THRESHOLD = 20  # grey level (of 255) above which a pixel counts as head, the denominator of the tumour share

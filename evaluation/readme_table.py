@@ -1,8 +1,8 @@
 """The README's results table, regenerated from runs: `test.py` outputs plus measured size, compute and latency.
 
-    python -m evaluation.results runs/brisc_cpu/latest runs/mobilenetv2_unet_cpu/latest --split val
-    python -m evaluation.results runs/*/latest --split test --readme README.md    # rewrite the README's table
-    python -m evaluation.results runs/*/latest --folder test_test_tta             # another test.py setting
+    python -m evaluation.readme_table runs/brisc_cpu/latest runs/mobilenetv2_unet_cpu/latest --split val
+    python -m evaluation.readme_table runs/*/latest --split test --readme README.md    # rewrite the README's table
+    python -m evaluation.readme_table runs/*/latest --folder test_test_tta             # another test.py setting
 
 Each run directory must hold `config.yaml`, `history.json` and `test_<split>/metrics.json` (written by
 `python test.py --checkpoint RUN/best.pth --split <split>`; other settings write other folders, chosen with
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 from pathlib import Path
@@ -26,22 +25,13 @@ from model.loading import model_kwargs
 from utils.cli import add_debug_flag, positive_int, run_main
 from utils.config import load_config
 from utils.errors import InputError
-from utils.flops import latency_summary, thop_macs, time_forward
+from utils.flops import cpu_name, latency_summary, model_cost, time_forward
 from evaluation.conventions import check_comparable, setting_label, setting_of
 from evaluation.subsets import SUBSET_LABELS
-from evaluation.summary import format_value
+from evaluation.summary import HEADLINE_FIGURES, format_value
+from utils.tables import markdown_table
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def measure_model(cfg, threads: int, repeats: int = 30) -> dict:
@@ -55,8 +45,7 @@ def measure_model(cfg, threads: int, repeats: int = 30) -> dict:
         latency = latency_summary(time_forward(model, x, warmup=5, repeats=repeats), 1)["latency_ms"]
     finally:
         torch.set_num_threads(previous)
-    return {"params": sum(p.numel() for p in model.parameters()), "gmacs": thop_macs(model, x) / 1e9,
-            "latency_ms": latency}
+    return {**model_cost(model, cfg.data.in_channels, size), "latency_ms": latency}
 
 
 def run_row(run_dir: Path, folder: str) -> dict:
@@ -104,7 +93,7 @@ def test_command(run: str, setting: dict) -> str:
     return f"python test.py --checkpoint {run}/best.pth " + " ".join(flags)
 
 
-GROUP_KEYS = (("accuracy", "accuracy"), ("f1_macro", "macro-F1"), ("dice", "Dice tumour"), ("iou", "IoU tumour"))
+GROUP_KEYS = HEADLINE_FIGURES
 
 
 def render(rows: list[dict], split: str, threads: int) -> str:
@@ -116,7 +105,7 @@ def render(rows: list[dict], split: str, threads: int) -> str:
     header += [f"{label} ({SUBSET_LABELS[g]})" for g in groups for _, label in GROUP_KEYS]
     header += [f"Dice global ({hl})", f"Dice 2-class ({hl})", f"mIoU 2-class ({hl})", f"Dice train-res. ({hl})",
                "epochs", "train wall-clock (min)", "train img/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    cells_of = []
     for r in rows:
         m = r["metrics"]
         cells = [r["name"], f"{r['params'] / 1e6:.3f}", f"{r['gmacs']:.3f}", f"{r['latency_ms']:.1f}",
@@ -124,14 +113,12 @@ def render(rows: list[dict], split: str, threads: int) -> str:
         cells += [cell(subset_of(m, g), key) for g in groups for key, _ in GROUP_KEYS]
         cells += [cell(m, "dice_global"), cell(m, "dice_2class"), cell(m, "miou_2class"), cell(m, "dice_train_res"),
                   str(r["epochs"]), f"{r['minutes']:.1f}", f"{r['train_img_s']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells_of.append(cells)
+    lines = [markdown_table(header, cells_of)]
     classes = ["glioma", "meningioma", "no_tumor", "pituitary"]
-    per_class = ["", f"Per class ({split} split, {hl}): recall / F1, %", "",
-                 "| model | " + " | ".join(classes) + " |", "|" + "|".join(["---"] * (len(classes) + 1)) + "|"]
-    for r in rows:
-        m = r["metrics"]
-        cells = [f"{cell(m, f'recall_{c}')} / {cell(m, f'f1_{c}')}" for c in classes]
-        per_class.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    per_class = ["", f"Per class ({split} split, {hl}): recall / F1, %", "", markdown_table(
+        ["model", *classes], [[r["name"], *(f"{cell(r['metrics'], f'recall_{c}')} / {cell(r['metrics'], f'f1_{c}')}"
+                                            for c in classes)] for r in rows])]
     first = rows[0]
     counts = ", ".join(f"{SUBSET_LABELS[g]} {subset_of(first['metrics'], g).get('num_images', '–')}"
                        for g in ("all", "leak_free", "leaked"))
@@ -186,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         row.update(measure_model(row["cfg"], args.threads))
     split = rows[0]["setting"]["split"]
     table = render(rows, split, args.threads)
-    regenerate = ("Regenerate: `python -m evaluation.results " + " ".join(r["run"] for r in rows)
+    regenerate = ("Regenerate: `python -m evaluation.readme_table " + " ".join(r["run"] for r in rows)
                   + f" --split {split}" + (f" --folder {folder}" if args.folder else "") + " --readme README.md`")
     table += "\n\n" + regenerate
     print(table)

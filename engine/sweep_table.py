@@ -1,0 +1,114 @@
+"""The tables of a sweep (`engine.sweep`): sweep.md, sweep.csv and sweep.png, one row per setting with the mean ±
+sample std over its finished seeds (one seed: its value and test.py's 95 % bootstrap interval)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Sequence
+
+from evaluation.summary import HEADLINE_FIGURES
+from utils.tables import markdown_table, summarise
+
+# the figures of a sweep's table: the headline figures (percent) and the boundary distance
+FIGURES = (*((key, f"{label} %") for key, label in HEADLINE_FIGURES), ("hd95", "HD95 px"))
+TRAINING = ("train_img_s", "epochs", "train_min")
+
+
+def seed_summary(results: Sequence[dict]) -> dict[str, tuple[float, float]]:
+    """{figure: (mean, sample std)} over the finished seeds of one setting (a figure missing in a seed is left out)."""
+    numeric = [{"run_dir": r.get("run_dir", ""),
+                **{k: float(r[k]) for k in (*(key for key, _ in FIGURES), *TRAINING)
+                   if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)}} for r in results]
+    return summarise(numeric) if numeric else {}
+
+
+def format_cell(key: str, summary: dict, results: Sequence[dict]) -> str:
+    """`mean ± std` over seeds; one seed: its value with its bootstrap interval; nothing: `–`."""
+    if key not in summary:
+        return "–"
+    scale = 1.0 if key == "hd95" else 100.0
+    mean, std = summary[key]
+    if len(results) > 1:
+        return f"{mean * scale:.2f} ± {std * scale:.2f}"
+    interval = (results[0].get("ci95") or {}).get(key)
+    return f"{mean * scale:.2f}" + (f" [{interval[0] * scale:.2f}, {interval[1] * scale:.2f}]" if interval else "")
+
+
+def header_line(rows: Sequence[dict], split: str) -> str:
+    """What the figures measure, from the metrics.json settings of the finished runs."""
+    from evaluation.conventions import setting_label
+
+    labels = sorted({setting_label(r["scored"]) for row in rows for r in row["done"] if r.get("scored")})
+    lengths = sorted({r["length"] for row in rows for r in row["done"] if r.get("length")})
+    scored = "; ".join(labels) if labels else f"{split} split (no run finished)"
+    mixed = " (runs differ: not comparable)" if len(labels) > 1 else ""
+    return (f"Scored on: {scored}{mixed} (split, headline subset, segmentation resolution, mask threshold, TTA). "
+            f"Training: {'; '.join(lengths) or 'no run finished'}.")
+
+
+def render_markdown(rows: Sequence[dict], title: str, split: str) -> str:
+    header = ["setting", "overrides", "seeds", *(label for _, label in FIGURES), "params (M)", "GMACs",
+              "train img/s", "epochs", "train wall (min)"]
+    lines = [f"# Sweep: {title}", "", header_line(rows, split), "",
+             "Cells: mean ± sample standard deviation over the seeds that finished; with one seed, its value and "
+             "the 95 % bootstrap interval of test.py (per-image resampling). Dice: per image, mean over the images "
+             "with a tumour; HD95: pixels at each image's own size. GMACs: thop, batch 1, at the training image "
+             "size.", ""]
+    cells_of = []
+    for row in rows:
+        summary, done = row["summary"], row["done"]
+        seeds = f"{len(done)}/{len(row['seeds'])}"
+        overrides = ", ".join(f"`{o}`" for o in row["setting"].overrides) or "(config)"
+        cells = [row["setting"].name, overrides, seeds, *(format_cell(key, summary, done) for key, _ in FIGURES),
+                 f"{row['params'] / 1e6:.3f}" if "params" in row else "–",
+                 f"{row['gmacs']:.3f}" if "gmacs" in row else "–",
+                 f"{summary['train_img_s'][0]:.1f}" if "train_img_s" in summary else "–",
+                 f"{summary['epochs'][0]:g}" if "epochs" in summary else "–",
+                 f"{summary['train_min'][0]:.2f}" if "train_min" in summary else "–"]
+        cells_of.append(cells)
+    lines.append(markdown_table(header, cells_of))
+    failures = [(row["setting"].name, seed, error) for row in rows for seed, error in row["failed"]]
+    if failures:
+        lines += ["", "Failed runs (rerun the command to retry them):", ""]
+        lines += [f"- {name} seed {seed}: {error}" for name, seed, error in failures]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    figures = [key for key, _ in FIGURES]
+    columns = ["setting", "overrides", "seeds_planned", "seeds_done", "seeds_failed"]
+    columns += [f"{key}_{part}" for key in figures for part in ("mean", "std", "ci_low", "ci_high")]
+    columns += ["params", "gmacs", *(f"{key}_mean" for key in TRAINING), "split", "subset", "resolution",
+                "threshold", "length"]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            summary, done = row["summary"], row["done"]
+            scored = done[0]["scored"] if done else {}
+            values: list[Any] = [row["setting"].name, " ".join(row["setting"].overrides), len(row["seeds"]),
+                                 len(done), len(row["failed"])]
+            for key in figures:
+                mean, std = summary.get(key, (None, None))
+                interval = (done[0].get("ci95") or {}).get(key) if len(done) == 1 else None
+                values += [mean, std if len(done) > 1 else None, *(interval or (None, None))]
+            values += [row.get("params"), row.get("gmacs"), *(summary.get(k, (None,))[0] for k in TRAINING),
+                       scored.get("split"), scored.get("subset"), scored.get("resolution"), scored.get("threshold"),
+                       done[0]["length"] if done else None]
+            writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in values])
+
+
+def write_sweep_tables(rows: Sequence[dict], out: Path, title: str, split: str) -> str:
+    """sweep.md, sweep.csv and sweep.png in `out`; returns the markdown."""
+    from visualization.sweep import save_sweep_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(rows, title, split)
+    (out / "sweep.md").write_text(markdown, encoding="utf-8")
+    write_csv(rows, out / "sweep.csv")
+    points = [{"name": row["setting"].name, **{k: row["summary"][k] for k in ("accuracy", "dice")
+                                                if k in row["summary"]}} for row in rows]
+    save_sweep_figure(points, out / "sweep.png", f"{title} ({split} split; mean ± std over seeds)")
+    return markdown
+
+
