@@ -99,11 +99,13 @@ def setting_of(metrics: dict) -> dict:
         "threshold_tuned": bool(metrics.get("threshold_tuned", "threshold_tuning" in metrics)),
         "tta": bool(metrics.get("tta", False)),
         "calibrated": metrics.get("temperature") is not None,
+        "gate_masks": bool(metrics.get("gate_masks", False)),
     }
 
 
 def setting_label(setting: dict) -> str:
-    """One short line, e.g. `test, leak-free, native res., thr 0.50, no TTA`."""
+    """One short line, e.g. `test, leak-free, native res., thr 0.50, no TTA` (`, masks gated by class` when
+    `gate_masks` was on: gated and ungated rows must not pass for one setting)."""
     threshold = setting["threshold"]
     thr = "thr ?" if threshold is None else f"thr {threshold:.2f}" + (" tuned on val" if setting[
         "threshold_tuned"] else "")
@@ -111,6 +113,8 @@ def setting_label(setting: dict) -> str:
              "flip TTA" if setting["tta"] else "no TTA"]
     if setting["calibrated"]:
         parts.append("temperature-scaled")
+    if setting.get("gate_masks"):
+        parts.append("masks gated by class")
     return ", ".join(parts)
 
 

@@ -289,7 +289,7 @@ def test_tuning_or_calibrating_on_the_scored_split_is_refused():
 def test_settings_of_old_and_new_metrics_files_and_mixing_refused():
     old = {"split": "val", "threshold": 0.5, "tta": False, "accuracy": 0.99}
     assert setting_of(old) == {"split": "val", "subset": "all", "resolution": "train", "threshold": 0.5,
-                               "threshold_tuned": False, "tta": False, "calibrated": False}
+                               "threshold_tuned": False, "tta": False, "calibrated": False, "gate_masks": False}
     new = {"split": "test", "headline_subset": "leak_free", "resolution": "native", "threshold": 0.45,
            "threshold_tuned": True, "tta": True, "temperature": 1.3}
     assert setting_label(setting_of(new)) == ("test, leak-free, native res., thr 0.45 tuned on val, flip TTA, "

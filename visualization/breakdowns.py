@@ -46,10 +46,12 @@ def breakdown_figure(breakdown: dict, title: str = "") -> Figure:
             values = [100 * members[n][key] if members[n].get(key) is not None else np.nan for n in names]
             if all(np.isnan(values)):  # a task the run does not have: no bars rather than zeros
                 continue
-            bars = ax.bar(x + offset, np.nan_to_num(values), width=0.38, color=colour, label=key)
-            for bar, value in zip(bars, values):
-                if not np.isnan(value):
-                    ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", fontsize=7)
+            present = ~np.isnan(values)  # an absent figure (None: e.g. no_tumor's tumour Dice) gets no bar, not 0
+            bars = ax.bar(x[present] + offset, np.asarray(values)[present], width=0.38, color=colour, label=key)
+            for bar, value in zip(bars, np.asarray(values)[present]):
+                ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", fontsize=7)
+            for position in x[~present]:
+                ax.text(position + offset, 1, "–", ha="center", fontsize=8, color=colour)
         labels = [f"{n}\n({members[n].get('num_images', 0)})" for n in names]
         ax.set_xticks(x, labels=labels, fontsize=8)
         ax.set_title(grouping.replace("_", " "), fontsize=10)
