@@ -66,7 +66,7 @@ def bca_interval(estimate: float, resampled: np.ndarray, jackknife: np.ndarray,
     resampled = resampled[np.isfinite(resampled)]
     jackknife = np.asarray(jackknife, dtype=np.float64)
     jackknife = jackknife[np.isfinite(jackknife)]
-    if len(resampled) < 2 or not np.isfinite(estimate) or np.ptp(resampled) == 0:
+    if len(resampled) < 2 or not np.isfinite(estimate) or is_degenerate(resampled):
         return None
     # bias correction: scipy's percentile-of-score (ties count half)
     share = ((resampled < estimate).sum() + (resampled <= estimate).sum()) / (2 * len(resampled))
@@ -84,10 +84,10 @@ def bca_interval(estimate: float, resampled: np.ndarray, jackknife: np.ndarray,
 
 
 def is_degenerate(resampled: np.ndarray) -> bool:
-    """Every finite resample equal (e.g. Dice 1.0 on every image): no interval can be read off."""
+    """Every finite resample equal up to rounding (e.g. Dice 1.0 on every image): no interval can be read off."""
     values = np.asarray(resampled, dtype=np.float64)
     values = values[np.isfinite(values)]
-    return len(values) > 0 and np.ptp(values) == 0
+    return len(values) > 0 and np.ptp(values) <= 1e-12 * max(1.0, float(np.abs(values).max()))
 
 
 def dense_groups(groups: Optional[Sequence], n: int) -> np.ndarray:

@@ -130,9 +130,11 @@ def test_mcnemar_exact_on_constructed_tables(a_only, b_only):
 
 def test_paired_statistics_of_identical_and_shifted_values():
     a = np.random.default_rng(0).random(50)
-    assert wilcoxon_p(a, a.copy()) == 1.0 and paired_interval(a, a.copy(), 500, 0) == [0.0, 0.0]
-    low, high = paired_interval(a, a + 0.1, 500, 0)
-    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    # every resampled difference equal: degenerate, no interval (never a zero-width one)
+    assert wilcoxon_p(a, a.copy()) == 1.0 and paired_interval(a, a.copy(), 500, 0) is None
+    assert paired_interval(a, a + 0.1, 500, 0) is None
+    low, high = paired_interval(a, a + 0.1 + 0.01 * np.random.default_rng(1).random(50), 500, 0)
+    assert 0.1 < low < 0.105 < high < 0.11
     assert wilcoxon_p(a, a + 0.1) < 1e-6
 
 
@@ -160,3 +162,29 @@ def test_boundary_intervals_follow_each_resample():
     point = subset_figures(table, index, CLASSES)
     interval = bootstrap_intervals(table, index, 4, resamples=300, seed=0)
     assert interval["hd95"][0] <= point["hd95"] <= interval["hd95"][1]
+
+
+def test_scan_groups_switch_to_the_cluster_test_and_holm_covers_the_subgroups():
+    from evaluation.compare import adjust_holm, paired_figures, scan_groups_of, subgroup_comparisons
+    from evaluation.stats import holm
+
+    rng = np.random.default_rng(7)
+    stems = [f"s{i:02d}" for i in range(48)]
+    rows = []
+    for shift in (0.0, 0.05):
+        rows.append({s: {"stem": s, "correct": float(rng.random() < 0.8 + shift), "true_area": 100.0,
+                         "dice": 0.7 + shift + 0.05 * rng.random(), "iou": 0.6 + shift, "hd95": None, "assd": None,
+                         "width": 512.0, "height": 512.0 if i % 2 else 400.0, "scan_group": float(i // 4)}
+                     for i, s in enumerate(stems)})
+    groups = scan_groups_of(rows[0], stems)
+    assert len(np.unique(groups)) == 12
+    result = {"figures": paired_figures(rows, stems, groups, 300, 0),
+              "subgroups": subgroup_comparisons(rows, stems, groups, 300, 0)}
+    adjust_holm(result)
+    assert result["figures"]["dice"]["test"].startswith("cluster sign-flip") and result["figures"]["dice"][
+        "num_groups"] == 12
+    assert {"shape:square", "shape:non_square", "size:small"} <= set(result["subgroups"])
+    family = list(result["figures"].values()) + [f for g in result["subgroups"].values() for f in g.values()]
+    assert [f["p_holm"] for f in family] == pytest.approx(holm([f["p_value"] for f in family]))
+    ungrouped = paired_figures(rows, stems, None, 300, 0)
+    assert ungrouped["accuracy"]["test"] == "McNemar exact" and ungrouped["dice"]["test"] == "Wilcoxon"
