@@ -91,3 +91,22 @@ def test_holm_matches_statsmodels():
     p = [0.01, 0.04, 0.03, 0.2, 0.001, 0.04]
     assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]))
     assert np.isnan(holm([0.01, float("nan")])[1])
+
+
+def test_subset_intervals_are_exact_for_proportions_and_degenerate_when_flat():
+    from evaluation.bootstrap import bootstrap_intervals, format_interval
+    from evaluation.subsets import PerImage
+
+    n = 35
+    labels = np.array([0, 1, 3])[np.arange(n) % 3]  # no no_tumor image: every image has a tumour
+    native = np.tile([40, 0, 0, 500], (n, 1))  # every mask perfect: Dice 1.0 on every image and resample
+    table = PerImage([f"s{i}" for i in range(n)], labels, np.eye(4)[labels], ["ax"] * n, np.ones(n, bool), native,
+                     native.copy())
+    ci = bootstrap_intervals(table, np.arange(n), 4, resamples=300, seed=0,
+                             class_names=["glioma", "meningioma", "no_tumor", "pituitary"])
+    assert round(ci["accuracy"][0], 3) == 0.900 and ci["accuracy"][1] == 1.0  # 35 / 35: exact, not [1, 1]
+    assert ci["methods"]["accuracy"] == "clopper-pearson" and ci["methods"]["dice"].startswith("bca")
+    assert ci["dice"] is None and "dice" in ci["degenerate"] and "accuracy" not in ci["degenerate"]
+    assert ci["recall_no_tumor"] is None and ci["empty_fp_rate"] is None  # absent: no interval
+    assert format_interval(ci["dice"], "dice", ci) == " [degenerate]"
+    assert format_interval(ci["accuracy"], "accuracy", ci) == " [90.00, 100.00]"
