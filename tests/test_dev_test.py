@@ -74,3 +74,12 @@ def test_scan_group_ids_chain_similar_images(planted_root):
     assert len(np.unique(ids)) == len(samples) - sum(len(g.stems) - 1 for g in find_groups(samples, 0.99))
     coarser = scan_group_ids(samples, threshold=0.5)  # a lower threshold only merges groups
     assert len(np.unique(coarser)) <= len(np.unique(ids))
+
+
+def test_a_split_file_with_dev_test_overlapping_train_is_refused(tmp_path):
+    from datasets.errors import DataError
+
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": ["a", "b"], "val": ["c"], "dev_test": ["b"]}))
+    with pytest.raises(DataError, match="both train and dev_test"):
+        load_split(path)

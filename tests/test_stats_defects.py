@@ -1,7 +1,6 @@
 """The scoring defects of issue 27, each with a test that failed on the old code."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
