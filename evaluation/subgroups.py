@@ -41,6 +41,21 @@ def file_channels(paths: Sequence[Union[str, Path]]) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def annotate_table(table: PerImage, image_paths: Sequence[Union[str, Path]],
+                   group_ids: Optional[np.ndarray] = None) -> PerImage:
+    """Set `table.channels` from the files' headers (aligned with `table.stems`) and `table.groups` to the scan
+    group ids (datasets.duplicates.scan_group_ids of the same samples; None: per-image resampling). Returns
+    the table, so scoring, per_image.csv and the subgroup breakdown all see them."""
+    if len(image_paths) != len(table):
+        raise ValueError(f"{len(image_paths)} image paths for {len(table)} scored images")
+    table.channels = file_channels(image_paths)
+    if group_ids is not None:
+        if len(group_ids) != len(table):
+            raise ValueError(f"{len(group_ids)} scan-group ids for {len(table)} scored images")
+        table.groups = np.asarray(group_ids, dtype=np.int64)
+    return table
+
+
 def size_cuts(width: np.ndarray, height: np.ndarray) -> list[float]:
     """The 1/3 and 2/3 quantiles of the pixel count of the images with a known size."""
     area = (np.asarray(width, dtype=np.float64) * np.asarray(height, dtype=np.float64))

@@ -65,3 +65,18 @@ def test_file_channels_reads_the_header(tmp_path):
     cv2.imwrite(str(tmp_path / "g.png"), grey)
     cv2.imwrite(str(tmp_path / "c.jpg"), np.dstack([grey] * 3))
     assert file_channels([tmp_path / "g.png", tmp_path / "c.jpg"]).tolist() == [1, 3]
+
+
+def test_annotate_table_sets_storage_and_scan_groups(planted_root):
+    from datasets.duplicates import scan_group_ids
+    from datasets.index import index_split
+    from evaluation.subgroups import annotate_table
+
+    samples = index_split(planted_root, "test")
+    n = len(samples)
+    table = sized_table(n)
+    annotate_table(table, [s.image for s in samples], scan_group_ids(samples, 0.96))
+    assert table.channels.tolist() == file_channels([s.image for s in samples]).tolist()
+    assert len(table.groups) == n and len(np.unique(table.groups)) <= n
+    with pytest.raises(ValueError, match="image paths"):
+        annotate_table(table, [s.image for s in samples[:-1]])
