@@ -80,3 +80,18 @@ def test_annotate_table_sets_storage_and_scan_groups(planted_root):
     assert len(table.groups) == n and len(np.unique(table.groups)) <= n
     with pytest.raises(ValueError, match="image paths"):
         annotate_table(table, [s.image for s in samples[:-1]])
+
+
+def test_breakdown_figure_draws_the_subgroup_panels():
+    from evaluation.breakdowns import breakdowns
+    from visualization.breakdowns import breakdown_figure
+
+    table = sized_table(60, seed=2)
+    index = np.arange(60)
+    subgroups = subgroup_breakdown(table, index, CLASSES, resamples=0)
+    fig = breakdown_figure(breakdowns(table, index, CLASSES, ["ax"]), subgroups=subgroups)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert set(titles[-3:]) == {"file shape", "file size", "file storage"}
+    square = subgroups["groups"]["shape"]["square"]["accuracy"]
+    panel = fig.axes[titles.index("file shape")]
+    assert any(abs(bar.get_height() - 100 * square) < 1e-9 for bar in panel.patches)

@@ -34,10 +34,15 @@ def reliability_figure(bins: list[dict], ece: float, title: str = "") -> Figure:
     return fig
 
 
-def breakdown_figure(breakdown: dict, title: str = "") -> Figure:
-    """One panel per grouping (plane, class, tumour-size tercile): accuracy and tumour Dice per group, in %."""
+def breakdown_figure(breakdown: dict, title: str = "", subgroups: Optional[dict] = None) -> Figure:
+    """One panel per grouping (plane, class, tumour-size tercile and, with `subgroups` from
+    evaluation.subgroups.subgroup_breakdown, file shape, storage and file-size tercile): accuracy and tumour
+    Dice per group, in %; an absent figure gets no bar."""
     groups = [(name, breakdown.get(name) or {}) for name in ("plane", "class", "tumour_size")]
-    fig = new_figure(12.0, 3.8)
+    for proxy, members in ((subgroups or {}).get("groups") or {}).items():
+        groups.append((f"file {proxy}", {name: figures for name, figures in members.items()
+                                         if figures.get("num_images")}))
+    fig = new_figure(4.0 * len(groups), 3.8)
     axes = fig.subplots(1, len(groups), sharey=True)
     for ax, (grouping, members) in zip(axes, groups):
         names = list(members)
@@ -63,11 +68,12 @@ def breakdown_figure(breakdown: dict, title: str = "") -> Figure:
     return fig
 
 
-def save_breakdown_figures(calibration: Optional[dict], breakdown: dict, out_dir: PathLike, title: str = ""
-                           ) -> list[Path]:
-    """`reliability.png` (when calibration bins are given) and `breakdowns.png` in `out_dir`."""
+def save_breakdown_figures(calibration: Optional[dict], breakdown: dict, out_dir: PathLike, title: str = "",
+                           subgroups: Optional[dict] = None) -> list[Path]:
+    """`reliability.png` (when calibration bins are given) and `breakdowns.png` in `out_dir` (with the shortcut
+    subgroups' panels when `subgroups` is given)."""
     out_dir = Path(out_dir)
-    written = [save_figure(breakdown_figure(breakdown, title), out_dir / "breakdowns.png")]
+    written = [save_figure(breakdown_figure(breakdown, title, subgroups), out_dir / "breakdowns.png")]
     if calibration:
         written.append(save_figure(reliability_figure(calibration["bins"], calibration["ece"], title),
                                    out_dir / "reliability.png"))
