@@ -18,6 +18,7 @@ from evaluation.stats import (bca_interval, dense_groups, is_degenerate, jackkni
 from evaluation.subsets import PerImage, contradictions, per_image_overlap, tumour_images
 
 INTERVAL_METRICS = ("accuracy", "f1_macro", "dice", "iou", "hd95", "assd", "empty_fp_rate", "contradiction_rate")
+_JACKKNIFE_ROWS = 512  # leave-one-group-out rows per chunk: keeps memory at 512 x N, not N x N
 # per class, with class names: precision, recall and F1 of the class, and the tumour Dice of its images
 CLASS_INTERVAL_METRICS = ("precision", "recall", "f1", "dice")
 
@@ -137,7 +138,9 @@ def bootstrap_intervals(table: PerImage, index: np.ndarray, num_classes: int, re
     weights = resample_weights(group, resamples, seed)
     figures = resampled_figures(table, index, weights, num_classes, class_names)
     estimate = resampled_figures(table, index, np.ones((1, len(index))), num_classes, class_names)
-    jackknife = resampled_figures(table, index, jackknife_weights(group), num_classes, class_names)
+    chunks = [resampled_figures(table, index, jackknife_weights(group, start, start + _JACKKNIFE_ROWS), num_classes,
+                                class_names) for start in range(0, int(group.max()) + 1, _JACKKNIFE_ROWS)]
+    jackknife = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
     per_class = [f"{metric}_{name}" for name in class_names for metric in CLASS_INTERVAL_METRICS]
     for name in list(INTERVAL_METRICS) + per_class:
         if name in proportions:

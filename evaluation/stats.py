@@ -115,11 +115,13 @@ def resample_weights(groups: np.ndarray, resamples: int, seed: int) -> np.ndarra
     return per_group[:, groups]
 
 
-def jackknife_weights(groups: np.ndarray) -> np.ndarray:
-    """(G, N) weights: row g leaves out every image of group g."""
+def jackknife_weights(groups: np.ndarray, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+    """(G, N) weights: row g leaves out every image of group g (rows `start`..`stop` only: memory grows with
+    G x N, so callers with many images take the rows in chunks)."""
     groups = dense_groups(groups, len(groups))
     g = int(groups.max()) + 1 if len(groups) else 0
-    return 1.0 - (groups[None, :] == np.arange(g)[:, None]).astype(np.float64)
+    rows = np.arange(start, g if stop is None else min(stop, g))
+    return 1.0 - (groups[None, :] == rows[:, None]).astype(np.float64)
 
 
 def sign_flip_test(differences: np.ndarray, groups: Optional[np.ndarray] = None, resamples: int = 10000,
