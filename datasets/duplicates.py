@@ -31,6 +31,9 @@ from .decode import read_grey
 from .index import Sample
 
 NEAR_THRESHOLD = 0.99  # thumbnail correlation at or above which two images count as near-identical
+# Similarity chains at or above SCAN_THRESHOLD approximate the slices of one scan (measured on BRISC 2025 train:
+# docs/statistics.md); below the duplicate threshold, so duplicates are always inside one scan group.
+SCAN_THRESHOLD = 0.96
 THUMB_SIZE = 32
 _CACHE_VERSION = 1  # bump when the digest or thumbnail definition changes
 _BLOCK = 1024  # rows of the correlation matrix computed at once (memory stays small for any split size)
@@ -209,6 +212,26 @@ def find_groups(samples: Sequence[Sample], near_threshold: Optional[float] = NEA
                                      tuple(samples[i].stem for i in idx), tuple(split_name(samples[i]) for i in idx),
                                      digests))
     return sorted(groups, key=lambda g: g.stems[0])
+
+
+def scan_group_ids(samples: Sequence[Sample], threshold: float = SCAN_THRESHOLD,
+                   cache_dir: Optional[Union[str, Path]] = None, workers: Optional[int] = None) -> np.ndarray:
+    """(N,) scan-group id of each sample, in the order given: similarity chains (identical pixels, or 32x32
+    thumbnail correlation >= `threshold`, linked transitively) approximate the slices of one scan; an image
+    linked to none is a group of its own. The intervals and paired tests resample these groups."""
+    groups = find_groups(samples, threshold, cache_dir=cache_dir, workers=workers)
+    by_stem: dict[str, int] = {}
+    for k, group in enumerate(groups):
+        for stem in group.stems:
+            by_stem[stem] = k
+    ids, next_id = [], len(groups)
+    for sample in samples:
+        if sample.stem in by_stem:
+            ids.append(by_stem[sample.stem])
+        else:
+            ids.append(next_id)
+            next_id += 1
+    return np.array(ids, dtype=np.int64)
 
 
 def leaked_stems(eval_samples: Sequence[Sample], train_samples: Sequence[Sample],

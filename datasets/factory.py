@@ -14,9 +14,9 @@ from .errors import GET_DATA_HINT, DataError
 from .imagefolder import index_imagefolder
 from .index import Sample, index_split
 from .pairs import index_pairs
-from .splits import fold_split, load_split, make_split, save_split
+from .splits import carve_dev_test, fold_split, load_split, make_split, save_split
 
-EVAL_SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("train", "val", "dev_test", "test")
 
 
 def sample_index(data_cfg: DataConfig) -> Callable[[Path, str], list[Sample]]:
@@ -84,7 +84,9 @@ def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: boo
 def _resolve_split(data_cfg: DataConfig, root: Path, split_path: Path) -> dict:
     """The run's split: `split_path` if it exists (resume, test.py), else `data.split_file` copied there,
     else a new stratified split of the train folder saved there (fold `data.fold` of `data.folds` when set),
-    with duplicate groups kept on one side when `data.group_duplicates`."""
+    with duplicate groups (or, with `data.split_groups: scan`, scan groups: similarity chains at
+    `data.group_threshold`) kept on one side when `data.group_duplicates`, and a held-out `dev_test` part carved
+    from the train part when `data.test_dev_fraction` > 0 (the validation part is the same with or without it)."""
     if split_path.is_file():
         return load_split(split_path)
     if data_cfg.split_file:
@@ -95,14 +97,30 @@ def _resolve_split(data_cfg: DataConfig, root: Path, split_path: Path) -> dict:
     samples = sample_index(data_cfg)(root, "train")
     stems, labels = [s.stem for s in samples], [s.label for s in samples]
     groups = None
+    scan = data_cfg.split_groups == "scan"
+    threshold = data_cfg.group_threshold if scan else data_cfg.near_threshold
     if data_cfg.group_duplicates:
-        groups = [g.stems for g in find_groups(samples, data_cfg.near_threshold, cache_dir=data_cfg.cache_dir)]
+        groups = [g.stems for g in find_groups(samples, threshold, cache_dir=data_cfg.cache_dir)]
+    held_out: list[str] = []
+    if data_cfg.folds and data_cfg.test_dev_fraction > 0:  # cross-validation: dev_test first, folds of the rest
+        held_out = carve_dev_test({"train": stems, "val": []}, stems, labels, data_cfg.test_dev_fraction,
+                                  data_cfg.split_seed, groups)["dev_test"]
+        rest = set(held_out)
+        labels = [l for s, l in zip(stems, labels) if s not in rest]
+        stems = [s for s in stems if s not in rest]
     if data_cfg.folds:
         split = fold_split(stems, labels, data_cfg.folds, data_cfg.fold, data_cfg.split_seed, groups)
     else:
         split = make_split(stems, labels, data_cfg.val_fraction, data_cfg.split_seed, groups)
     if groups is not None:
         split["near_threshold"] = data_cfg.near_threshold
+        split["split_groups"] = data_cfg.split_groups
+        if scan:
+            split["group_threshold"] = data_cfg.group_threshold
+    if held_out:
+        split.update({"dev_test": held_out, "test_dev_fraction": float(data_cfg.test_dev_fraction)})
+    elif data_cfg.test_dev_fraction > 0:  # carved from the train part: the validation part stays as it was
+        split = carve_dev_test(split, stems, labels, data_cfg.test_dev_fraction, data_cfg.split_seed, groups)
     save_split(split, split_path)
     return split
 
@@ -122,7 +140,8 @@ def build_eval_dataset(data_cfg: DataConfig, split: str, split_path: Optional[Pa
                        verbose: bool = True, index: Optional[Callable[[Path, str], list[Sample]]] = None
                        ) -> BriscDataset:
     """An evaluation dataset (no augmentation): "test" is the on-disk test folder; "val" is the validation
-    part of the split file; "train" is its train part (the whole train folder without a split file).
+    part of the split file; "dev_test" its held-out part (data.test_dev_fraction); "train" is its train part
+    (the whole train folder without a split file).
     `index(root, split)` replaces the layout's indexer (another labelling of the same layout)."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
@@ -130,8 +149,13 @@ def build_eval_dataset(data_cfg: DataConfig, split: str, split_path: Optional[Pa
     if split == "test":
         return _dataset(data_cfg, root, "test", "test", verbose=verbose, index=index)
     if split_path is None or not Path(split_path).is_file():
-        if split == "val":
-            raise DataError(f"split 'val' needs the run's split file (got {split_path}); it is written by train.py")
+        if split in ("val", "dev_test"):
+            raise DataError(f"split '{split}' needs the run's split file (got {split_path}); it is written by "
+                            "train.py")
         return _dataset(data_cfg, root, "train", "train", verbose=verbose, index=index)
-    stems = load_split(split_path)[split]
+    parts = load_split(split_path)
+    if split not in parts:
+        raise DataError(f"split file '{split_path}' has no '{split}' part: the run was trained with "
+                        "data.test_dev_fraction 0; train with data.test_dev_fraction > 0 to hold one out")
+    stems = parts[split]
     return _dataset(data_cfg, root, "train", split, stems=stems, verbose=verbose, index=index)

@@ -98,6 +98,40 @@ def make_split(stems: Sequence[str], labels: Sequence[int], val_fraction: float,
     }
 
 
+def carve_dev_test(split: dict, stems: Sequence[str], labels: Sequence[int], fraction: float, seed: int,
+                   groups: Optional[Iterable[Iterable[str]]] = None) -> dict:
+    """The split with a held-out `dev_test` part taken from its train part only (the validation part is left
+    exactly as it was): per class `round(n * fraction)` images of the whole release, stratified, each group
+    (duplicates or scan) whole on one side. Nothing in training may ever read it: no early stopping, checkpoint
+    choice, threshold or temperature fitting, no recipe choice."""
+    _check_inputs(stems, labels)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"test_dev_fraction must be in (0, 1), got {fraction}")
+    class_of, sizes = _class_index(labels)
+    label_of = {s: class_of[int(l)] for s, l in zip(stems, labels)}
+    remainder = [s for s in split["train"] if s in label_of]
+    units = _units(remainder, [label_of[s] for s in remainder], groups)
+    left = np.bincount([label_of[s] for s in remainder], minlength=len(sizes))
+    n_dev = np.minimum(np.rint(sizes * fraction).astype(int), np.maximum(left - 1, 0))
+    bins = _assign(units, label_of, np.stack([left - n_dev, n_dev]), seed + 1)  # its own draw, not the val one
+    dev = sorted(s for unit, b in zip(units, bins) if b == 1 for s in unit)
+    dev_set = set(dev)
+    return {**split, "train": [s for s in split["train"] if s not in dev_set], "dev_test": dev,
+            "test_dev_fraction": float(fraction)}
+
+
+SPLIT_ROLES = {"train": "training", "val": "selection", "dev_test": "held out", "test": "held out"}
+
+
+def split_role(split: str) -> str:
+    """The role of an evaluated split: `training` (the model fitted it), `selection` (val: early stopping,
+    checkpoint, threshold, temperature and recipe choices were made on it, so its figures are optimistic) or
+    `held out` (dev_test and the release's test split: nothing ever touched them; only these are results)."""
+    if split not in SPLIT_ROLES:
+        raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLIT_ROLES)}")
+    return SPLIT_ROLES[split]
+
+
 def make_folds(stems: Sequence[str], labels: Sequence[int], folds: int, seed: int,
                groups: Optional[Iterable[Iterable[str]]] = None) -> dict[str, int]:
     """{stem: fold} for K-fold cross-validation: every image in exactly one fold, each class spread as evenly
@@ -156,7 +190,13 @@ def load_split(path: Union[str, Path]) -> dict:
         raise DataError(f"split file '{path}' is not valid JSON: {exc}") from None
     if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val")):
         raise DataError(f"split file '{path}' must be a JSON object with 'train' and 'val' lists of file stems")
-    overlap = set(split["train"]) & set(split["val"])
-    if overlap:
-        raise DataError(f"split file '{path}': {len(overlap)} stem(s) in both train and val (e.g. {min(overlap)})")
+    parts = [k for k in ("train", "val", "dev_test") if k in split]
+    if "dev_test" in split and not isinstance(split["dev_test"], list):
+        raise DataError(f"split file '{path}': 'dev_test' must be a list of file stems")
+    for i, a in enumerate(parts):
+        for b in parts[i + 1:]:
+            overlap = set(split[a]) & set(split[b])
+            if overlap:
+                raise DataError(f"split file '{path}': {len(overlap)} stem(s) in both {a} and {b} "
+                                f"(e.g. {min(overlap)})")
     return split

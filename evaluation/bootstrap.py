@@ -4,17 +4,21 @@ A resample draws N images with replacement. Instead of materialising B resampled
 row of a (B, N) matrix of how often each image was drawn; every interval figure is then a linear function of
 that matrix (accuracy, Dice and IoU are weighted means; the confusion matrices of all resamples are one matrix
 product with the images' one-hot (label, prediction) cells), so 1000 images x 1000 resamples take milliseconds.
-Interval: the percentile method (2.5th and 97.5th percentile of the resampled figure), seeded.
+Intervals (see docs/statistics.md): Clopper–Pearson for proportions; BCa (bias-corrected, accelerated, with a
+leave-one-group-out jackknife) for Dice, IoU, F1, HD95 and ASSD; resampling whole scan groups when given.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from evaluation.subsets import PerImage, per_image_overlap, tumour_images
+from evaluation.stats import (bca_interval, dense_groups, is_degenerate, jackknife_weights, proportion_interval,
+                               resample_weights)
+from evaluation.subsets import PerImage, contradictions, per_image_overlap, tumour_images
 
-INTERVAL_METRICS = ("accuracy", "f1_macro", "dice", "iou", "hd95", "assd")
+INTERVAL_METRICS = ("accuracy", "f1_macro", "dice", "iou", "hd95", "assd", "empty_fp_rate", "contradiction_rate")
+_JACKKNIFE_ROWS = 512  # leave-one-group-out rows per chunk: keeps memory at 512 x N, not N x N
 # per class, with class names: precision, recall and F1 of the class, and the tumour Dice of its images
 CLASS_INTERVAL_METRICS = ("precision", "recall", "f1", "dice")
 
@@ -85,27 +89,84 @@ def resampled_figures(table: PerImage, index: np.ndarray, counts: np.ndarray, nu
     return out
 
 
-def bootstrap_intervals(table: PerImage, index: np.ndarray, num_classes: int, resamples: int = 1000,
-                        seed: int = 0, level: float = 0.95, class_names: Sequence[str] = ()) -> dict:
-    """{metric: [low, high]} for `INTERVAL_METRICS` on the images at `index` (and, with `class_names`, for
-    `CLASS_INTERVAL_METRICS` of each class: `recall_glioma`, ...), plus the method's settings.
+def _proportions(table: PerImage, index: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-image success indicators of every proportion, over the images it counts (NaN: not a trial)."""
+    out: dict[str, np.ndarray] = {}
+    nan = np.nan
+    if table.has_cls:
+        labels, preds = table.labels[index], table.preds[index]
+        correct = (labels == preds).astype(np.float64)
+        out["accuracy"] = correct
+        for c, name in enumerate(class_names):
+            out[f"recall_{name}"] = np.where(labels == c, correct, nan)
+            out[f"precision_{name}"] = np.where(preds == c, correct, nan)
+    if table.has_seg:
+        annotated = table.annotated[index]
+        native = table.native[index]
+        empty = annotated & ((native[:, 0] + native[:, 2]) == 0)
+        out["empty_fp_rate"] = np.where(empty, (native[:, 1] > 0).astype(np.float64), nan)
+        if table.has_cls and "no_tumor" in class_names:
+            wrong = contradictions(table.preds[index], native, list(class_names).index("no_tumor"))
+            out["contradiction_rate"] = np.where(annotated, wrong.astype(np.float64), nan)
+    return out
 
-    A metric with no defined value in any resample (e.g. Dice on a subset without tumours) gets None.
+
+def bootstrap_intervals(table: PerImage, index: np.ndarray, num_classes: int, resamples: int = 1000,
+                        seed: int = 0, level: float = 0.95, class_names: Sequence[str] = (),
+                        groups: Optional[np.ndarray] = None) -> dict:
+    """{metric: [low, high] or None} for `INTERVAL_METRICS` on the images at `index` (and, with
+    `class_names`, for `CLASS_INTERVAL_METRICS` of each class: `recall_glioma`, ...), plus the settings:
+    `methods` {metric: interval method}, `degenerate` [metrics whose resamples are all equal: no interval,
+    never a zero-width one], `num_images`, `num_groups`.
+
+    Proportions (accuracy, per-class precision and recall, empty-mask and contradiction rates) get the exact
+    Clopper–Pearson interval (on the effective number of trials when `groups` clusters the images); the other
+    figures a BCa bootstrap that resamples whole groups. `groups`: a group (scan) id per image of `table`
+    (aligned with it, not with `index`); None: every image its own group. A metric with no defined value
+    (e.g. Dice on a subset without tumours) gets None.
     """
     index = np.asarray(index, dtype=np.int64)
-    info: dict = {"method": "percentile bootstrap, per-image resampling", "level": level, "resamples": resamples,
-                  "seed": seed}
+    group = dense_groups(None if groups is None else np.asarray(groups)[index], len(index))
+    info: dict = {"method": "Clopper-Pearson for proportions, BCa bootstrap for the rest"
+                            + (", resampling scan groups" if groups is not None else ", per-image resampling"),
+                  "level": level, "resamples": resamples, "seed": seed, "num_images": len(index),
+                  "num_groups": int(group.max()) + 1 if len(index) else 0, "methods": {}, "degenerate": []}
     if len(index) == 0:
         return {**info, **{name: None for name in INTERVAL_METRICS}}
-    figures = resampled_figures(table, index, resample_counts(len(index), resamples, seed), num_classes,
-                                class_names)
-    tail = 100 * (1 - level) / 2
+    clustered = None if groups is None else group
+    proportions = _proportions(table, index, class_names)
+    weights = resample_weights(group, resamples, seed)
+    figures = resampled_figures(table, index, weights, num_classes, class_names)
+    estimate = resampled_figures(table, index, np.ones((1, len(index))), num_classes, class_names)
+    chunks = [resampled_figures(table, index, jackknife_weights(group, start, start + _JACKKNIFE_ROWS), num_classes,
+                                class_names) for start in range(0, int(group.max()) + 1, _JACKKNIFE_ROWS)]
+    jackknife = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
     per_class = [f"{metric}_{name}" for name in class_names for metric in CLASS_INTERVAL_METRICS]
-    for name in list(INTERVAL_METRICS) + [key for key in per_class if key in figures]:
-        if name not in figures:
+    for name in list(INTERVAL_METRICS) + per_class:
+        if name in proportions:
+            trials = np.isfinite(proportions[name])
+            chosen = proportions[name][trials] > 0.5
+            if not trials.any():
+                info[name] = None
+                continue
+            info[name], info["methods"][name] = proportion_interval(
+                chosen, None if clustered is None else clustered[trials], level)
+        elif name in figures and np.isfinite(figures[name]).any():
+            info["methods"][name] = "bca bootstrap" + (" (scan groups)" if clustered is not None else "")
+            if is_degenerate(figures[name]):
+                info[name] = None
+                info["degenerate"].append(name)
+                continue
+            info[name] = bca_interval(float(estimate[name][0]), figures[name], jackknife[name], level)
+        elif name in INTERVAL_METRICS:
             info[name] = None
-            continue
-        values = figures[name][np.isfinite(figures[name])]
-        info[name] = [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(
-            values) else None
     return info
+
+
+def format_interval(interval: Optional[list], name: str, ci95: dict, scale: float = 100.0) -> str:
+    """` [low, high]` for a console cell; ` [degenerate]` where every resample was equal; empty without one."""
+    if name in (ci95 or {}).get("degenerate", ()):
+        return " [degenerate]"
+    if not interval:
+        return ""
+    return f" [{scale * interval[0]:.2f}, {scale * interval[1]:.2f}]"

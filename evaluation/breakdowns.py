@@ -2,7 +2,9 @@
 
 Tumour size is the share of the image's own area covered by the ground-truth tumour (native resolution), so
 images of different sizes compare; terciles are cut at the 1/3 and 2/3 quantiles of the tumour images of the
-subset and hold only tumour images. Per class, `accuracy` is that class's recall and `f1` its own F1.
+subset and hold only tumour images. Per class, `accuracy` is that class's recall and `f1` its F1 computed over
+every image of the subset (its precision counts the other classes' images called this class: on the class's
+own images alone F1 would be 2R / (1 + R) whatever the false positives).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def tumour_fraction(table: PerImage) -> np.ndarray:
 def breakdowns(table: PerImage, index: np.ndarray, class_names: Sequence[str], planes: Sequence[str]) -> dict:
     """{"plane": {plane: figures}, "class": {class: figures}, "tumour_size": {tercile: figures + bounds}}."""
     index = np.asarray(index, dtype=np.int64)
+    whole = subset_figures(table, index, class_names) if len(index) else {}
     out: dict = {"plane": {}, "class": {}, "tumour_size": {}}
     plane_of = np.array(table.planes)[index] if len(index) else np.array([], dtype=str)
     for plane in planes:
@@ -43,7 +46,7 @@ def breakdowns(table: PerImage, index: np.ndarray, class_names: Sequence[str], p
         if len(members):
             figures = subset_figures(table, members, class_names)
             keys = [key for key in BREAKDOWN_KEYS if key != "f1_macro"]  # one class: its own F1 instead
-            out["class"][name] = {**_pick(figures, keys), "f1": figures.get(f"f1_{name}")}  # None: no cls
+            out["class"][name] = {**_pick(figures, keys), "f1": whole.get(f"f1_{name}")}  # None: no cls
     fraction = tumour_fraction(table)[index]
     tumour = np.nan_to_num(fraction) > 0
     if tumour.sum() >= len(TERCILES):

@@ -6,8 +6,10 @@ Each argument is a run directory (its `test_<split>` folder is used), a test.py 
 metrics.json; the per_image.csv beside it holds the per-image results. Both must score the same images with the
 same conventions (split, resolution, threshold, TTA, mask gating, leak check): anything else is refused.
 
-Per figure: A, B, the difference B - A with a 95 % paired-bootstrap interval (the same resampled images for both
-models, seeded) and a p-value: McNemar's exact test for accuracy (a two-sided binomial test on the images
+Per figure: A, B, the difference B - A with a 95 % paired BCa bootstrap interval (the same resampled images, or
+whole scans when per_image.csv has a `scan_group` column, for both models, seeded), a p-value and its Holm
+adjustment over every test of the comparison (the figures and each shortcut subgroup's); with scan groups the
+p-value is a cluster sign-flip permutation test (whole scans flipped) instead of the tests below. Otherwise: McNemar's exact test for accuracy (a two-sided binomial test on the images
 exactly one model classifies correctly), the Wilcoxon signed-rank test for per-image Dice, IoU, HD95 and ASSD
 (tumour images; HD95 / ASSD where the ground truth has a tumour). A p-value is the probability of a difference
 at least this large if both models were equally good on images like these; it says nothing about images from
@@ -23,7 +25,9 @@ from typing import Optional
 import numpy as np
 from scipy import stats
 
-from evaluation.bootstrap import resample_counts
+from evaluation.stats import (bca_interval, dense_groups, holm, is_degenerate, jackknife_weights, resample_weights,
+                               sign_flip_test)
+from evaluation.subgroups import PROXIES, memberships
 from evaluation.per_image import read_per_image_csv
 from evaluation.summary import format_table
 from utils.cli import add_debug_flag, positive_int, run_main
@@ -70,14 +74,32 @@ def wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.wilcoxon(b, a).pvalue)
 
 
-def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> list:
-    """Percentile interval of mean(b - a) over images resampled with replacement (the same draws for both)."""
+def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int, level: float = 0.95,
+                    groups: Optional[np.ndarray] = None) -> Optional[list]:
+    """BCa interval of mean(b - a), resampling images (or whole scan `groups`) with replacement, the same draws
+    for both models; None when every resample is equal (degenerate: no interval, not a zero-width one)."""
     if len(a) == 0 or resamples == 0:
         return [float("nan"), float("nan")]
-    counts = resample_counts(len(a), resamples, seed)
-    means = counts @ (b - a) / len(a)
-    tail = 100 * (1 - level) / 2
-    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+    difference = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    group = dense_groups(groups, len(difference))
+    weights = resample_weights(group, resamples, seed)
+    means = weights @ difference / weights.sum(1)
+    if is_degenerate(means):
+        return None
+    jack = jackknife_weights(group)
+    return bca_interval(float(difference.mean()), means, jack @ difference / np.maximum(jack.sum(1), 1e-12), level)
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, test: str, groups: Optional[np.ndarray], seed: int) -> dict:
+    """The p-value of one figure. Every image its own scan: McNemar exact (accuracy) or Wilcoxon. Images
+    grouped into scans: a cluster sign-flip permutation test of the mean difference (whole scans flipped), which
+    stays valid when slices of one scan are dependent; the test's name says which was used."""
+    if groups is not None and len(np.unique(groups)) < len(a):
+        return {"p_value": sign_flip_test(b.astype(np.float64) - a.astype(np.float64), groups, seed=seed),
+                "test": "cluster sign-flip (scan groups)"}
+    if test.startswith("McNemar"):
+        return {**mcnemar_exact(a.astype(bool), b.astype(bool)), "test": test}
+    return {"p_value": wilcoxon_p(a, b), "test": test}
 
 
 def _rows_of(folder: Path, subset: str) -> dict[str, dict]:
@@ -132,23 +154,12 @@ def compare(folders: list[Path], subset: str, resamples: int = 1000, seed: int =
                  "settings": {key: meta[0].get(key) for key in (*CONVENTION_KEYS, "threshold", "threshold_tuned")},
                  "models": [m.get("model") for m in meta], "bootstrap": {"resamples": resamples, "seed": seed,
                                                                           "level": 0.95}, "figures": {}}
-    for name, column, test, lower_better in FIGURES:
-        values = [[rows[k][s][column] for s in stems] for k in (0, 1)]
-        keep = [i for i in range(len(stems)) if values[0][i] is not None and values[1][i] is not None]
-        if name != "accuracy":  # segmentation figures: tumour images only, as in metrics.json
-            keep = [i for i in keep if (rows[0][stems[i]]["true_area"] or 0) > 0]
-        a = np.array([values[0][i] for i in keep], dtype=np.float64)
-        b = np.array([values[1][i] for i in keep], dtype=np.float64)
-        if not len(a):
-            continue
-        figure = {"a": float(a.mean()), "b": float(b.mean()), "difference": float(b.mean() - a.mean()),
-                  "ci95": paired_interval(a, b, resamples, seed), "test": test, "num_images": len(a),
-                  "lower_is_better": lower_better}
-        if name == "accuracy":
-            figure.update(mcnemar_exact(a.astype(bool), b.astype(bool)))
-        else:
-            figure["p_value"] = wilcoxon_p(a, b)
-        out["figures"][name] = figure
+    groups = scan_groups_of(rows[0], stems)
+    out["num_groups"] = len(np.unique(groups)) if groups is not None else len(stems)
+    out["resampling"] = "scan groups (per_image.csv scan_group)" if groups is not None else "images"
+    out["figures"] = paired_figures(rows, stems, groups, resamples, seed)
+    out["subgroups"] = subgroup_comparisons(rows, stems, groups, resamples, seed)
+    adjust_holm(out)
     if "dice" in out["figures"]:
         tumour = [s for s in stems if (rows[0][s]["true_area"] or 0) > 0 and rows[0][s]["dice"] is not None]
         out["_paired_dice"] = (np.array([rows[0][s]["dice"] for s in tumour]),
@@ -156,16 +167,90 @@ def compare(folders: list[Path], subset: str, resamples: int = 1000, seed: int =
     return out
 
 
+def scan_groups_of(rows: dict[str, dict], stems: list[str]) -> Optional[np.ndarray]:
+    """The scan group of each image from per_image.csv's `scan_group` column; None without one."""
+    if not stems or rows[stems[0]].get("scan_group") is None:
+        return None
+    return np.array([rows[s]["scan_group"] for s in stems], dtype=np.int64)
+
+
+def paired_figures(rows: list[dict[str, dict]], stems: list[str], groups: Optional[np.ndarray], resamples: int,
+                   seed: int) -> dict:
+    """Each figure of `FIGURES` for A and B on `stems`, its difference with an interval and a p-value."""
+    out = {}
+    for name, column, test, lower_better in FIGURES:
+        values = [[rows[k][s].get(column) for s in stems] for k in (0, 1)]
+        keep = [i for i in range(len(stems)) if values[0][i] is not None and values[1][i] is not None]
+        if name != "accuracy":  # segmentation figures: tumour images only, as in metrics.json
+            keep = [i for i in keep if (rows[0][stems[i]]["true_area"] or 0) > 0]
+        a = np.array([values[0][i] for i in keep], dtype=np.float64)
+        b = np.array([values[1][i] for i in keep], dtype=np.float64)
+        if not len(a):
+            continue
+        kept_groups = None if groups is None else groups[keep]
+        figure = {"a": float(a.mean()), "b": float(b.mean()), "difference": float(b.mean() - a.mean()),
+                  "ci95": paired_interval(a, b, resamples, seed, groups=kept_groups), "num_images": len(a),
+                  "num_groups": len(a) if kept_groups is None else len(np.unique(kept_groups)),
+                  "lower_is_better": lower_better}
+        figure.update(paired_test(a, b, test, kept_groups, seed))
+        out[name] = figure
+    return out
+
+
+def subgroup_comparisons(rows: list[dict[str, dict]], stems: list[str], groups: Optional[np.ndarray],
+                         resamples: int, seed: int) -> dict:
+    """`paired_figures` per shortcut subgroup (evaluation.subgroups: shape, storage, size tercile of the files);
+    storage only where per_image.csv has the `channels` column."""
+    first = [rows[0][s] for s in stems]
+    width = np.array([np.nan if r.get("width") is None else r["width"] for r in first], dtype=np.float64)
+    height = np.array([np.nan if r.get("height") is None else r["height"] for r in first], dtype=np.float64)
+    if not np.isfinite(width).any():
+        return {}
+    channels = np.array([r["channels"] for r in first]) if first[0].get("channels") is not None else None
+    from evaluation.subgroups import size_cuts
+
+    out: dict = {}
+    for proxy, members in memberships(width, height, channels, size_cuts(width, height)).items():
+        for name in PROXIES[proxy]:
+            chosen = np.flatnonzero(members[name])
+            if len(chosen):
+                out[f"{proxy}:{name}"] = paired_figures(rows, [stems[i] for i in chosen],
+                                                        None if groups is None else groups[chosen], resamples, seed)
+    return out
+
+
+def adjust_holm(result: dict) -> None:
+    """Holm-adjusted p-values (`p_holm`) over every test of the result: the headline figures and each
+    subgroup's, one family."""
+    family = [f for f in result["figures"].values()] + [f for group in result.get("subgroups", {}).values()
+                                                          for f in group.values()]
+    for figure, adjusted in zip(family, holm([f.get("p_value", float("nan")) for f in family])):
+        figure["p_holm"] = adjusted
+
+
 def comparison_table(result: dict) -> str:
     """Figure | A | B | B - A [95 % interval] | p (test); fractions as percentages, distances in pixels."""
     table = []
     for name, f in result["figures"].items():
         scale, unit = (1.0, " px") if name in ("hd95", "assd") else (100.0, "")
-        low, high = f["ci95"]
+        interval = " [degenerate]" if f["ci95"] is None else \
+            f" [{scale * f['ci95'][0]:+.2f}, {scale * f['ci95'][1]:+.2f}]"
         table.append((name, f"{scale * f['a']:.2f}{unit}", f"{scale * f['b']:.2f}{unit}",
-                      f"{scale * f['difference']:+.2f} [{scale * low:+.2f}, {scale * high:+.2f}]",
-                      f"{f['p_value']:.3g} ({f['test']})", str(f["num_images"])))
-    return format_table(table, ("figure", "A", "B", "B - A [95 % CI]", "p (test)", "images"))
+                      f"{scale * f['difference']:+.2f}{interval}", f"{f['p_value']:.3g} ({f['test']})",
+                      f"{f.get('p_holm', float('nan')):.3g}", f"{f['num_images']} ({f.get('num_groups', '?')})"))
+    return format_table(table, ("figure", "A", "B", "B - A [95 % CI]", "p (test)", "p Holm", "images (scans)"))
+
+
+def subgroup_table(result: dict) -> str:
+    """Accuracy and Dice differences per shortcut subgroup, with Holm-adjusted p-values."""
+    table = []
+    for group, figures in result.get("subgroups", {}).items():
+        for name in ("accuracy", "dice"):
+            if name in figures:
+                f = figures[name]
+                table.append((group, name, f"{100 * f['difference']:+.2f}", f"{f['p_value']:.3g}",
+                              f"{f['p_holm']:.3g}", str(f["num_images"])))
+    return format_table(table, ("subgroup", "figure", "B - A", "p", "p Holm", "images")) if table else ""
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -197,8 +282,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"A: {names[0]} ({result['models'][0]})\nB: {names[1]} ({result['models'][1]})\n"
           f"{result['num_images']} images, subset {args.subset}, split {result['settings']['split']}")
     print(comparison_table(result))
+    if result.get("subgroups"):
+        print("by shortcut subgroup (file shape, storage, size tercile; evaluation.subgroups):")
+        print(subgroup_table(result))
     print("p: probability of a difference at least this large if A and B were equally good on such images "
-          "(McNemar exact for accuracy, Wilcoxon signed-rank per image otherwise)")
+          "(McNemar exact for accuracy, Wilcoxon signed-rank per image otherwise; a cluster sign-flip test when "
+          "per_image.csv groups the images into scans); p Holm: adjusted over every test above (Holm)")
     print(f"results written to {out_dir}")
     return 0
 

@@ -24,10 +24,14 @@ How `test.py` scores (keys of `metrics.json`):
   `leak_check.excluded` lists the leaked images, the training images they match and why. The top-level
   (headline) figures are those of `headline_subset`: `leak_free` unless `--subset all` (for `--split train`,
   which is the training data itself, only `all` exists). The test loss `loss` is over all images.
-- **Intervals.** `ci95` (per subset): 95 % percentile bootstrap intervals from per-image resampling within the
-  subset (1000 resamples, seed 0; `--bootstrap N`, `--seed S`) for `accuracy`, `f1_macro`, `dice`, `iou`,
-  `hd95`, `assd`, and per class for `precision_<class>`, `recall_<class>`, `f1_<class>` and `dice_<class>`
-  (tumour Dice per image over that true class's tumour images). Shown as `99.30 [98.80, 99.70]`.
+- **Intervals.** `ci95` (per subset; docs/statistics.md): exact Clopper–Pearson intervals for proportions
+  (`accuracy`, per class `precision_<class>` and `recall_<class>`, `empty_fp_rate`, `contradiction_rate`) and
+  BCa bootstrap intervals (1000 resamples, seed 0; `--bootstrap N`, `--seed S`) for `f1_macro`, `f1_<class>`,
+  `dice`, `iou`, `dice_<class>` (tumour Dice per image over that true class's tumour images), `hd95`, `assd`.
+  `ci95.methods` names the method of each figure; with scan groups the bootstrap draws whole groups and the
+  exact interval uses the effective number of trials (`num_groups` beside `num_images`). A figure whose
+  resamples are all equal is listed in `ci95.degenerate` with no interval (printed `[degenerate]`), never a
+  zero-width one. Shown as `99.30 [98.80, 99.70]`. An absent figure (a class not in the subset) is `–`.
 - **Boundary distances** (pixels at native size; millimetres when `data.spacing` or `--spacing` gives the
   pixel spacing, `distance_unit` in metrics.json). The contour of a mask is its tumour pixels with a background
   4-neighbour (outside the image counts as background); distances are Euclidean between pixel centres. `hd95`:
@@ -99,11 +103,13 @@ def setting_of(metrics: dict) -> dict:
         "threshold_tuned": bool(metrics.get("threshold_tuned", "threshold_tuning" in metrics)),
         "tta": bool(metrics.get("tta", False)),
         "calibrated": metrics.get("temperature") is not None,
+        "gate_masks": bool(metrics.get("gate_masks", False)),
     }
 
 
 def setting_label(setting: dict) -> str:
-    """One short line, e.g. `test, leak-free, native res., thr 0.50, no TTA`."""
+    """One short line, e.g. `test, leak-free, native res., thr 0.50, no TTA` (`, masks gated by class` when
+    `gate_masks` was on: gated and ungated rows must not pass for one setting)."""
     threshold = setting["threshold"]
     thr = "thr ?" if threshold is None else f"thr {threshold:.2f}" + (" tuned on val" if setting[
         "threshold_tuned"] else "")
@@ -111,6 +117,8 @@ def setting_label(setting: dict) -> str:
              "flip TTA" if setting["tta"] else "no TTA"]
     if setting["calibrated"]:
         parts.append("temperature-scaled")
+    if setting.get("gate_masks"):
+        parts.append("masks gated by class")
     return ", ".join(parts)
 
 

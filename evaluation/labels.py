@@ -18,7 +18,8 @@ import yaml
 
 from datasets.imagefolder import KAGGLE_CLASS_MAP
 from datasets.naming import CLASS_NAMES, NO_TUMOR
-from evaluation.bootstrap import resample_counts
+from evaluation.stats import (bca_interval, dense_groups, is_degenerate, jackknife_weights, proportion_interval,
+                               resample_weights)
 from evaluation.metrics import classification_figures
 from utils.config import ConfigError
 
@@ -138,31 +139,51 @@ def label_figures(truth: np.ndarray, pred: np.ndarray, probs: Optional[np.ndarra
     return figures
 
 
-def label_intervals(truth: np.ndarray, pred: np.ndarray, space: LabelSpace, resamples: int, seed: int,
-                    level: float = 0.95) -> dict:
-    """Percentile-bootstrap intervals (per-image resampling) of `LABEL_INTERVALS` in the label space."""
-    if not len(truth) or not resamples:
-        return {}
-    m = len(space.names)
-    counts = resample_counts(len(truth), resamples, seed)
+def _label_values(truth: np.ndarray, pred: np.ndarray, m: int, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Macro-F1 and balanced accuracy of each weighted resample (rows of `weights`), recall per label."""
     cells = np.zeros((len(truth), m * m))
     cells[np.arange(len(truth)), truth * m + pred] = 1.0
-    confusion = (counts @ cells).reshape(-1, m, m)
+    confusion = (weights @ cells).reshape(-1, m, m)
     tp = np.diagonal(confusion, axis1=1, axis2=2)
     support, predicted = confusion.sum(2), confusion.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(support > 0, tp / support, np.nan)
         f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)
         present = support + predicted > 0
-        values = {"accuracy": tp.sum(1) / counts.sum(1), "f1_macro": (f1 * present).sum(1) / present.sum(1),
-                  "balanced_accuracy": np.nanmean(np.where(support > 0, recall, np.nan), axis=1)}
+        return {"f1_macro": (f1 * present).sum(1) / present.sum(1),
+                "balanced_accuracy": np.nanmean(np.where(support > 0, recall, np.nan), axis=1)}
+
+
+def label_intervals(truth: np.ndarray, pred: np.ndarray, space: LabelSpace, resamples: int, seed: int,
+                    level: float = 0.95, groups: Optional[np.ndarray] = None) -> dict:
+    """Intervals of `LABEL_INTERVALS` in the label space: Clopper–Pearson for accuracy and detection
+    sensitivity / specificity, BCa bootstrap for macro-F1 and balanced accuracy (resampling `groups` when
+    given); `label_methods` names the method of each, `label_degenerate` lists resamples that were all equal."""
+    if not len(truth) or not resamples:
+        return {}
+    truth, pred = np.asarray(truth), np.asarray(pred)
+    group = dense_groups(groups, len(truth))
+    clustered = None if groups is None else group
+    correct = truth == pred
+    out: dict = {"label_methods": {}, "label_degenerate": []}
+    out["accuracy"], out["label_methods"]["accuracy"] = proportion_interval(correct, clustered, level)
     if space.detects_tumour:
-        negative = space.negative
-        values["detection_sensitivity"], values["detection_specificity"] = recall[:, 1 - negative], recall[:, negative]
-    tail = 100 * (1 - level) / 2
-    out = {}
+        for name, label in (("detection_sensitivity", 1 - space.negative), ("detection_specificity", space.negative)):
+            chosen = truth == label
+            out[name], out["label_methods"][name] = proportion_interval(
+                correct[chosen], None if clustered is None else clustered[chosen], level) if chosen.any() else (
+                None, "clopper-pearson")
+    m = len(space.names)
+    resampled = _label_values(truth, pred, m, resample_weights(group, resamples, seed))
+    estimate = _label_values(truth, pred, m, np.ones((1, len(truth))))
+    jackknife = _label_values(truth, pred, m, jackknife_weights(group))
+    for name in ("f1_macro", "balanced_accuracy"):
+        out["label_methods"][name] = "bca bootstrap" + (" (scan groups)" if clustered is not None else "")
+        if is_degenerate(resampled[name]):
+            out[name] = None
+            out["label_degenerate"].append(name)
+        else:
+            out[name] = bca_interval(float(estimate[name][0]), resampled[name], jackknife[name], level)
     for name in LABEL_INTERVALS:
-        finite = values[name][np.isfinite(values[name])] if name in values else np.array([])
-        out[name] = [float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))] if len(
-            finite) else None
+        out.setdefault(name, None)
     return out

@@ -339,9 +339,12 @@ def classification_figures(confusion: list[list[int]], class_names: Sequence[str
         tp = confusion[c][c]
         values = {"precision": _ratio(tp, predicted[c]), "recall": _ratio(tp, support[c]),
                   "f1": _ratio(2 * tp, support[c] + predicted[c])}  # 2TP / (2TP + FP + FN)
+        denominators = {"precision": predicted[c], "recall": support[c], "f1": support[c] + predicted[c]}
         for metric, value in values.items():
             per_class[metric].append(value)
-            results[f"{metric}_{name}"] = value
+            # a class absent from the subset (or never predicted) has no such figure: None, shown as `–`,
+            # never 0; the averages below keep scikit-learn's zero_division=0
+            results[f"{metric}_{name}"] = value if denominators[metric] > 0 else None
     # Macro averages run over the classes that occur in the truth or the predictions (scikit-learn's default
     # labels): a subset without a class (e.g. the leaked images) is not penalised for a class it cannot contain.
     present = [c for c in range(k) if support[c] + predicted[c] > 0] or list(range(k))
@@ -363,8 +366,9 @@ def segmentation_figures(pixels: Sequence[int], images: Sequence[int], overlap: 
     dice_global = _ratio(2 * tp, 2 * tp + fp + fn)
     iou_global = _ratio(tp, tp + fp + fn)
     return {
-        "dice": _ratio(overlap[_DICE_TUMOUR], tumour_images),
-        "iou": _ratio(overlap[_IOU_TUMOUR], tumour_images),
+        # no tumour image: tumour Dice / IoU do not exist (None, shown as `–`), they are not 0
+        "dice": _ratio(overlap[_DICE_TUMOUR], tumour_images) if tumour_images else None,
+        "iou": _ratio(overlap[_IOU_TUMOUR], tumour_images) if tumour_images else None,
         "dice_global": dice_global,
         "iou_global": iou_global,
         "dice_2class": (dice_bg + dice_global) / 2,
@@ -374,7 +378,7 @@ def segmentation_figures(pixels: Sequence[int], images: Sequence[int], overlap: 
         "pixel_accuracy": _ratio(tp + tn, tp + fp + fn + tn),
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
-        "empty_fp_rate": _ratio(empty_fp, empty_images),
+        "empty_fp_rate": _ratio(empty_fp, empty_images) if empty_images else None,
         "num_seg_images": seg_images,
         "num_tumour_images": tumour_images,
         "num_empty_images": empty_images,

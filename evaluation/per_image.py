@@ -3,7 +3,8 @@
 Columns: stem, subset (`leak_free` / `leaked`; `all` when no leak check applies), plane, true_class,
 pred_class, correct, prob_<class> (softmax, temperature-scaled when `--calibrate`), dice, iou, hd95, assd
 (native size, as scored: gated when `gate_masks` is on), true_area and pred_area (pixels at native size),
-width, height (original size), dice_train_res, iou_train_res. Segmentation cells are empty for an image
+width, height (original size), dice_train_res, iou_train_res; channels (1 / 3: the file's storage) and
+scan_group (datasets.duplicates.scan_groups) when the scorer knows them. Segmentation cells are empty for an image
 without an annotation; hd95 / assd are empty when the ground truth is empty (see metric_definitions.md).
 """
 from __future__ import annotations
@@ -53,6 +54,10 @@ def per_image_rows(table: PerImage, subset_of: dict[str, str], class_names: Sequ
                     "height": None if not math.isfinite(sizes[0]) else int(sizes[0]),
                     "dice_train_res": float(dice_tr[n]) if annotated else None,
                     "iou_train_res": float(iou_tr[n]) if annotated else None})
+        if table.channels is not None:  # file storage (evaluation.subgroups) and scan group, when known
+            row["channels"] = int(table.channels[n])
+        if table.groups is not None:
+            row["scan_group"] = int(table.groups[n])
         rows.append(row)
     return rows
 

@@ -34,6 +34,8 @@ class PerImage:
     has_seg: bool = True  # False for a classification-only model: no segmentation figures
     distances: Optional[np.ndarray] = None  # (N, 2) HD95, ASSD at native size; NaN without a tumour in the truth
     sizes: Optional[np.ndarray] = None  # (N, 2) original height, width (NaN when unannotated)
+    channels: Optional[np.ndarray] = None  # (N,) channels the file stores (1 grey, 3 colour; evaluation.subgroups)
+    groups: Optional[np.ndarray] = None  # (N,) scan-group id (datasets.duplicates.scan_groups): cluster resampling
 
     @property
     def has_cls(self) -> bool:

@@ -125,18 +125,18 @@ def _png(array: np.ndarray) -> bytes:
     return cv2.imencode(".png", array)[1].tobytes()
 
 
-def test_uploads_of_every_supported_kind_decode_like_test_py(examples, tmp_path):
+def test_uploads_of_every_supported_kind_decode_to_the_slice(examples):
+    # checked against the known pixels, not against datasets.decode (which read_upload itself calls)
     grey = cv2.imread(str(examples["glioma"]), cv2.IMREAD_GRAYSCALE)[:300, :200]
     sixteen = (grey.astype(np.uint16) * 257)
     colour = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    for name, data in (("grey.png", _png(grey)), ("sixteen.png", _png(sixteen)), ("colour.png", _png(colour)),
-                       ("slice.jpg", cv2.imencode(".jpg", colour)[1].tobytes())):
-        path = tmp_path / name
-        path.write_bytes(data)
-        from datasets.decode import read_grey
-
-        decoded = demo.read_upload(data, name)
-        assert decoded.shape == (300, 200) and np.array_equal(decoded, read_grey(path))
+    assert np.array_equal(demo.read_upload(_png(grey), "grey.png"), grey)
+    assert np.array_equal(demo.read_upload(_png(colour), "colour.png"), grey)  # three equal channels: the grey
+    jpeg = demo.read_upload(cv2.imencode(".jpg", colour)[1].tobytes(), "slice.jpg")
+    assert jpeg.shape == (300, 200) and np.abs(jpeg.astype(int) - grey).mean() < 3  # lossy, but the same slice
+    wide = demo.read_upload(_png(sixteen), "sixteen.png")  # 16-bit: one channel of 8 bits, order kept
+    assert wide.dtype == np.uint8 and wide.shape == (300, 200)
+    assert np.corrcoef(wide.ravel(), grey.ravel())[0, 1] > 0.999
 
 
 @pytest.mark.parametrize("case, message", [

@@ -66,15 +66,16 @@ def test_classification_figures_match_scikit_learn(never_predict):
         assert results[f"precision_{average}"] == pytest.approx(p, abs=1e-6)
         assert results[f"recall_{average}"] == pytest.approx(r, abs=1e-6)
         assert results[f"f1_{average}"] == pytest.approx(f, abs=1e-6)
-    p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=LABELS, zero_division=0)
+    # per class, a zero denominator (class absent / never predicted) is no figure: None here, NaN in sklearn
+    p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=LABELS, zero_division=np.nan)
     for c, name in enumerate(NAMES):
-        assert results[f"precision_{name}"] == pytest.approx(p[c], abs=1e-6)
-        assert results[f"recall_{name}"] == pytest.approx(r[c], abs=1e-6)
-        assert results[f"f1_{name}"] == pytest.approx(f[c], abs=1e-6)
+        for key, theirs in (("precision", p[c]), ("recall", r[c]), ("f1", f[c])):
+            mine = results[f"{key}_{name}"]
+            assert (mine is None) == bool(np.isnan(theirs)) and (mine is None or mine == pytest.approx(theirs))
     assert results["confusion_matrix"] == skm.confusion_matrix(y_true, y_pred, labels=LABELS).tolist()
     assert results["num_images"] == len(y_true)
     if never_predict is not None:
-        assert results[f"precision_{NAMES[never_predict]}"] == 0.0
+        assert results[f"precision_{NAMES[never_predict]}"] is None  # never predicted: no precision, not 0
 
 
 def test_classification_report_is_scikit_learns():
@@ -205,7 +206,7 @@ def test_merging_two_objects_equals_one_over_the_union_and_reset_clears():
 
     merged.reset()
     empty = merged.compute()
-    assert empty["num_images"] == 0 and empty["accuracy"] == 0.0 and empty["dice"] == 0.0
+    assert empty["num_images"] == 0 and empty["accuracy"] == 0.0 and empty["dice"] is None  # no tumour: no Dice
     assert merged.per_image_records() == []
     with pytest.raises(ValueError, match="same number of classes"):
         merged.merge(MultiTaskMetrics(3, NAMES[:3]))

@@ -299,7 +299,7 @@ def test_architecture_figure_reads_the_model(tmp_path):
     assert info.decoder_strides == [4, 8, 16, 32] and info.aux_strides == [8, 16]
     assert info.total_params == sum(p.numel() for p in model.parameters())
     assert sum(s.params for s in info.stages) + info.context_params + info.decoder_params + info.seg_head_params \
-        + info.aux_params + info.cls_head_params == info.total_params
+        + info.aux_params + info.cls_head_params + info.stem_level_params == info.total_params
     assert "NMF rank" in info.context and info.num_classes == 4 and info.gflops > 0
     # The probe ran on a copy: the caller's batch-norm statistics and mode are untouched.
     assert torch.equal(model.encoder_stages()[0][1].running_mean, running_mean) and model.training
@@ -308,3 +308,14 @@ def test_architecture_figure_reads_the_model(tmp_path):
     assert_sane_png(path, min_width=1500, min_height=900)
     with pytest.raises(ValueError, match="has no context, decoder"):
         architecture.describe_architecture(TinyNet())
+
+
+@pytest.mark.skipif("efficient_mtnet" not in list_models(), reason="EfficientMTNet is not registered")
+def test_architecture_default_is_the_configured_headline_model():
+    """Without a model the figure describes the headline config's model (stride-2 mask level, 1,389,151
+    parameters), not the constructor defaults (stride 4, 1,385,359)."""
+    configured = architecture.configured_model()
+    info = architecture.describe_architecture(image_size=64)
+    assert info.total_params == sum(p.numel() for p in configured.parameters())
+    assert info.seg_stride == 2 and info.stem_level_params > 0
+    assert info.total_params != sum(p.numel() for p in build_model("efficient_mtnet").parameters())

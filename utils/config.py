@@ -124,6 +124,13 @@ class DataConfig:
     group_duplicates: bool = True
     # BRISC 2025: rescaled copies >= 0.9928; neighbouring slices of a scan up to 0.9921
     near_threshold: float = spec(0.99, gt=0, le=1)
+    # Scan-level groups: similarity chains of 32x32-thumbnail correlation >= group_threshold (slices likely from
+    # one scan; docs/statistics.md). split_groups "scan" keeps each such group on one side of every split part.
+    group_threshold: float = spec(0.96, gt=0, le=1)  # measured: docs/statistics.md
+    split_groups: str = spec("duplicates", choices=("duplicates", "scan"))
+    # a held-out `dev_test` part of the train folder (share of each class of the release), carved from what
+    # the validation part leaves: never used for early stopping, checkpoints, thresholds or temperatures
+    test_dev_fraction: float = spec(0.0, ge=0, lt=0.5)
     folds: int = spec(0, ge=0)  # K-fold cross-validation: 0 = off (val_fraction split), else K >= 2 folds ...
     fold: int = spec(0, ge=0)  # ... and this fold (0..K-1) is the validation part
     # stretch to a square, scale the longest side and pad (letterbox), or crop the head's square (head: the

@@ -42,6 +42,8 @@ class ArchitectureSummary:
     cls_head_params: int
     total_params: int
     gflops: float
+    seg_stride: int = 4  # the stride of the level the segmentation head reads (2 with model.kwargs.output_stride 2)
+    stem_level_params: int = 0  # the stride-2 level (stem lateral + the stride-4 level upsampled), when present
 
 
 def _params(module: Optional[nn.Module]) -> int:
@@ -89,9 +91,23 @@ def _conv_chain(head: nn.Module) -> str:
     return "\n".join(parts) if parts else "-"
 
 
+HEADLINE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "efficient_mtnet_brisc.yaml"
+
+
+def configured_model(config: PathLike = HEADLINE_CONFIG) -> nn.Module:
+    """The model a config builds (by default the headline recipe's: stride-2 mask level), untrained."""
+    from model import build_model
+    from model.loading import model_kwargs
+    from utils.config import load_config
+
+    cfg = load_config(config)
+    return build_model(cfg.model.name, **model_kwargs(cfg, pretrained=False))
+
+
 def describe_architecture(model: Optional[nn.Module] = None, image_size: int = 256) -> ArchitectureSummary:
-    """Channels, strides, block structure and parameters of EfficientMTNet (built with defaults when None),
-    read from the model: a forward pass at `image_size` with hooks on the encoder stages and the decoder."""
+    """Channels, strides, block structure and parameters of EfficientMTNet (the headline config's model when
+    None, not the constructor defaults), read from the model: a forward pass at `image_size` with hooks on the
+    encoder stages and the decoder."""
     import copy
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -100,9 +116,7 @@ def describe_architecture(model: Optional[nn.Module] = None, image_size: int = 2
     from visualization.gradcam import layer_name
 
     if model is None:
-        from model import build_model
-
-        model = build_model("efficient_mtnet")
+        model = configured_model()
     model = unwrap_model(model)
     required = ("encoder_stages", "context", "decoder", "seg_head", "cls_head")
     missing = [name for name in required if not hasattr(model, name)]
@@ -118,6 +132,8 @@ def describe_architecture(model: Optional[nn.Module] = None, image_size: int = 2
              for k, stage in enumerate(stages)]
     levels: list[torch.Size] = []
     hooks.append(probe.decoder.register_forward_hook(lambda m, i, o: levels.extend(t.shape for t in o)))
+    head_input: list[torch.Size] = []
+    hooks.append(probe.seg_head.register_forward_hook(lambda m, i, o: head_input.append(i[0].shape)))
     probe.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = probe(x)
@@ -145,7 +161,8 @@ def describe_architecture(model: Optional[nn.Module] = None, image_size: int = 2
         seg_head=_conv_chain(probe.seg_head), seg_head_params=_params(probe.seg_head),
         aux_strides=[image_size // int(a.shape[-1]) for a in aux], aux_params=_params(aux_heads),
         cls_head=_linear_chain(probe.cls_head), cls_head_params=_params(probe.cls_head),
-        total_params=_params(probe), gflops=counter.get_total_flops() / 1e9)
+        total_params=_params(probe), gflops=counter.get_total_flops() / 1e9,
+        seg_stride=image_size // int(head_input[0][-1]), stem_level_params=_params(getattr(probe, "stem_level", None)))
 
 
 class _Diagram:
@@ -261,11 +278,14 @@ def draw_architecture(out_path: PathLike = "images/architecture.png", model: Opt
     # Row 3: segmentation head on the finest level; auxiliary heads (training only) on deeper ones.
     y_head = 1.75
     finest = level_boxes[ordered[0]]
-    seg = d.box(finest[0], y_head, w, 1.5, "segmentation head",
-                f"{info.seg_head}\n{_fmt_params(info.seg_head_params)} params", head_c, body_size=8)
+    reads = "" if info.seg_stride == ordered[0] else (
+        f"\nreads a 1/{info.seg_stride} level: stem lateral\n+ 1/{ordered[0]} upsampled, DW-sep 3×3 "
+        f"({_fmt_params(info.stem_level_params)})")
+    seg = d.box(finest[0], y_head, w, 1.5 if not reads else 1.9, "segmentation head",
+                f"{info.seg_head}\n{_fmt_params(info.seg_head_params)} params{reads}", head_c, body_size=8)
     mask = d.box(seg[0] - 4.1, y_head, 3.0, 1.0, "mask logits\nB × 1 × H × W", colour=io_c, title_size=9.5)
     d.arrow(d.edge(finest, "bottom"), d.edge(seg, "top"))
-    d.arrow(d.edge(seg, "left"), d.edge(mask, "right"), f"bilinear ×{ordered[0]}", label_offset=(0, 0.1))
+    d.arrow(d.edge(seg, "left"), d.edge(mask, "right"), f"bilinear ×{info.seg_stride}", label_offset=(0, 0.1))
     for stride in info.aux_strides:
         if stride not in level_boxes:
             continue

@@ -34,10 +34,15 @@ def reliability_figure(bins: list[dict], ece: float, title: str = "") -> Figure:
     return fig
 
 
-def breakdown_figure(breakdown: dict, title: str = "") -> Figure:
-    """One panel per grouping (plane, class, tumour-size tercile): accuracy and tumour Dice per group, in %."""
+def breakdown_figure(breakdown: dict, title: str = "", subgroups: Optional[dict] = None) -> Figure:
+    """One panel per grouping (plane, class, tumour-size tercile and, with `subgroups` from
+    evaluation.subgroups.subgroup_breakdown, file shape, storage and file-size tercile): accuracy and tumour
+    Dice per group, in %; an absent figure gets no bar."""
     groups = [(name, breakdown.get(name) or {}) for name in ("plane", "class", "tumour_size")]
-    fig = new_figure(12.0, 3.8)
+    for proxy, members in ((subgroups or {}).get("groups") or {}).items():
+        groups.append((f"file {proxy}", {name: figures for name, figures in members.items()
+                                         if figures.get("num_images")}))
+    fig = new_figure(4.0 * len(groups), 3.8)
     axes = fig.subplots(1, len(groups), sharey=True)
     for ax, (grouping, members) in zip(axes, groups):
         names = list(members)
@@ -46,10 +51,12 @@ def breakdown_figure(breakdown: dict, title: str = "") -> Figure:
             values = [100 * members[n][key] if members[n].get(key) is not None else np.nan for n in names]
             if all(np.isnan(values)):  # a task the run does not have: no bars rather than zeros
                 continue
-            bars = ax.bar(x + offset, np.nan_to_num(values), width=0.38, color=colour, label=key)
-            for bar, value in zip(bars, values):
-                if not np.isnan(value):
-                    ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", fontsize=7)
+            present = ~np.isnan(values)  # an absent figure (None: e.g. no_tumor's tumour Dice) gets no bar, not 0
+            bars = ax.bar(x[present] + offset, np.asarray(values)[present], width=0.38, color=colour, label=key)
+            for bar, value in zip(bars, np.asarray(values)[present]):
+                ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", fontsize=7)
+            for position in x[~present]:
+                ax.text(position + offset, 1, "–", ha="center", fontsize=8, color=colour)
         labels = [f"{n}\n({members[n].get('num_images', 0)})" for n in names]
         ax.set_xticks(x, labels=labels, fontsize=8)
         ax.set_title(grouping.replace("_", " "), fontsize=10)
@@ -61,11 +68,12 @@ def breakdown_figure(breakdown: dict, title: str = "") -> Figure:
     return fig
 
 
-def save_breakdown_figures(calibration: Optional[dict], breakdown: dict, out_dir: PathLike, title: str = ""
-                           ) -> list[Path]:
-    """`reliability.png` (when calibration bins are given) and `breakdowns.png` in `out_dir`."""
+def save_breakdown_figures(calibration: Optional[dict], breakdown: dict, out_dir: PathLike, title: str = "",
+                           subgroups: Optional[dict] = None) -> list[Path]:
+    """`reliability.png` (when calibration bins are given) and `breakdowns.png` in `out_dir` (with the shortcut
+    subgroups' panels when `subgroups` is given)."""
     out_dir = Path(out_dir)
-    written = [save_figure(breakdown_figure(breakdown, title), out_dir / "breakdowns.png")]
+    written = [save_figure(breakdown_figure(breakdown, title, subgroups), out_dir / "breakdowns.png")]
     if calibration:
         written.append(save_figure(reliability_figure(calibration["bins"], calibration["ece"], title),
                                    out_dir / "reliability.png"))
