@@ -238,9 +238,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="sweep folder (default: <experiment.work_dir>/<experiment.name>_sweep)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
-    parser.add_argument("--split", default="val", choices=["val", "test"], help="split that scores each run")
+    parser.add_argument("--split", default="val", choices=["val", "dev_test", "test"],
+                        help="split that scores each run: val (selection), dev_test or test (held out)")
     parser.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
                         help="resamples for test.py's 95%% intervals (0: none)")
+    parser.add_argument("--baseline", default=None, metavar="SETTING",
+                        help="test every setting against this one, seed by seed, on the same images (paired "
+                             "intervals, p-values Holm-adjusted over the sweep); default: the first setting")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_debug_flag(parser)
@@ -254,6 +258,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = load_config(args.config, args.opts)
     out = args.out or Path(base.experiment.work_dir) / f"{base.experiment.name}_sweep"
     settings = expand_grid(args.grid) if args.grid is not None else read_runs_file(args.runs)
+    if args.baseline is not None and args.baseline not in [s.name for s in settings]:
+        raise ConfigError(f"--baseline {args.baseline}: no such setting (the settings: "
+                          f"{', '.join(s.name for s in settings)})")
     seeds = args.seeds or [base.experiment.seed]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds repeats a seed ({' '.join(map(str, seeds))}): give each once")
@@ -278,7 +285,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{exc or 'interrupted'}\n[sweep] interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
     title = f"{args.config} ({args.runs.name if args.runs else 'grid'})"
-    print(write_sweep_tables(setting_rows(settings, runs, measures), out, title, args.split))
+    print(write_sweep_tables(setting_rows(settings, runs, measures), out, title, args.split,
+                             baseline=args.baseline or settings[0].name))
     print(f"tables: {out / 'sweep.md'}, {out / 'sweep.csv'}, {out / 'sweep.png'}")
     if failed:
         print(f"{len(failed)} of {len(runs)} runs failed (listed above and in sweep.md); rerun the command to retry "

@@ -98,12 +98,87 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
             writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in values])
 
 
-def write_sweep_tables(rows: Sequence[dict], out: Path, title: str, split: str) -> str:
-    """sweep.md, sweep.csv and sweep.png in `out`; returns the markdown."""
+PAIRED = ("accuracy", "dice")  # the figures tested against the baseline: McNemar / Wilcoxon (or scan sign-flip)
+
+
+def paired_against(rows: Sequence[dict], baseline: str, split: str, subset: str = "leak_free",
+                   resamples: int = 1000) -> list[dict]:
+    """Each setting against `baseline` seed by seed (same seed, same images): the difference of each figure of
+    `PAIRED` with its paired 95 % interval and p-value (`evaluation.compare`), and the p-value Holm-adjusted
+    over every test of the sweep (one family: settings x seeds x figures)."""
+    from evaluation.compare import compare, locate
+    from evaluation.stats import holm
+
+    base = next((row for row in rows if row["setting"].name == baseline), None)
+    if base is None:
+        return []
+    base_runs = {r["seed"]: r for r in base["done"]}
+    tests = []
+    for row in rows:
+        if row is base:
+            continue
+        for result in row["done"]:
+            other = base_runs.get(result["seed"])
+            if other is None:
+                continue
+            folders = [locate(Path(other["run_dir"]), split), locate(Path(result["run_dir"]), split)]
+            compared = compare(folders, subset, resamples=resamples, seed=result["seed"])
+            for key in PAIRED:
+                figure = compared["figures"].get(key)
+                if figure and figure.get("p_value") is not None:
+                    tests.append({"setting": row["setting"].name, "seed": result["seed"], "figure": key,
+                                  "difference": figure["difference"], "interval": figure.get("ci95"),
+                                  "p_value": figure["p_value"], "test": figure.get("test"),
+                                  "num_images": compared["num_images"], "num_groups": compared["num_groups"]})
+    for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
+        test["p_holm"] = adjusted
+    return tests
+
+
+def render_paired(tests: Sequence[dict], baseline: str) -> str:
+    """The paired table: one row per setting and seed, difference [interval] and p (Holm) per figure."""
+    if not tests:
+        return ""
+    by_row: dict[tuple, dict] = {}
+    for t in tests:
+        by_row.setdefault((t["setting"], t["seed"]), {})[t["figure"]] = t
+    header = ["setting", "seed", *(f"Δ {key} % [95 % interval]" for key in PAIRED),
+              *(f"p {key} (Holm)" for key in PAIRED)]
+    cells = []
+    for (name, seed), figures in by_row.items():
+        diffs, ps = [], []
+        for key in PAIRED:
+            t = figures.get(key)
+            if t is None:
+                diffs.append("–")
+                ps.append("–")
+                continue
+            interval = t.get("interval")
+            diffs.append(f"{100 * t['difference']:+.2f}" + (f" [{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]"
+                                                           if interval else ""))
+            ps.append(f"{t['p_value']:.3g} ({t['p_holm']:.3g})")
+        cells.append([name, str(seed), *diffs, *ps])
+    first = tests[0]
+    return "\n".join(["", f"## Paired against `{baseline}`", "",
+                      f"Each run against the baseline run of the same seed on the same {first['num_images']} images "
+                      f"({first['num_groups']} scan groups): difference (setting - baseline) with its paired 95 % "
+                      f"interval and p-value ({first['test']} for accuracy and the matching test for Dice; "
+                      "evaluation.compare), then Holm-adjusted over every test of this table.", "",
+                      markdown_table(header, cells)]) + "\n"
+
+
+def write_sweep_tables(rows: Sequence[dict], out: Path, title: str, split: str, baseline: str = "") -> str:
+    """sweep.md, sweep.csv and sweep.png in `out` (and sweep_paired.json with a `baseline` setting); returns the
+    markdown."""
+    from utils.runs import write_json_atomic
     from visualization.sweep import save_sweep_figure
 
     out.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(rows, title, split)
+    if baseline:
+        tests = paired_against(rows, baseline, split)
+        write_json_atomic({"baseline": baseline, "split": split, "tests": tests}, out / "sweep_paired.json")
+        markdown += render_paired(tests, baseline)
     (out / "sweep.md").write_text(markdown, encoding="utf-8")
     write_csv(rows, out / "sweep.csv")
     points = [{"name": row["setting"].name, **{k: row["summary"][k] for k in ("accuracy", "dice")

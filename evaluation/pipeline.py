@@ -20,7 +20,9 @@ import torch.nn as nn
 
 from datasets import CLASS_NAMES
 from datasets.factory import build_eval_dataset
+from datasets.duplicates import scan_group_ids
 from datasets.naming import NO_TUMOR, PLANES
+from datasets.splits import split_role
 from losses import MultiTaskLoss
 from model import model_tasks
 from model.loading import load_model_from_checkpoint
@@ -37,6 +39,7 @@ from evaluation.options import THRESHOLD_CANDIDATES, TestOptions, check_options,
 from evaluation.per_image import per_image_rows, write_per_image_csv
 from evaluation.sources import Source, add_label_figures, other_dataset, own_split, with_labels
 from evaluation.subsets import PerImage, per_image_overlap, subset_figures, subset_indices
+from evaluation.subgroups import annotate_table, subgroup_breakdown
 from evaluation.summary import print_summary
 from utils.config import Config
 from utils.flops import count_parameters
@@ -163,7 +166,7 @@ def score_subsets(table: PerImage, leaked: Optional[dict], num_classes: int, res
             continue
         subsets[name] = subset_figures(table, index, CLASS_NAMES)
         subsets[name]["ci95"] = bootstrap_intervals(table, index, num_classes, resamples, seed,
-                                                    class_names=CLASS_NAMES) if resamples else None
+                                                    class_names=CLASS_NAMES, groups=table.groups) if resamples else None
     return indices, subsets
 
 
@@ -208,6 +211,11 @@ def run_test(opts: TestOptions) -> dict:
     table = gate_masks(ungated, NO_TUMOR) if source.gated else ungated
 
     leaked, leak_info = source.check_overlap(dataset.samples)
+    # storage (1- / 3-channel file) and scan groups: the subgroups and the resampling units of every interval
+    sample_of = {s.stem: s for s in dataset.samples}
+    scored_samples = [sample_of[stem] for stem in table.stems]
+    groups = scan_group_ids(scored_samples, cfg.data.group_threshold, cache_dir=run_dir / "leak_check")
+    annotate_table(table, [s.image for s in scored_samples], groups)
     indices, subsets = score_subsets(table, leaked, cfg.model.num_classes, opts.bootstrap, opts.seed)
     headline = headline_subset(opts.subset, indices, leak_info, source)
     if leaked is not None:
@@ -220,14 +228,17 @@ def run_test(opts: TestOptions) -> dict:
                 subsets[name]["mask_gating"] = gating_figures(ungated, other, index, CLASS_NAMES, applied=source.gated)
     labels = _label_predictions(scored, source, temperature)
     if labels is not None:  # figures in another dataset's label space
-        add_label_figures(subsets, indices, *labels, source.space, opts.bootstrap, opts.seed)
+        add_label_figures(subsets, indices, *labels, source.space, opts.bootstrap, opts.seed, groups=table.groups)
     calibration = calibration_summary(table.logits[indices[headline]], table.labels[indices[headline]],
                                       temperature or 1.0) if source.score_cls and source.model_space else None
     breakdown = breakdowns(table, indices[headline], CLASS_NAMES, list(PLANES)) \
         if source.model_space or not source.score_cls else None
+    # the source proxies of the file (shape, storage, size): a model that reads them scores unevenly across them
+    subgroups = subgroup_breakdown(table, indices[headline], CLASS_NAMES, opts.bootstrap, opts.seed) \
+        if table.sizes is not None and (source.model_space or not source.score_cls) else None
 
     results = scored_results(opts, model, cfg, ckpt, subsets, headline, threshold if source.score_seg else None,
-                             tuning, temperature, source, scored.loss, leak_info, breakdown, calibration)
+                             tuning, temperature, source, scored.loss, leak_info, breakdown, calibration, subgroups)
     write_json_atomic(results, out_dir / "metrics.json")
     report = write_files(out_dir, opts, model, cfg, device, dataset, source, scored, table, results, leaked, labels,
                          threshold, temperature, headline)
@@ -262,19 +273,24 @@ def _label_predictions(scored: Scored, source: Source, temperature: Optional[flo
 
 def scored_results(opts: TestOptions, model: nn.Module, cfg: Config, ckpt: dict, subsets: dict, headline: str,
                    threshold: Optional[float], tuning: Optional[dict], temperature: Optional[float], source: Source,
-                   loss: Optional[float], leak_info: dict, breakdown: Optional[dict], calibration: Optional[dict]
-                   ) -> dict:
+                   loss: Optional[float], leak_info: dict, breakdown: Optional[dict], calibration: Optional[dict],
+                   subgroups: Optional[dict] = None) -> dict:
     """metrics.json: the headline subset's figures at the top level, then the setting they were scored in
     (split, subsets, resolution, threshold, TTA, weights, ...), the per-subset figures and the source's own keys."""
     results = dict(subsets[headline])
     results.update({
         "model": cfg.model.name, "params": count_parameters(model), "split": opts.split,
+        "split_role": split_role(opts.split),
         "data_root": str(source.data.root), "headline_subset": headline, "resolution": "native",
         "threshold": threshold, "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
         "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
         "resize": cfg.data.resize, "gate_masks": source.gated, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
         "loss": loss, "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
-        "calibration": calibration, "distance_unit": "mm" if source.spacing else "px",
+        "calibration": calibration, "distance_unit": "mm" if source.spacing else "px", "subgroups": subgroups,
+        "scan_grouping": {"method": "datasets.duplicates.scan_group_ids (chains of 32x32 thumbnail correlation)",
+                          "threshold": cfg.data.group_threshold,
+                          "num_groups": {name: (subsets[name].get("ci95") or {}).get("num_groups")
+                                         for name in subsets}},
     })
     if tuning:
         results["threshold_tuning"] = tuning
@@ -310,7 +326,8 @@ def write_files(out_dir: Path, opts: TestOptions, model: nn.Module, cfg: Config,
     write_per_image_csv(rows, out_dir / "per_image.csv")
     if source.space is None:  # the run's own split: figures per plane / class / size, best and worst cases
         title = f"{cfg.model.name}, {opts.split} split, {SUBSET_LABELS[headline]}"
-        save_breakdown_figures(results["calibration"], results["breakdowns"], out_dir, title)
+        save_breakdown_figures(results["calibration"], results["breakdowns"], out_dir, title,
+                               subgroups=results["subgroups"])
         write_case_grids(model, dataset, scored.records, cfg, device, threshold, opts.tta, out_dir)
     if opts.gradcam > 0:
         write_gradcam_figures(model, dataset, out_dir / "gradcam", per_class=opts.gradcam, device=device,

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from datasets.splits import split_role
 from model import build_model
 from model.loading import model_kwargs
 from utils.cli import add_debug_flag, positive_int, run_main
@@ -73,8 +74,10 @@ def subset_of(metrics: dict, name: str) -> dict:
 
 
 def cell(figures: dict, key: str) -> str:
-    """A percentage with its 95 % interval when there is one, e.g. `99.30 [98.80, 99.70]`."""
-    return format_value(key, figures, (figures.get("ci95") or {}).get(key))
+    """A percentage with its 95 % interval when there is one, e.g. `99.30 [98.80, 99.70]`; `[degenerate]` when
+    every resample gave the same value (no interval, never a zero-width one)."""
+    ci = figures.get("ci95") or {}
+    return format_value(key, figures, ci.get(key)) + (" [degenerate]" if key in ci.get("degenerate", ()) else "")
 
 
 def test_command(run: str, setting: dict) -> str:
@@ -124,16 +127,17 @@ def render(rows: list[dict], split: str, threads: int) -> str:
                        for g in ("all", "leak_free", "leaked"))
     notes = [
         "",
-        f"Data: `{first['metrics'].get('data_root')}`, the `{split}` split (images: {counts}; for `val`, the "
-        "10 % of the BRISC 2025 training split held out by `split.json`, the same for every row), at "
+        f"Data: `{first['metrics'].get('data_root')}`, the `{split}` split, role: {split_role(split)} (images: "
+        f"{counts}; `val` selects checkpoints and recipes, so its figures are optimistic; `dev_test` and `test` are "
+        "held out), at "
         f"{first['cfg'].data.image_size}x{first['cfg'].data.image_size}. Leak-free: without the images whose "
         "pixels are identical or near-identical to a training image; all: every image. Headline subset (the "
         f"columns without a group and the per-class table): {hl}. Segmentation scored at "
         + ("each image's own size (logits upsampled bilinearly, masks binarised at 128); `train-res.`: at the "
            "training resolution." if resolution == "native" else "the training resolution.")
         + " Dice/IoU tumour: per image, mean over images with a tumour; global and 2-class: from summed pixel "
-        "counts (see [Metric definitions](#metric-definitions)). `[a, b]`: 95 % bootstrap interval (1000 "
-        "per-image resamples).",
+        "counts (see [docs/metrics.md](docs/metrics.md)). `[a, b]`: 95 % interval, Clopper-Pearson for "
+        "proportions and BCa bootstrap for the rest, resampling scan groups (docs/statistics.md).",
         f"Hardware: {cpu_name()}, {torch.get_num_threads()} cores visible; latency: batch 1, fp32, eval mode, "
         f"{threads} threads, median of 30 after warm-up, measured when this table was generated. GMACs: thop "
         "multiply-accumulates at the training resolution (FLOPs = 2 x MACs).",

@@ -22,6 +22,7 @@ from datasets.imagefolder import class_folders, folder_samples
 from datasets.index import Sample, check_unique
 from datasets.naming import CLASS_NAMES
 from evaluation.labels import LabelSpace, label_figures, label_intervals, label_space
+from datasets.splits import split_role
 from evaluation.leaks import leak_check
 from evaluation.options import TestOptions
 from evaluation.subsets import excluded_list
@@ -107,14 +108,15 @@ def own_split(cfg: Config, opts: TestOptions, run_dir: Path, has_cls: bool, has_
 
     def check(samples: Sequence[Sample]) -> tuple[Optional[dict], dict]:
         leaked, info = leak_check(Path(cfg.data.root), opts.split, split_path, samples,
-                                  cache_dir=run_dir / "leak_check", index=sample_index(cfg.data))
+                                  cache_dir=run_dir / "leak_check", index=sample_index(cfg.data),
+                                  near_threshold=cfg.data.near_threshold)
         if leaked is not None:
             info["excluded"] = excluded_list(leaked, [s.stem for s in samples], info["against"])
         return leaked, info
 
     return Source(data=cfg.data, split=opts.split, split_path=split_path, index=None, score_cls=has_cls,
                   score_seg=has_seg, check_overlap=check, overlap_name=f"leak check for the {opts.split} split",
-                  title=f", {opts.split} split", progress=f"test {opts.split}", spacing=opts.spacing or cfg.data.spacing,
+                  title=f", {opts.split} split ({split_role(opts.split)})", progress=f"test {opts.split}", spacing=opts.spacing or cfg.data.spacing,
                   gated=gated)
 
 
@@ -252,14 +254,17 @@ def absent_figures(fmt: str, score_cls: bool, score_seg: bool, model_space: bool
 
 # --------------------------------------------------------------------------------------------- label-space figures
 def add_label_figures(subsets: dict[str, dict], indices: dict[str, np.ndarray], truth: np.ndarray, pred: np.ndarray,
-                      label_probs: np.ndarray, space: LabelSpace, resamples: int, seed: int) -> None:
-    """Each non-empty subset's label-space figures (`evaluation.labels.label_figures`) and their intervals."""
+                      label_probs: np.ndarray, space: LabelSpace, resamples: int, seed: int,
+                      groups: Optional[np.ndarray] = None) -> None:
+    """Each non-empty subset's label-space figures (`evaluation.labels.label_figures`) and their intervals
+    (resampling the scan `groups`, one id per image, when given)."""
     for name, index in indices.items():
         if not len(index):
             continue
         subsets[name].update(label_figures(truth[index], pred[index], label_probs[index], space))
         if subsets[name].get("ci95") is not None:
-            subsets[name]["ci95"].update(label_intervals(truth[index], pred[index], space, resamples, seed))
+            subsets[name]["ci95"].update(label_intervals(truth[index], pred[index], space, resamples, seed,
+                                                         groups=None if groups is None else groups[index]))
 
 
 def with_labels(row: dict, n: int, truth: np.ndarray, pred: np.ndarray, logits: np.ndarray,

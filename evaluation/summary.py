@@ -96,7 +96,9 @@ def summary_table(subsets: dict[str, dict], headline: str, distance_unit: str = 
     for key, label, over in figures + class_rows(every) + counts:
         if not any(isinstance(subsets[n].get(key), (int, float)) for n in names):
             continue
-        cells = [format_value(key, subsets[n], (subsets[n].get("ci95") or {}).get(key)) for n in names]
+        cells = [format_value(key, subsets[n], (subsets[n].get("ci95") or {}).get(key))
+                 + (" [degenerate]" if key in (subsets[n].get("ci95") or {}).get("degenerate", ()) else "")
+                 for n in names]
         rows.append((label.replace("(pixels)", "(mm)") if distance_unit == "mm" else label, *cells, over))
     return format_table(rows, header)
 
@@ -110,8 +112,13 @@ def print_summary(results: dict, bootstrap: bool) -> None:
         print(f"leak check against {leak_info['against']}: {leak_info['num_leaked']} of "
               f"{results['subsets']['all']['num_images']} images share content with training images{kinds} "
               "(listed in metrics.json)")
-    print(f"headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
-          + ("; [95 % bootstrap interval]" if bootstrap else ""))
+    ci = results["subsets"][headline].get("ci95") or {}
+    resampled = (f", resampling {ci['num_groups']} scan groups of {ci['num_images']} images"
+                 if ci.get("num_groups") and ci.get("num_groups") != ci.get("num_images") else "")
+    role = f"{results['split']} split ({results['split_role']}); " if results.get("split_role") else ""
+    print(f"{role}headline subset (top level of metrics.json): {SUBSET_LABELS[headline]} (marked *)"
+          + (f"; [95 % interval: Clopper-Pearson for proportions, BCa bootstrap otherwise{resampled}; "
+             "ci95.methods in metrics.json]" if bootstrap else ""))
     print(summary_table(results["subsets"], headline, results.get("distance_unit", "px")))
     gating = results["subsets"][headline].get("mask_gating")
     if gating:

@@ -167,3 +167,27 @@ def test_shipped_ablation_file_plans_against_the_cpu_recipe(tmp_path):
     assert by_name["output_stride4"].model.kwargs == {"output_stride": 4}
     assert by_name["bce_dice_focal"].loss.seg.focal == 1.0 and by_name["bce_dice_focal"].loss.seg.bce == 1.0
     assert by_name["no_deep_supervision"].model.deep_supervision is False
+
+
+def test_sweep_tests_each_setting_against_the_baseline_with_holm(tiny_brisc, tmp_path, one_thread):
+    from evaluation.compare import compare, locate
+    from evaluation.stats import holm
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs:\n  base: {}\n  smooth: {loss.label_smoothing: 0.2}\n  lr: {optim.lr: 0.01}\n")
+    out = tmp_path / "sweep"
+    args = ["--config", str(REPO / "configs/demo.yaml"), "--runs", str(runs), "--epochs", "1", "--out", str(out),
+            "--bootstrap", "50", "--no-progress", "--opts", f"data.root={tiny_brisc}",
+            f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+    assert run_main(main, args) == 0
+    paired = json.loads((out / "sweep_paired.json").read_text())
+    assert paired["baseline"] == "base" and {t["setting"] for t in paired["tests"]} == {"smooth", "lr"}
+    # each test is evaluation.compare's, and the adjustment is Holm over all of them
+    result = {name: json.loads((out / name / "seed42" / "result.json").read_text()) for name in ("base", "lr")}
+    direct = compare([locate(Path(result[n]["run_dir"]), "val") for n in ("base", "lr")], "leak_free", seed=42)
+    mine = {t["figure"]: t for t in paired["tests"] if t["setting"] == "lr"}
+    assert mine["accuracy"]["p_value"] == pytest.approx(direct["figures"]["accuracy"]["p_value"])
+    assert [t["p_holm"] for t in paired["tests"]] == pytest.approx(holm([t["p_value"] for t in paired["tests"]]))
+    assert "## Paired against `base`" in (out / "sweep.md").read_text()
+    with pytest.raises(ConfigError, match="--baseline nothing: no such setting"):
+        main(args + ["--baseline", "nothing"])

@@ -113,9 +113,11 @@ def add_eval_flags(parser: argparse.ArgumentParser, flags: Sequence[str] = EVAL_
         "checkpoint": (("--checkpoint",), dict(required=checkpoint_required, type=Path, help=checkpoint_help)),
         "no_ema": (("--no-ema",), dict(action="store_true",
                                        help="use the raw weights even if EMA weights were saved")),
-        "split": (("--split",), dict(default=split_default, choices=["test", "val", "train"],
-                                     help="test: the release's test split; val: the run's validation split "
-                                          f"(split.json); default {split_default}")),
+        "split": (("--split",), dict(default=split_default, choices=["test", "dev_test", "val", "train"],
+                                     help="test: the release's test split (held out); dev_test: the held-out part "
+                                          "of the training release (split.json, data.test_dev_fraction); val: the "
+                                          "run's validation split (selection: it chose the checkpoint); default "
+                                          f"{split_default}")),
         "data_root": (("--data-root",), dict(default=None, help="dataset root, if not the one the run trained on")),
         "threshold": (("--threshold",), dict(type=open_unit_float, default=None,
                                              help="segmentation threshold, between 0 and 1 (default: config)")),
