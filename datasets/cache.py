@@ -148,7 +148,7 @@ class ArrayCache:
         if header is None:
             return "not a finished cache file (no valid header)"
         expected = self._header(shape, header.get("crc32", 0))
-        for field in ("format_version", "key", "settings", "shape"):
+        for field in ("format_version", "settings", "shape", "key"):  # the most telling difference first
             if header.get(field) != expected[field]:
                 return f"stale (its {field} is {header.get(field)!r}, this run needs {expected[field]!r})"
         size = self.path.stat().st_size
