@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 from utils.checkpoint import config_of, read_checkpoint
 from utils.lock import RunLockedError, lock_holder
 from utils.runs import RunFolderError, read_history, read_json_file
-from utils.config import Config, ConfigError, config_from_dict, config_to_dict, flatten_config, override_keys
+from utils.config import Config, ConfigError, load_config, config_from_dict, config_to_dict, flatten_config, override_keys
 
 # Keys (or whole sections, ending in '.') that may change when a run is resumed: how long, how it is logged
 # and evaluated, how data is loaded. Everything else defines the experiment (model, data, split, loss, optimiser).
@@ -141,6 +141,15 @@ def check_run_folder(checkpoint: Path, ckpt: dict, cfg: Config) -> None:
             f"run folder '{run}' has no split.json, the train/validation split this run was trained with: resuming "
             "would draw a new one and validate on images it trained on; restore split.json from a backup (or pass "
             "it with --opts data.split_file=PATH), or start a new run")
+    if (run / "config.yaml").is_file():
+        try:
+            load_config(run / "config.yaml")
+        except ConfigError as exc:
+            reason = " ".join(str(exc).split())  # YAML parser messages span several lines
+            raise RunFolderError(
+                f"{run / 'config.yaml'} is not a valid config, edited by hand? ({reason}); a resume takes the run's "
+                "settings from its checkpoint and writes config.yaml again: undo the edit or delete the file, and "
+                "change the settings that may change with --opts") from None
     if not (run / "split.json").is_file():
         return
     read_json_file(run / "split.json", "the train/validation split", "restore it from a backup, or start a new run")

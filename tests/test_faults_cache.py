@@ -18,6 +18,7 @@ import pytest
 from datasets.cache import HEADER_BYTES, ArrayCache, read_header
 from datasets.decode import load_sample
 from datasets.index import index_split
+from tests.faults_common import mount_tmpfs, unmount
 from tests.helpers import REPO
 from utils.disk import DiskFullError
 
@@ -115,22 +116,14 @@ def test_a_cache_of_another_config_or_version_is_never_read(samples, tmp_path, c
     assert "stale (its format_version is 2" in capfd.readouterr().err
 
 
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MiB file system (tmpfs), unmounted afterwards."""
     where = tmp_path / "disk"
-    if not _mount_tmpfs(where, "2m"):
+    if not mount_tmpfs(where, "2m"):
         pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
     yield where
-    subprocess.run(["umount", str(where)], check=False)
+    unmount(where)
 
 
 def test_full_disk_while_caching_is_one_clear_error_and_leaves_no_partial_file(samples, small_disk):
