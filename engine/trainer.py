@@ -116,6 +116,7 @@ class Trainer:
         self.ema = build_ema(self.model, cfg.train.ema_decay) if cfg.train.ema else None
 
         self.epoch = 0  # completed epochs
+        self.saved_epoch = 0  # the epoch last.pth holds
         self.best_metric: Optional[float] = None
         self.best_epoch = 0
         self.bad_epochs = 0
@@ -188,7 +189,7 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
             self.ema.n_averaged = int(ckpt.get("ema_updates", 1))
-        self.epoch = ckpt["epoch"]
+        self.epoch = self.saved_epoch = ckpt["epoch"]
         self.best_metric, self.best_epoch = ckpt.get("best_metric"), ckpt.get("best_epoch", 0)
         self.bad_epochs = ckpt.get("bad_epochs", 0)
         self.planned_epochs = ckpt.get("planned_epochs", self.cfg.train.epochs)
@@ -289,9 +290,9 @@ class Trainer:
             return self._fit()
         except DiskFullError as exc:
             last = self.run_dir / "last.pth"
-            hint = (f"; training stopped after epoch {self.epoch}: free some space, then continue from the last good "
-                    f"checkpoint with: python train.py --config {self.run_dir / 'config.yaml'} --resume {last}"
-                    if last.is_file() else "")
+            hint = (f"; training stopped at epoch {self.epoch}: free some space, then continue from the last good "
+                    f"checkpoint (epoch {self.saved_epoch}) with: python train.py --config "
+                    f"{self.run_dir / 'config.yaml'} --resume {last}" if last.is_file() else "")
             raise DiskFullError(f"{exc}{hint}") from exc
         finally:
             if self.lock is not None:
@@ -408,6 +409,7 @@ class Trainer:
                 atomic_save(ckpt, self.run_dir / "best.pth")
                 write_json_atomic({k: v for k, v in val.items()} | {"epoch": epoch}, self.run_dir / "best_val.json")
             atomic_save(ckpt, self.run_dir / "last.pth")
+            self.saved_epoch = epoch
             self._log_epoch(epoch, result, val, improved, seconds)
         barrier()
 
