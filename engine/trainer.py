@@ -290,10 +290,11 @@ class Trainer:
             return self._fit()
         except DiskFullError as exc:
             last = self.run_dir / "last.pth"
-            hint = (f"; training stopped at epoch {self.epoch}: free some space, then continue from the last good "
-                    f"checkpoint (epoch {self.saved_epoch}) with: python train.py --config "
-                    f"{self.run_dir / 'config.yaml'} --resume {last}" if last.is_file() else "")
-            raise DiskFullError(f"{exc}{hint}") from exc
+            if not last.is_file():
+                raise
+            raise DiskFullError(f"{getattr(exc, 'shortage', exc)}; training stopped at epoch {self.epoch}: free some "
+                                f"space, then continue from the last good checkpoint (epoch {self.saved_epoch}) with: "
+                                f"python train.py --config {self.run_dir / 'config.yaml'} --resume {last}") from exc
         finally:
             if self.lock is not None:
                 self.lock.release()

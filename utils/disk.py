@@ -46,10 +46,10 @@ def disk_full_error(path: Union[str, Path], nbytes: int, what: str = "file", fre
                     ) -> DiskFullError:
     """The error for `nbytes` that did not fit; `free`: the free space before the write (default: now)."""
     free = free_bytes(Path(path).parent) if free is None else free
-    error = DiskFullError(f"not enough disk space to write the {what} '{path}': it needs {human_bytes(nbytes)}, "
-                          f"{human_bytes(free)} free on that disk; free some space (the previous file is intact) "
-                          "and run the command again")
-    error.errno = errno.ENOSPC
+    shortage = (f"not enough disk space to write the {what} '{path}': it needs {human_bytes(nbytes)}, "
+                f"{human_bytes(free)} free on that disk")
+    error = DiskFullError(f"{shortage}; free some space (the previous file is intact) and run the command again")
+    error.errno, error.shortage = errno.ENOSPC, shortage  # `shortage`: the message without what to do
     return error
 
 
