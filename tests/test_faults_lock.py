@@ -72,15 +72,6 @@ def test_released_when_the_block_raises(tmp_path):
     assert lock_holder(tmp_path) is None and not (tmp_path / LOCK_NAME).exists()
 
 
-def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.time() + seconds
-    while not path.is_file():
-        if process.poll() is not None:
-            raise AssertionError(f"training exited early ({process.returncode}): {process.stderr.read()}")
-        assert time.time() < deadline, f"{path} did not appear within {seconds} s"
-        time.sleep(0.2)
-
-
 def test_resume_auto_started_twice(tmp_path):
     data, work = tmp_path / "data", tmp_path / "runs"
     first = subprocess.Popen([sys.executable, *train_args(data, work, 500, "--resume", "auto")], cwd=REPO,
