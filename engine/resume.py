@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from utils.checkpoint import config_of, read_checkpoint
-from utils.config import Config, ConfigError, config_from_dict, config_to_dict, flatten_config, override_keys
+from utils.lock import RunLockedError, lock_holder
+from utils.runs import RunFolderError, read_history, read_json_file
+from utils.config import Config, ConfigError, load_config, config_from_dict, config_to_dict, flatten_config, override_keys
 
 # Keys (or whole sections, ending in '.') that may change when a run is resumed: how long, how it is logged
 # and evaluated, how data is loaded. Everything else defines the experiment (model, data, split, loss, optimiser).
@@ -63,6 +65,11 @@ def locate_checkpoint(resume: str, cfg: Config) -> tuple[Optional[Path], str]:
         run = newest_run(work_dir, name)
         if run is None:
             return None, f"--resume auto: no earlier run of '{name}' in {work_dir}; starting a new one"
+        holder = lock_holder(run)
+        if holder is not None:  # e.g. the same command started twice, or retried by a job scheduler
+            raise RunLockedError(f"--resume auto: the newest run of '{name}', {run}, is still in use by "
+                                 f"{holder.get('purpose', 'a process')} (pid {holder.get('pid')} on host "
+                                 f"{holder.get('host')}): wait for it to finish or stop it, then resume again")
         if not (run / "last.pth").is_file():
             return None, (f"--resume auto: the newest run of '{name}', {run}, has no checkpoint yet (it stopped "
                           "during its first epoch); starting a new run from scratch")
@@ -122,10 +129,42 @@ def finished_reason(ckpt: dict, cfg: Config) -> Optional[str]:
     return None
 
 
+def check_run_folder(checkpoint: Path, ckpt: dict, cfg: Config) -> None:
+    """The files a resume reads beside `checkpoint` in its run folder: the split (else a new one would be drawn
+    and validation images could have been trained on) and the history up to the checkpoint's epoch. Raises
+    `RunFolderError` naming the file and what to do. A checkpoint outside a run folder (a copy) needs neither."""
+    run = Path(checkpoint).parent
+    if not any((run / name).exists() for name in ("config.yaml", "history.json", "split.json")):
+        return  # a copied checkpoint: a new run with a new split
+    if not (run / "split.json").is_file() and not cfg.data.split_file:
+        raise RunFolderError(
+            f"run folder '{run}' has no split.json, the train/validation split this run was trained with: resuming "
+            "would draw a new one and validate on images it trained on; restore split.json from a backup (or pass "
+            "it with --opts data.split_file=PATH), or start a new run")
+    if (run / "config.yaml").is_file():
+        try:
+            load_config(run / "config.yaml")
+        except ConfigError as exc:
+            reason = " ".join(str(exc).split())  # YAML parser messages span several lines
+            raise RunFolderError(
+                f"{run / 'config.yaml'} is not a valid config, edited by hand? ({reason}); a resume takes the run's "
+                "settings from its checkpoint and writes config.yaml again: undo the edit or delete the file, and "
+                "change the settings that may change with --opts") from None
+    if not (run / "split.json").is_file():
+        return
+    read_json_file(run / "split.json", "the train/validation split", "restore it from a backup, or start a new run")
+    epochs = ckpt.get("epoch", 0)
+    history = read_history(run, required=epochs > 0)
+    if len(history) < epochs:
+        raise RunFolderError(f"{run / 'history.json'} holds {len(history)} epochs but the checkpoint {checkpoint} "
+                             f"holds {epochs}: restore it from a backup or from history.csv, then resume again")
+
+
 def plan_resume(checkpoint: Path, user_cfg: Optional[Config] = None, keys: Optional[set[str]] = None) -> ResumePlan:
     """Resume `checkpoint` with the user's values for `keys` (the keys their --config / --opts set)."""
     ckpt = read_checkpoint(checkpoint)
     run_cfg = config_of(ckpt, checkpoint)
+    check_run_folder(Path(checkpoint), ckpt, run_cfg)
     cfg, changes = apply_changes(run_cfg, user_cfg, keys or set()) if user_cfg is not None else (run_cfg, {})
     return ResumePlan(checkpoint=Path(checkpoint), cfg=cfg, new_run=Path(checkpoint).name != "last.pth",
                       changes=changes, finished=finished_reason(ckpt, cfg))

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
+import yaml
 
 from datasets import CLASS_NAMES
 from datasets.factory import build_train_val
@@ -27,8 +28,10 @@ from losses import MultiTaskLoss
 from model import build_model
 from model.freeze import set_encoder_frozen
 from model.loading import assign_tasks, load_weights, model_kwargs
-from utils.checkpoint import atomic_save, capture_rng_state, read_checkpoint, restore_rng_state, unwrap_model
-from utils.config import Config, config_to_dict, monitor_mode, save_config
+from utils.checkpoint import atomic_save, capture_rng_state, checkpoint_bytes, read_checkpoint, restore_rng_state, unwrap_model
+from utils.config import Config, config_to_dict, monitor_mode
+from utils.disk import DiskFullError, ensure_free_space
+from utils.lock import RunLock
 from engine.distributed import (barrier, broadcast_buffers, broadcast_flag, broadcast_int, cleanup_distributed,
                                 init_distributed)
 from engine.budget import STOP_KINDS, epochs_that_fit, stop_code, stop_message
@@ -40,7 +43,8 @@ from engine.resume import ResumePlan, plan_resume
 from evaluation.inference import evaluate
 from evaluation.metrics import MultiTaskMetrics
 from engine.optim import LRSchedule, build_optimizer
-from utils.runs import new_run_dir, point_latest, read_history, setup_logger, write_history, write_json_atomic
+from utils.runs import (new_run_dir, point_latest, read_history, setup_logger, write_history, write_json_atomic,
+                        write_text_atomic)
 from utils.runtime import amp_dtype as select_amp_dtype
 from utils.runtime import eval_dtype, seed_everything, select_device
 
@@ -65,7 +69,11 @@ class Trainer:
         self.created_run_dir = self.plan is None or self.plan.new_run
         self.run_dir = self._make_run_dir()
         self.writer = None
+        # One process per run directory (a second `--resume auto`, test.py writing into it): see utils/lock.py
+        self.lock = RunLock(self.run_dir, "training") if self.dist.is_main else None
         try:
+            if self.lock is not None:
+                self.lock.acquire()
             self._build()
         except BaseException:
             self._discard_failed_start()
@@ -108,6 +116,7 @@ class Trainer:
         self.ema = build_ema(self.model, cfg.train.ema_decay) if cfg.train.ema else None
 
         self.epoch = 0  # completed epochs
+        self.saved_epoch = 0  # the epoch last.pth holds
         self.best_metric: Optional[float] = None
         self.best_epoch = 0
         self.bad_epochs = 0
@@ -157,6 +166,8 @@ class Trainer:
             self.writer.close()
         if self.created_run_dir and self.dist.is_main:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.release()
 
     def _class_counts(self) -> list[int]:
         labels = self.train_ds.labels
@@ -178,7 +189,7 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
             self.ema.n_averaged = int(ckpt.get("ema_updates", 1))
-        self.epoch = ckpt["epoch"]
+        self.epoch = self.saved_epoch = ckpt["epoch"]
         self.best_metric, self.best_epoch = ckpt.get("best_metric"), ckpt.get("best_epoch", 0)
         self.bad_epochs = ckpt.get("bad_epochs", 0)
         self.planned_epochs = ckpt.get("planned_epochs", self.cfg.train.epochs)
@@ -274,11 +285,28 @@ class Trainer:
         return value > self.best_metric if self.monitor_mode == "max" else value < self.best_metric
 
     def fit(self) -> Path:
+        """Train to the end (or a stop); the run's lock is released however it ends."""
+        try:
+            return self._fit()
+        except DiskFullError as exc:
+            last = self.run_dir / "last.pth"
+            if not last.is_file():
+                raise
+            raise DiskFullError(f"{getattr(exc, 'shortage', exc)}; training stopped at epoch {self.epoch}: free some "
+                                f"space, then continue from the last good checkpoint (epoch {self.saved_epoch}) with: "
+                                f"python train.py --config {self.run_dir / 'config.yaml'} --resume {last}") from exc
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> Path:
         cfg = self.cfg
         if self.dist.is_main:
             if self.created_run_dir:
                 point_latest(self.run_dir)  # only now: the run has really started
-            save_config(cfg, self.run_dir / "config.yaml")  # with the changes a resume applied
+            # with the changes a resume applied; atomically: a full disk must not leave a truncated config.yaml
+            write_text_atomic(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), self.run_dir / "config.yaml",
+                              "config")
             with open(self.run_dir / "command.txt", "a", encoding="utf-8") as handle:  # each start or resume
                 handle.write(" ".join(shlex.quote(a) for a in ["python", *sys.argv]) + "\n")
         self.log.info(f"run directory: {self.run_dir}")
@@ -372,12 +400,17 @@ class Trainer:
     def _save(self, epoch: int, result: EpochResult, val: dict, improved: bool, seconds: float) -> None:
         """History, last.pth (and best.pth, best_val.json when improved), the epoch's log line and figures."""
         if self.dist.is_main:
-            write_history(self.history, self.run_dir)
             ckpt = self._checkpoint()
-            atomic_save(ckpt, self.run_dir / "last.pth")
+            # Room for the whole epoch first (nothing of it is written otherwise); last.pth goes last, so that
+            # whatever fails on the way, `--resume` continues from a consistent previous epoch.
+            ensure_free_space(self.run_dir / "last.pth", checkpoint_bytes(ckpt) * (2 if improved else 1),
+                              "checkpoint")
+            write_history(self.history, self.run_dir)
             if improved:
                 atomic_save(ckpt, self.run_dir / "best.pth")
                 write_json_atomic({k: v for k, v in val.items()} | {"epoch": epoch}, self.run_dir / "best_val.json")
+            atomic_save(ckpt, self.run_dir / "last.pth")
+            self.saved_epoch = epoch
             self._log_epoch(epoch, result, val, improved, seconds)
         barrier()
 

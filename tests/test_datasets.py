@@ -267,7 +267,7 @@ def test_cache_gives_the_same_tensors(data_root, tmp_path):
     plain = BriscDataset(data_root, "train", **kwargs)
     ram = BriscDataset(data_root, "train", cache="ram", **kwargs)
     disk = BriscDataset(data_root, "train", cache="disk", cache_dir=tmp_path, **kwargs)
-    files = list(tmp_path.glob("*.npy"))
+    files = list(tmp_path.glob("*.cache"))
     assert len(files) == 1 and files[0].name.startswith("train_40px_")
     for i in range(len(plain)):
         a, b, c = plain[i], ram[i], disk[i]

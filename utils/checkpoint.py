@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from utils.config import Config, ConfigError, config_from_dict
+from utils.disk import disk_full_as_error, ensure_free_space
 from utils.errors import UserError
 from utils.runs import fsync_file, replace_durably
 
@@ -39,16 +40,38 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: what torch.save will write, give or take its index."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(obj: Any) -> int:
+    """An upper estimate of a checkpoint's file size (tensors plus zip and pickle overhead)."""
+    return int(tensor_bytes(obj) * 1.02) + (256 << 10)
+
+
 def atomic_save(obj: Any, path: Union[str, Path]) -> None:
     """torch.save to a temporary file in the same folder, fsync, rename, fsync the folder: a crash or a power
-    cut leaves the previous file or the new one, never an empty or half-written one."""
+    cut leaves the previous file or the new one, never an empty or half-written one.
+
+    The free space is checked first; a disk that fills up during the write raises `DiskFullError` naming the
+    path and the space needed (the previous file at `path` is untouched and the temporary file removed)."""
     path = Path(path)
+    needed = checkpoint_bytes(obj)
+    free = ensure_free_space(path, needed, "checkpoint")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            fsync_file(handle)
-        replace_durably(tmp, path)
+        with disk_full_as_error(path, needed, "checkpoint", free):
+            with open(tmp, "wb") as handle:
+                torch.save(obj, handle)
+                fsync_file(handle)
+            replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

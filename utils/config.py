@@ -501,7 +501,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             try:
                 raw = yaml.safe_load(handle) or {}
             except yaml.YAMLError as exc:
-                raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+                where = " ".join(str(exc).split())  # the parser's message spans lines: the user sees one
+                raise ConfigError(f"config file '{path}' is not valid YAML: {where}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(raw, overrides, source=f"in {path}" if path is not None else None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -9,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
+
+from utils.disk import disk_full_as_error, ensure_free_space
+from utils.errors import UserError
 
 RUN_FILES = ("config.yaml", "split.json", "last.pth", "best.pth", "history.json", "history.csv", "train.log")
 
@@ -56,14 +60,27 @@ def fsync_file(handle) -> None:
     os.fsync(handle.fileno())
 
 
-def write_json_atomic(obj: object, path: Union[str, Path]) -> None:
-    """Write JSON to a temporary file, fsync it, rename it over `path`: a crash leaves the old or the new file."""
+def write_text_atomic(text: str, path: Union[str, Path], what: str = "file") -> None:
+    """Write `text` to a temporary file, fsync it, rename it over `path`: a crash leaves the old or the new
+    file, and a full disk raises `DiskFullError` (naming the path and the space needed) with the old file intact
+    and no temporary file left behind. The one writer behind every JSON/CSV/YAML file of a run."""
     path = Path(path)
+    data = text.encode("utf-8")
+    free = ensure_free_space(path, len(data), what)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2)
-        fsync_file(handle)
-    replace_durably(tmp, path)
+    try:
+        with disk_full_as_error(path, len(data), what, free):
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                fsync_file(handle)
+            replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(obj: object, path: Union[str, Path]) -> None:
+    """Write JSON atomically (see `write_text_atomic`): a crash leaves the old or the new file, never a part."""
+    write_text_atomic(json.dumps(obj, indent=2), path, "JSON file")
 
 
 def write_history(history: list[dict], run_dir: Path) -> None:
@@ -72,21 +89,42 @@ def write_history(history: list[dict], run_dir: Path) -> None:
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
-    tmp = run_dir / f".history.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-        fsync_file(handle)
-    replace_durably(tmp, run_dir / "history.csv")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(buffer.getvalue(), run_dir / "history.csv", "CSV file")
 
 
-def read_history(run_dir: Path) -> list[dict]:
+class RunFolderError(UserError):
+    """A run directory with a missing, truncated or hand-edited file; the message says which and what to do."""
+
+
+def read_json_file(path: Path, what: str, fix: str) -> object:
+    """A run's JSON file, or `RunFolderError` naming it, what is wrong (truncated, not JSON) and `fix`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunFolderError(f"run folder '{path.parent}' has no {path.name} ({what}); {fix}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        state = "empty" if not text.strip() else f"truncated or not valid JSON ({exc})"
+        raise RunFolderError(f"{path} ({what}) is {state}; {fix}") from None
+
+
+def read_history(run_dir: Path, required: bool = False) -> list[dict]:
+    """The run's per-epoch history ([] when there is none yet and not `required`); a truncated or edited
+    history.json is an error, never read as empty."""
     path = run_dir / "history.json"
-    if not path.is_file():
+    if not path.is_file() and not required:
         return []
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    history = read_json_file(path, "the per-epoch history", "restore it from a backup, or from history.csv "
+                             "which holds the same rows, then run the command again")
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise RunFolderError(f"{path} is not a list of per-epoch records (edited by hand?); restore it from a "
+                             "backup or from history.csv, then run the command again")
+    return history
 
 
 def setup_logger(run_dir: Optional[Path], is_main: bool = True, name: str = "efficient_mtnet") -> logging.Logger:
