@@ -19,6 +19,7 @@ from utils.allocator import keep_freed_memory
 from utils.checkpoint import resolve_checkpoint_arg
 from utils.cli import add_debug_flag, add_eval_flags, non_negative_int, positive_float, run_main
 from utils.config import ConfigError
+from utils.lock import run_lock
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,14 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         failed = predict_folder(checkpoint, args.input, args.out, args.device, args.threshold, args.tta,
                                 use_ema=not args.no_ema)
         return 1 if failed else 0
-    run_test(TestOptions(
+    options = TestOptions(
         checkpoint=checkpoint, split=args.split, data_root=args.data_root, tta=args.tta,
         threshold=args.threshold, tune_threshold=args.tune_threshold, out_dir=args.out, device=args.device,
         batch_size=args.batch_size, num_workers=args.num_workers, use_ema=not args.no_ema,
         gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress,
         subset=args.subset, calibrate=args.calibrate, bootstrap=args.bootstrap, seed=args.seed,
         gate_masks=args.gate_masks, spacing=args.spacing, data_format=args.data_format, class_map=class_map,
-        data_opts=args.layout))
+        data_opts=args.layout)
+    if args.out is not None:  # written outside the run: nothing to interleave with a training process
+        run_test(options)
+        return 0
+    # the report goes into the run directory: refuse while another process (a training) writes there
+    with run_lock(Path(checkpoint).resolve().parent, "test.py", hint="or pass --out DIR to write outside the run"):
+        run_test(options)
     return 0
 
 

@@ -6,6 +6,7 @@ gets the same class, probabilities and mask on the page as from the command line
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -131,7 +132,9 @@ def gradcam_view(model: nn.Module, cfg, prediction: ImagePrediction, grey: np.nd
     from visualization.gradcam import blend_heatmaps, gradcam_heatmaps
 
     target = prediction.class_index if target_class is None else int(target_class)
-    cam = gradcam_heatmaps(model, prediction.model_input.unsqueeze(0), target_classes=[target])
+    # Grad-CAM hooks the model's layers, and every forward through a hooked model (another web-demo session's
+    # prediction too) fires them: it runs on a private copy (1.4 M parameters, a few MB), so sessions never share hooks
+    cam = gradcam_heatmaps(copy.deepcopy(model), prediction.model_input.unsqueeze(0), target_classes=[target])
     width, height = prediction.size
     heat = logits_to_original(torch.from_numpy(cam.heatmaps[:, None]), (height, width), cfg.data.resize)
     heat = heat[0, 0].clamp(0, 1).numpy()

@@ -5,8 +5,8 @@ and 40-megapixel files mixed, every answer checked against the same file's answe
                                      [--big-every 4] [--gradcam] [--json out.json]
 
 What it drives: the functions a page run calls for an upload, in the order `app.py` calls them, on ONE model
-shared by all clients as Streamlit's `st.cache_resource` shares it: `evaluation.demo.read_upload` ->
-`evaluation.folder.predict_image` (-> `evaluation.demo.gradcam_view` with --gradcam), each client in its own
+shared by all clients as Streamlit's `st.cache_resource` shares it: `prediction.demo.read_upload` ->
+`prediction.folder.predict_image` (-> `prediction.demo.gradcam_view` with --gradcam), each client in its own
 thread as Streamlit runs each browser session's script in its own thread. Not driven: Streamlit's websocket
 protocol and page rendering (see docs/faults.md, "Web demo under load", for why and what that leaves out).
 
@@ -81,8 +81,8 @@ class Answer:
 
 def page_answer(model, cfg, name: str, data: bytes, gradcam: bool) -> Answer:
     """What one page run computes for an upload (app.py: read_upload, predict_image, gradcam_view)."""
-    from evaluation import demo
-    from evaluation.folder import predict_image
+    from prediction import demo
+    from prediction.folder import predict_image
 
     grey = demo.read_upload(data, name)
     prediction = predict_image(model, cfg, grey)

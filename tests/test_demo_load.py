@@ -55,9 +55,6 @@ def test_answers_are_traced_to_their_own_file():
     assert a.same(again) and not a.same(b) and a.differs(b) is not None
 
 
-@pytest.mark.xfail(strict=False, reason="Grad-CAM on the one shared model is not thread-safe: two sessions "
-                   "computing it at once corrupt each other's heat map (its hooks sit on the shared model). Fix in "
-                   "app.py's _gradcam: hold a threading.Lock per model around demo.gradcam_view (docs/faults.md)")
 def test_concurrent_gradcam_heat_maps_are_each_users_own(served_model):
     script, model, cfg = served_model
     summary = script.run_load(model, cfg, clients=2, seconds=6, big_every=0, gradcam=True)

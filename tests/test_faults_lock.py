@@ -111,9 +111,6 @@ def test_resume_auto_started_twice(tmp_path):
     assert not (run / LOCK_NAME).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="test.py does not take the run lock yet: the pipeline helper wires "
-                   "`with run_lock(checkpoint.parent, 'test.py', hint=...)` around run_test (docs/faults.md); "
-                   "this test then passes and the marker must go")
 def test_test_py_while_training_holds_the_lock(tmp_path, tiny_brisc):
     """test.py writing into a run whose lock another process (training) holds refuses, naming the owner."""
     from tests.helpers import save_untrained_checkpoint

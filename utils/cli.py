@@ -10,6 +10,7 @@ DataError, CheckpointError, ...) or a missing file becomes `error: <message>` on
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -36,6 +37,12 @@ def run_main(main: Callable[[Optional[list[str]]], Any], argv: Optional[Sequence
         if debug:
             raise
         print(f"error: {user_message(exc)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except OSError as exc:  # a full disk while writing a figure or a report: one line, not a traceback
+        if debug or exc.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on the device while writing {exc.filename or 'a file'}; free some space "
+              "and run the command again (files written before are intact)", file=sys.stderr)
         return USER_ERROR_EXIT
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
