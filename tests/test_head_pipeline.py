@@ -257,3 +257,25 @@ def test_shift_benchmark_on_a_head_run(data, head_run, tmp_path, capsys):
     assert any(line.startswith("| ghosting") and "| held out" in line for line in table.splitlines())
     assert any(line.startswith("| noise") and f"| {noise_by}" in line for line in table.splitlines())
     assert "mean over held-out shifts" in table and "head not found in 1 of 11 images" in table
+
+
+def test_comparison_figure_redraws_a_head_run_in_the_reference_frame(data, head_run, stretch_run, tmp_path):
+    from visualization.cases import compare_checkpoints, masks_in_frame
+
+    _, head_cfg, _ = load_model_from_checkpoint(head_run, "cpu")
+    _, stretch_cfg, _ = load_model_from_checkpoint(stretch_run, "cpu")
+    head = build_eval_dataset(head_cfg.data, "test", verbose=False)
+    stretch = build_eval_dataset(stretch_cfg.data, "test", verbose=False)
+    stems = [format_name("test", 100, 1, "ax"), format_name("test", 101, 0, "co")]
+    placed = np.stack([head[head.stems.index(s)]["mask"][0].numpy() > 0.5 for s in stems])
+    wanted = np.stack([stretch[stretch.stems.index(s)]["mask"][0].numpy() > 0.5 for s in stems])
+    redrawn = masks_in_frame(placed, stems, head, stretch)
+    naive = masks_in_frame(placed, stems, head, head)  # what a plain resize of the head-frame mask would show
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    for n in range(len(stems)):
+        assert dice(redrawn[n], wanted[n]) > 0.8 > dice(naive[n], wanted[n]), stems[n]
+    out = compare_checkpoints([stretch_run, head_run], tmp_path / "compare.png", num=4, labels=["stretch", "head"])
+    assert out.stat().st_size > 1000
