@@ -5,18 +5,20 @@ itself resampled, which flatters or penalises small tumours depending on the res
 mapped back to the image's original (height, width) with `datasets.geometry.logits_to_original` (bilinear on
 logits), thresholded, and compared with the original mask file binarised at >= 128. Sizes vary between images,
 so the result is one row of pixel counts (TP, FP, FN, TN) per image, for one or several thresholds at once.
+In head mode (`data.resize: head`) each image sits on the input by its own `Placement`: pass `placement`
+(stem -> Placement, e.g. `BriscDataset.placement`) and the logits go back through exactly that square.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from datasets.decode import read_grey
-from datasets.geometry import logits_to_original
+from datasets.geometry import Placement, logits_to_original
 from datasets.index import Sample
 from evaluation.boundary import boundary_distances
 
@@ -38,13 +40,20 @@ class NativeCounts:
     `update(seg_logits, ids)` takes the model-size logits (B, 1, s, s) of a batch and the batch's stems;
     counts stay on the logits' device until `counts()` (one host copy at the end). With `boundary=True`, HD95
     and ASSD (`evaluation.boundary`) at the first threshold too, and each image's (height, width).
+    `placement(stem)` gives an image's `Placement` (required in head mode, where the way back differs per
+    image; when given, it is used in every mode).
     """
 
     def __init__(self, samples: Sequence[Sample], thresholds: Sequence[float], resize_mode: str = "stretch",
-                 boundary: bool = False, spacing: Sequence[float] = (1.0, 1.0)) -> None:
+                 boundary: bool = False, spacing: Sequence[float] = (1.0, 1.0),
+                 placement: Optional[Callable[[str], Placement]] = None) -> None:
         for t in thresholds:
             if not 0.0 < t < 1.0:
                 raise ValueError(f"segmentation threshold must be in (0, 1), got {t}")
+        if resize_mode == "head" and placement is None:
+            raise ValueError("NativeCounts in resize mode 'head' needs placement=<stem -> Placement> (e.g. the "
+                             "dataset's BriscDataset.placement): each image's head square maps its logits back")
+        self.placement = placement
         self.samples = {s.stem: s for s in samples}
         self.thresholds = [float(t) for t in thresholds]
         # sigmoid(x) >= t  <=>  x >= log(t / (1 - t))
@@ -64,7 +73,8 @@ class NativeCounts:
             if truth_np is None:
                 self._rows[stem] = None
                 continue
-            logits = logits_to_original(seg_logits[i:i + 1].float(), truth_np.shape, self.resize_mode)[0, 0]
+            where = self.placement(stem) if self.placement is not None else self.resize_mode
+            logits = logits_to_original(seg_logits[i:i + 1].float(), truth_np.shape, where)[0, 0]
             truth = torch.from_numpy(truth_np).to(logits.device)
             pred = logits.unsqueeze(0) >= cuts  # (thresholds, H, W)
             tp = (pred & truth).flatten(1).sum(1)
@@ -94,3 +104,24 @@ class NativeCounts:
                 out[n] = row.cpu().numpy()
                 annotated[n] = True
         return out, annotated
+
+
+def geometry_summary(dataset) -> dict:
+    """How `dataset`'s images were placed on the model's input, for metrics.json / shift.json: the resize mode
+    and, in head mode, the margin and the images whose head was not found (letterboxed instead: the
+    `fallback_stems`, over every image of the dataset)."""
+    geometry: dict = {"resize": dataset.resize}
+    if dataset.resize == "head":
+        stems = dataset.head_fallbacks()
+        geometry.update(head_margin=dataset.head_margin, head_fallbacks=len(stems), fallback_stems=stems)
+    return geometry
+
+
+def fallback_note(geometry: dict, num_images: int, where: str) -> Optional[str]:
+    """One console line when head mode letterboxed some images of `where`; None otherwise."""
+    n = geometry.get("head_fallbacks", 0)
+    if not n:
+        return None
+    shown = ", ".join(geometry["fallback_stems"][:3]) + (", ..." if n > 3 else "")
+    return (f"note: head not found in {n} of {num_images} images of {where} ({shown}); they were letterboxed "
+            "instead (metrics.json: geometry.fallback_stems)")

@@ -34,7 +34,7 @@ from evaluation.conventions import CONVENTIONS_MD, output_folder_name
 from evaluation.inference import eval_loader, inference_batches, predict
 from evaluation.labels import label_probabilities
 from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
-from evaluation.native import NativeCounts
+from evaluation.native import NativeCounts, fallback_note, geometry_summary
 from evaluation.options import THRESHOLD_CANDIDATES, TestOptions, check_options, check_tasks
 from evaluation.per_image import per_image_rows, write_per_image_csv
 from evaluation.sources import Source, add_label_figures, other_dataset, own_split, with_labels
@@ -81,11 +81,13 @@ def score_source(model: nn.Module, cfg: Config, dataset, source: Source, device:
                  desc: str = "eval", boundary: bool = True) -> tuple[Scored, NativeCounts]:
     """Run the model over `dataset` once: native-size pixel counts at each of `thresholds` (the first one scores),
     class logits, labels, MultiTaskMetrics' records of `source.metric_tasks`, the loss when `loss_fn` is given;
-    `boundary`: HD95 / ASSD and tumour sizes too (one threshold only)."""
+    `boundary`: HD95 / ASSD and tumour sizes too (one threshold only). In head mode each image's logits go
+    back through its own placement (`dataset.placement`)."""
     metrics = MultiTaskMetrics(cfg.model.num_classes, CLASS_NAMES, threshold=thresholds[0], keep_per_image=True)
     spacing = source.spacing or (1.0, 1.0)
+    placement = dataset.placement if source.data.resize == "head" else None
     native = NativeCounts(dataset.samples, thresholds, source.data.resize, boundary=boundary,
-                          spacing=spacing)
+                          spacing=spacing, placement=placement)
     logits, labels, ids = [], [], []
     loss_sum, count = 0.0, 0
     for outputs, batch in inference_batches(model, eval_loader(cfg, dataset, batch_size, num_workers), device, tta,
@@ -143,10 +145,16 @@ def fit_on_validation(model: nn.Module, cfg: Config, split_path: Path, device: t
     scored, native = score_source(model, cfg, dataset, val, device, THRESHOLD_CANDIDATES, opts.tta, opts.batch_size,
                                   opts.num_workers, show_progress=opts.show_progress, desc="validation split",
                                   boundary=False)
+    geometry = geometry_summary(dataset)
+    note = fallback_note(geometry, len(dataset), "the validation split")
+    if note:
+        print(note)
     if opts.tune_threshold:
         counts, annotated = native.counts(scored.table.stems)
         threshold, scores = tune_threshold(counts, annotated, THRESHOLD_CANDIDATES)
         tuning = {"tuned_on": "val", "val_dice_by_threshold": {f"{k:.2f}": v for k, v in scores.items()}}
+        if "head_fallbacks" in geometry:
+            tuning["val_head_fallbacks"] = geometry["head_fallbacks"]
         print(f"threshold tuned on the validation split: {threshold:.2f} (val Dice {scores[threshold]:.4f}, "
               "native size)")
     if opts.calibrate:
@@ -208,6 +216,7 @@ def run_test(opts: TestOptions) -> dict:
     scored, _ = score_source(model, cfg, dataset, source, device, [threshold], opts.tta, opts.batch_size,
                              opts.num_workers, loss_fn, opts.show_progress, source.progress)
     ungated = scored.table
+    geometry = geometry_summary(dataset)
     table = gate_masks(ungated, NO_TUMOR) if source.gated else ungated
 
     leaked, leak_info = source.check_overlap(dataset.samples)
@@ -239,6 +248,7 @@ def run_test(opts: TestOptions) -> dict:
 
     results = scored_results(opts, model, cfg, ckpt, subsets, headline, threshold if source.score_seg else None,
                              tuning, temperature, source, scored.loss, leak_info, breakdown, calibration, subgroups)
+    results["geometry"] = geometry
     write_json_atomic(results, out_dir / "metrics.json")
     report = write_files(out_dir, opts, model, cfg, device, dataset, source, scored, table, results, leaked, labels,
                          threshold, temperature, headline)
@@ -252,6 +262,9 @@ def run_test(opts: TestOptions) -> dict:
               + ", ".join(f"{name} {int((labels[0] == k).sum())} images" for k, name in enumerate(source.space.names)))
     for what, why in source.absent.items():
         print(f"no {what} figures: {why}")
+    note = fallback_note(geometry, len(dataset), f"the {opts.split} split")
+    if note:
+        print(note)
     print_summary(results, bootstrap=opts.bootstrap > 0)
     if report:
         kind = "Per-class" if source.space is None else "Per-label"

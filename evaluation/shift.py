@@ -17,6 +17,11 @@ e = 1 - m: the mean of m over shifts and severities and its drop from clean; the
 CE_shift = mean over severities of e, mCE = mean of CE over shifts, and the relative mCE = mean over shifts and
 severities of (e - e_clean). ImageNet-C divides each CE by a reference model's; `--reference` does the same with
 another checkpoint's shift.json (`mce_normalised`, 1.0 = as robust as the reference).
+
+A shift that one of the run's training augmentations imitates (`datasets.mri_shifts.imitated_by`, with the
+run's `data.augment`) is in distribution for that run: the table names those augmentations beside each shift
+("held out" when none does), and `held_out_mean` averages the held-out shifts only. The shifts act on the
+image as placed on the model's input (`data.resize`; a head run sees its head crop shifted).
 Writes `shift.json` and `shift.png` (default folder: `<run>/shift_<split>`) and prints the table.
 """
 from __future__ import annotations
@@ -30,10 +35,11 @@ from typing import Optional, Sequence
 
 from datasets import CLASS_NAMES
 from datasets.factory import build_eval_dataset
-from datasets.mri_shifts import MAX_SEVERITY, SEVERITIES, SHIFT_NAMES, ShiftHook, severity_params
+from datasets.mri_shifts import MAX_SEVERITY, SEVERITIES, SHIFT_NAMES, ShiftHook, imitated_by, severity_params
 from datasets.transforms import MRI_AUGMENTS
 from evaluation.inference import eval_loader, evaluate
 from evaluation.metrics import MultiTaskMetrics
+from evaluation.native import fallback_note, geometry_summary
 from evaluation.summary import HEADLINE_FIGURES
 from utils.tables import markdown_table
 from model.loading import load_model_from_checkpoint
@@ -78,24 +84,41 @@ def suite_summary(clean: dict, shifted: dict, severities: Sequence[str], referen
     return out
 
 
+def held_out_mean(shifted: dict, imitated: dict[str, list[str]]) -> Optional[dict]:
+    """Mean of each headline figure over the shifts no training augmentation imitates, every severity; None
+    when every shift scored is imitated."""
+    held = [name for name in shifted if not imitated.get(name)]
+    if not held:
+        return None
+    return {key: _mean([v[key] for name in held for v in shifted[name].values()]) for key, _ in HEADLINE}
+
+
 def shift_table(result: dict) -> str:
-    """Markdown table: clean, every shift and severity, the suite means and the drop from clean (percent)."""
+    """Markdown table: clean, every shift and severity with the training augmentations that imitate it ("held
+    out": none), the suite means, the held-out mean and the drop from clean (percent)."""
     labels = [label for _, label in HEADLINE]
     keys = [key for key, _ in HEADLINE]
-    rows = [("clean", "-", result["clean"])]
+    imitated = result.get("imitated_by")  # absent in a shift.json written before the column existed
+    rows = [("clean", "-", "", result["clean"])]
     for name, by_sev in result["shifted"].items():
-        rows += [(name, s, values) for s, values in by_sev.items()]
-    rows += [("mean over shifts", s, values) for s, values in result["mean_by_severity"].items()]
-    rows += [("mean over suite", "all", result["mean"]), ("drop from clean", "all", result["drop"])]
-    cells = [[name, str(s), *(f"{100 * values[k]:.2f}" for k in keys)] for name, s, values in rows]
-    return markdown_table(["shift", "severity", *labels], cells, pad=True)
+        by = "" if imitated is None else ", ".join(imitated.get(name, [])) or "held out"
+        rows += [(name, s, by, values) for s, values in by_sev.items()]
+    rows += [("mean over shifts", s, "", values) for s, values in result["mean_by_severity"].items()]
+    rows += [("mean over suite", "all", "", result["mean"])]
+    if result.get("held_out_mean"):
+        rows += [("mean over held-out shifts", "all", "held out", result["held_out_mean"])]
+    rows += [("drop from clean", "all", "", result["drop"])]
+    cells = [[name, str(s), by, *(f"{100 * values[k]:.2f}" for k in keys)] for name, s, by, values in rows]
+    return markdown_table(["shift", "severity", "imitated by (training augmentation)", *labels], cells, pad=True)
 
 
 def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
     """Markdown table of several shift.json files (e.g. one per training lever): clean figures, the suite mean at
-    `severity` and over all severities, and the relative mCE, in percent."""
+    `severity` and over all severities, the relative mCE and the mean over the shifts that no training
+    augmentation of the run imitates ("-" when none is held out or the file predates it), in percent."""
     header = ["run", "intensity norm", "MRI augmentation", "clean acc", "clean Dice", f"sev {severity} acc",
-              f"sev {severity} Dice", "suite acc", "suite Dice", "rel. mCE acc", "rel. mCE Dice"]
+              f"sev {severity} Dice", "suite acc", "suite Dice", "rel. mCE acc", "rel. mCE Dice", "held-out acc",
+              "held-out Dice"]
     lines = []
     for path in paths:
         r = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -109,7 +132,9 @@ def compare_table(paths: Sequence[Path], severity: str = "2") -> str:
         for key, p in r.get("mri_augment", {}).items():
             by_p.setdefault(p, []).append(key.removeprefix("p_").removeprefix("mri_"))
         augment = "; ".join(f"{', '.join(names)} at {p:g}" for p, names in by_p.items())
-        lines.append([name, r["intensity_norm"], augment or "none", *(f"{100 * c:.2f}" for c in cells)])
+        held = r.get("held_out_mean")
+        held_cells = [f"{100 * held[k]:.2f}" if held else "-" for k in ("accuracy", "dice")]
+        lines.append([name, r["intensity_norm"], augment or "none", *(f"{100 * c:.2f}" for c in cells), *held_cells])
     return markdown_table(header, lines)
 
 
@@ -157,6 +182,8 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
     shifted = {name: {label: score(ShiftHook(name, float(s), seed), f"{name} {label}")
                       for s, label in zip(severities, labels)} for name in shifts}
     dataset.shift = None
+    imitated = {name: imitated_by(name, cfg.data.augment) for name in shifts}
+    geometry = geometry_summary(dataset)
     result = {
         "checkpoint": str(checkpoint), "model": cfg.model.name, "split": split, "num_images": len(dataset),
         "subset": "all", "resolution": "training",
@@ -167,7 +194,9 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
         "tta": tta, "seed": seed, "shifts": list(shifts), "severities": labels,
         "severity_params": {n: {label: severity_params(n, float(s)) for s, label in zip(severities, labels)}
                             for n in shifts},
-        "clean": clean, "shifted": shifted,
+        "clean": clean, "shifted": shifted, "geometry": geometry,
+        "imitated_by": imitated, "held_out": [name for name in shifts if not imitated[name]],
+        "held_out_mean": held_out_mean(shifted, imitated),
     }
     result.update(suite_summary(clean, shifted, labels, reference_result))
     if reference:
@@ -179,6 +208,9 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
     print(f"\n{cfg.model.name}, {split} split ({len(dataset)} images, {cfg.data.image_size}px, threshold "
           f"{threshold:.2f}), acquisition shifts at severities {', '.join(labels)}; figures in %:")
     print(shift_table(result))
+    note = fallback_note(geometry, len(dataset), f"the {split} split")
+    if note:
+        print(note)
     mce = ", ".join(f"{label} {100 * result['relative_mce'][key]:.2f}" for key, label in HEADLINE)
     print(f"relative mCE (mean error increase over clean, points): {mce}")
     print(f"results written to {out_dir}")

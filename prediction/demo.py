@@ -126,8 +126,8 @@ def gradcam_view(model: nn.Module, cfg, prediction: ImagePrediction, grey: np.nd
                  target_class: Optional[int] = None) -> np.ndarray:
     """(H, W, 3) uint8 Grad-CAM of `target_class` (default: the predicted one) over the slice at its own size.
 
-    The heat map is computed on the model's input and mapped back with `logits_to_original`, the same
-    geometry as the mask.
+    The heat map is computed on the model's input and mapped back with `logits_to_original` through the
+    prediction's placement, the same geometry as the mask (zero heat outside a head crop).
     """
     from visualization.gradcam import blend_heatmaps, gradcam_heatmaps
 
@@ -136,7 +136,8 @@ def gradcam_view(model: nn.Module, cfg, prediction: ImagePrediction, grey: np.nd
     # prediction too) fires them: it runs on a private copy (1.4 M parameters, a few MB), so sessions never share hooks
     cam = gradcam_heatmaps(copy.deepcopy(model), prediction.model_input.unsqueeze(0), target_classes=[target])
     width, height = prediction.size
-    heat = logits_to_original(torch.from_numpy(cam.heatmaps[:, None]), (height, width), cfg.data.resize)
+    heat = logits_to_original(torch.from_numpy(cam.heatmaps[:, None]), (height, width), prediction.placement,
+                              fill=0.0)
     heat = heat[0, 0].clamp(0, 1).numpy()
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32) / 255.0
     return blend_heatmaps(rgb[None], heat[None])[0]
@@ -159,6 +160,9 @@ def prediction_record(prediction: ImagePrediction, grey: np.ndarray, threshold: 
         "predicted_class": prediction.predicted_class,
         "probabilities": {name: round(float(p), 6) for name, p in zip(CLASS_NAMES, prediction.probabilities)},
         "tta": bool(tta),
+        "placement": {"mode": prediction.placement.mode, "head_not_found": prediction.placement.fallback,
+                      "head_box": None if prediction.placement.box is None else dict(
+                          zip(("top", "left", "side"), prediction.placement.box))},
         "latency_ms": round(prediction.seconds * 1000, 2),
         "model": model_name,
         "checkpoint": str(checkpoint),

@@ -3,7 +3,8 @@ and probabilities.
 
 Every readable image is predicted; an unreadable one (empty, truncated, not an image, below the minimum size)
 is listed with its reason in the CSV and on the console, and the caller exits non-zero. Masks are made at each
-image's own size from bilinearly upsampled logits (`datasets.geometry.logits_to_original`), then thresholded.
+image's own size from bilinearly upsampled logits (`datasets.geometry.logits_to_original` with the image's
+`Placement`: stretched, letterboxed or cropped to the head as in training, `data.resize`), then thresholded.
 `predict_image` does this for one image; the folder loop and the web demo (app.py) both call it.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from datasets import CLASS_NAMES, DataError
-from datasets.geometry import logits_to_original
+from datasets.geometry import Placement, logits_to_original
 from datasets.index import IMAGE_SUFFIXES
 from evaluation.inference import predict
 from model import model_tasks
@@ -59,6 +60,7 @@ class ImagePrediction:
     model_input: torch.Tensor  # the normalised (C, S, S) input the model saw (for Grad-CAM)
     size: tuple[int, int]  # the image's own (width, height)
     seconds: float  # the model's time for this image (forward pass, TTA included, and the softmax/sigmoid)
+    placement: Placement  # where the image sat on the model's input: what maps the mask and Grad-CAM back
 
     @property
     def class_index(self) -> Optional[int]:
@@ -67,6 +69,11 @@ class ImagePrediction:
     @property
     def predicted_class(self) -> Optional[str]:
         return None if self.probabilities is None else CLASS_NAMES[self.class_index]
+
+    @property
+    def placement_label(self) -> str:
+        """How the image was placed: stretch, letterbox, head, or `letterbox (no head found)` for a head fallback."""
+        return "letterbox (no head found)" if self.placement.fallback else self.placement.mode
 
     def mask(self, threshold: Optional[float] = None) -> Optional[np.ndarray]:
         """The 0/255 uint8 tumour mask at `threshold` (default: the prediction's own)."""
@@ -80,14 +87,18 @@ class ImagePrediction:
 def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], threshold: Optional[float] = None,
                   tta: bool = False) -> ImagePrediction:
     """Classify and segment one image file (or its decoded uint8 greyscale array) with the preprocessing of
-    training (`load_image_for_inference`); the mask is mapped back to the image's own size.
+    training (`prepare_for_inference`); the mask is mapped back to the image's own size through its placement.
 
     `cfg` is the checkpoint's config; `threshold` defaults to `cfg.eval.threshold`. Raises `DataError` for an
-    unreadable image.
+    unreadable image or an array that is not a 2-D uint8 greyscale image.
     """
-    from datasets.transforms import load_image_for_inference
+    from datasets.transforms import prepare_for_inference
 
-    model_input, (width, height) = load_image_for_inference(image, cfg.data)
+    if isinstance(image, np.ndarray) and (image.ndim != 2 or image.dtype != np.uint8):
+        raise DataError(f"predict_image takes a decoded uint8 greyscale (H, W) array, got {image.dtype} "
+                        f"{tuple(image.shape)}: decode files with datasets.decode.read_grey")
+    model_input, placement = prepare_for_inference(image, cfg.data)
+    height, width = placement.original_hw
     device = next(model.parameters()).device
     has_seg = "seg" in model_tasks(model)
     start = time.perf_counter()
@@ -96,12 +107,12 @@ def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], th
     probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu().numpy() if "cls" in outputs else None
     tumour = None
     if has_seg:
-        logits = logits_to_original(outputs["seg"], (height, width), cfg.data.resize)
+        logits = logits_to_original(outputs["seg"], (height, width), placement)
         tumour = torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32)
     seconds = time.perf_counter() - start
     return ImagePrediction(probabilities=probs, tumour_probability=tumour,
                            threshold=cfg.eval.threshold if threshold is None else float(threshold),
-                           model_input=model_input, size=(width, height), seconds=seconds)
+                           model_input=model_input, size=(width, height), seconds=seconds, placement=placement)
 
 
 def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], device_name: str = "auto",
@@ -125,9 +136,11 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     has_cls = "cls" in model_tasks(model)  # segmentation-only runs write no class columns
     mask_dir = out_dir / "masks"
     (mask_dir if has_seg else out_dir).mkdir(parents=True, exist_ok=True)
+    head = cfg.data.resize == "head"  # head runs say per image whether the head was found
     columns = ["file", *(["predicted_class"] if has_cls else []), *(["tumour_pixels"] if has_seg else []),
-               *(f"p_{n}" for n in (CLASS_NAMES if has_cls else [])), "status", "error"]
-    rows, failed, written = [], [], set()
+               *(f"p_{n}" for n in (CLASS_NAMES if has_cls else [])), *(["placement"] if head else []),
+               "status", "error"]
+    rows, failed, written, fallbacks = [], [], set(), []
     for path in files:
         row = dict.fromkeys(columns, "")
         row["file"] = path.name
@@ -140,6 +153,10 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
             rows.append(row)
             continue
         row["status"] = "ok"
+        if head:
+            row["placement"] = result.placement_label
+            if result.placement.fallback:
+                fallbacks.append(path.name)
         if has_cls:
             row["predicted_class"] = result.predicted_class
             row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
@@ -157,6 +174,10 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     masks = f"masks in {mask_dir}, " if has_seg else ""
     print(f"{len(rows) - len(failed)} of {len(rows)} images predicted: {masks}classes and probabilities in "
           f"{out_dir / 'predictions.csv'}")
+    if fallbacks:
+        print(f"note: head not found in {len(fallbacks)} of {len(rows) - len(failed)} images "
+              f"({', '.join(fallbacks[:3])}{', ...' if len(fallbacks) > 3 else ''}); they were letterboxed "
+              "instead (predictions.csv: placement)")
     if stale:
         print(f"removed {stale} mask(s) of an earlier run from {mask_dir}")
     if failed:

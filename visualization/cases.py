@@ -125,6 +125,35 @@ def _predict_cases(model: nn.Module, images: torch.Tensor, threshold: float, siz
     return np.concatenate(masks), classes
 
 
+def _geometry(dataset) -> tuple:
+    """What decides where an image sits on a dataset's square input (the head margin only matters for head)."""
+    resize = getattr(dataset, "resize", "stretch")
+    return (resize, getattr(dataset, "head_margin", None) if resize == "head" else None)
+
+
+def masks_in_frame(masks: np.ndarray, stems: Sequence[str], own, reference) -> np.ndarray:
+    """(N, H, W) bool masks predicted on `own` dataset's square inputs, drawn in `reference`'s square frame
+    (H = W = its input size): through each image's original frame (`logits_to_original` with `own`'s
+    placement, then `to_square` with `reference`'s) when the two place images differently (stretch, letterbox,
+    head); a nearest-neighbour resize when they place them alike."""
+    from datasets.decode import to_square
+    from datasets.geometry import logits_to_original
+
+    size = int(reference.image_size)
+    masks = np.asarray(masks, dtype=bool)
+    if _geometry(own) == _geometry(reference):
+        resized = torch.nn.functional.interpolate(torch.from_numpy(masks[:, None]).float(), size=(size, size),
+                                                  mode="nearest")
+        return resized[:, 0].numpy() > 0.5
+    out = np.zeros((len(masks), size, size), dtype=bool)
+    for n, (mask, stem) in enumerate(zip(masks, stems)):
+        placement = own.placement(stem)
+        logits = torch.from_numpy(np.where(mask, 10.0, -10.0).astype(np.float32))[None, None]
+        original = logits_to_original(logits, placement.original_hw, placement)[0, 0].numpy() > 0
+        out[n] = to_square(original.astype(np.uint8) * 255, size, reference.placement(stem), is_mask=True) > 0
+    return out
+
+
 def _default_names(paths: Sequence[Path], model_names: Sequence[str]) -> list[str]:
     """Model names, disambiguated by the run directory when two checkpoints hold the same model."""
     names = list(model_names)
@@ -143,7 +172,8 @@ def compare_checkpoints(checkpoints: Sequence[PathLike], out_path: PathLike = "i
     Each model is rebuilt from its checkpoint and sees the split prepared with its own data config (image size,
     channels, normalisation); `split.json` beside each checkpoint defines the validation split. `data_root`
     replaces every checkpoint's `data.root`. Cases are chosen on the first checkpoint's dataset and matched by
-    image id in the others.
+    image id in the others; a checkpoint that places images otherwise (`data.resize`) has its masks redrawn in
+    the first one's frame (`masks_in_frame`).
     """
     from datasets.factory import build_eval_dataset
     from model.loading import load_model_from_checkpoint
@@ -182,7 +212,11 @@ def compare_checkpoints(checkpoints: Sequence[PathLike], out_path: PathLike = "i
                 raise InputError(f"compare: image '{missing[0]}' of the first checkpoint's {split} split is not in "
                                  f"the {split} split of '{path}'; compare checkpoints on the same data")
             batch = torch.stack([dataset[position[stem]]["image"] for stem in ids])
-        masks, predicted = _predict_cases(model, batch, cfg.eval.threshold, size)
+        if dataset is reference or _geometry(dataset) == _geometry(reference):
+            masks, predicted = _predict_cases(model, batch, cfg.eval.threshold, size)
+        else:
+            masks, predicted = _predict_cases(model, batch, cfg.eval.threshold, tuple(batch.shape[-2:]))
+            masks = masks_in_frame(masks, ids, dataset, reference)
         captions = [_case_caption(m, t, "" if p is None else class_names[p])
                     for m, t, p in zip(masks, truth, predicted)]
         columns.append(MaskColumn(name, masks, captions))
