@@ -1,11 +1,14 @@
 """Web demo: upload an MRI slice (or click an example) and see the class, the tumour mask and a Grad-CAM.
 
     python app.py [--checkpoint PATH] [--host 127.0.0.1] [--port 7860] [--runs runs]
+    python app.py --runtime onnxruntime        # predictions from the ONNX Runtime export (the fast option on a CPU)
 
 Without --checkpoint the newest `runs/*/latest/best.pth` is served (a picker offers the others). The page is
 drawn with Streamlit: `python app.py` checks its arguments, then starts the Streamlit server on this same file,
-which draws the page (`render_page`). Predictions come from `prediction.folder.predict_image`, the function
-behind `test.py --input`. A research tool, not a medical device.
+which draws the page (`render_page`). Predictions come from `prediction.folder.predict_batch`, the function behind
+`test.py --input`, run by the runtime of `--runtime` / `--precision` (default: the run's eval.runtime, eager
+PyTorch unless set; the predictor is built once per checkpoint); Grad-CAM always uses the eager model, which has
+gradients. A research tool, not a medical device.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-from utils.cli import add_debug_flag, int_at_least, run_main
+from utils.cli import RUNTIME_CHOICES, RUNTIME_PRECISIONS, add_debug_flag, int_at_least, run_main
 from utils.errors import InputError
 
 REPO = Path(__file__).resolve().parent
@@ -31,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where to look for runs/*/latest/best.pth")
     parser.add_argument("--examples-dir", type=Path, default=REPO / ".cache" / "app_examples",
                         help="where the example slices are generated on first start (default: .cache/, ignored by git)")
+    parser.add_argument("--runtime", default=None, choices=RUNTIME_CHOICES,
+                        help="inference runtime of the predictions (default: eval.runtime of the run, torch); "
+                             "onnxruntime is the fast option on a CPU (docs/runtime.md)")
+    parser.add_argument("--precision", default=None, choices=RUNTIME_PRECISIONS,
+                        help="fp32, or int8-dynamic / int8-static with onnxruntime (default: eval.runtime_precision)")
     add_debug_flag(parser)
     return parser.parse_args(argv)
 
@@ -66,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--server.port={args.port}", "--server.headless=true", "--browser.gatherUsageStats=false",
                 "--server.fileWatcherType=none", "--global.developmentMode=false", "--client.toolbarMode=minimal",
                 "--", "--checkpoint", str(checkpoints[0]), "--runs", str(args.runs),
-                "--examples-dir", str(args.examples_dir)]
+                "--examples-dir", str(args.examples_dir),
+                *(["--runtime", args.runtime] if args.runtime else []),
+                *(["--precision", args.precision] if args.precision else [])]
     return streamlit_cli.main()
 
 
@@ -92,7 +102,8 @@ def render_page(args: argparse.Namespace) -> None:
     side = st.sidebar
     checkpoint = side.selectbox("Checkpoint", checkpoints, format_func=str) if len(checkpoints) > 1 else checkpoints[0]
     try:
-        model, cfg, info = _load_model(str(checkpoint), Path(checkpoint).stat().st_mtime)
+        model, predictor, cfg, info = _load_model(str(checkpoint), Path(checkpoint).stat().st_mtime, args.runtime,
+                                                  args.precision)
     except (UserError, OSError) as exc:  # an unknown architecture, a damaged file: say so, keep serving
         st.error(f"cannot use this checkpoint: {exc}")
         st.stop()
@@ -103,7 +114,7 @@ def render_page(args: argparse.Namespace) -> None:
     cam_choice = side.selectbox("Grad-CAM class", ["predicted class", *CLASS_NAMES])
     side.caption(f"Model: {info['name']} ({info['params'] / 1e6:.2f} M parameters), input "
                  f"{cfg.data.image_size} px ({cfg.data.resize}), {info['weights']} weights"
-                 f"{info['epoch']}, on {info['device']}. Checkpoint: {checkpoint}")
+                 f"{info['epoch']}, on {info['device']}, {info['runtime']}. Checkpoint: {checkpoint}")
 
     chosen = _choose_slice(args.examples_dir)
     if chosen is None:
@@ -113,7 +124,7 @@ def render_page(args: argparse.Namespace) -> None:
     digest = hashlib.sha1(data).hexdigest()
     try:
         grey = demo.read_upload(data, name)
-        prediction = _predict(model, cfg, grey, tta, key=(str(checkpoint), digest, tta))
+        prediction = _predict(predictor, cfg, grey, tta, key=(str(checkpoint), digest, tta))
     except DataError as exc:
         st.error(f"cannot predict on this file: {exc}")
         return
@@ -158,6 +169,8 @@ def _show_results(model, cfg, info: dict, prediction, grey, record: dict, opacit
     from utils.errors import UserError
 
     name, threshold, has_seg = record["file"], record.get("threshold"), prediction.tumour_probability is not None
+    if prediction.placement.fallback:  # a head-geometry run that could not find the head in this slice
+        st.info("No head found in this slice: it was letterboxed instead of cropped to the head, unlike training.")
     summary, mask_column, cam_column = st.columns(3)
     with summary:
         probs = prediction.probabilities
@@ -200,23 +213,29 @@ def _choose(source: tuple[str, str]) -> None:
     st.session_state["source"] = source
 
 
-def _load_model(path: str, mtime: float):
-    """(model, config, facts for the page), cached per file and modification time for the server's life."""
+def _load_model(path: str, mtime: float, runtime: str | None = None, precision: str | None = None):
+    """(eager model for Grad-CAM, predictor of the chosen runtime, config, facts for the page), built once per file,
+    modification time and runtime for the server's life."""
     import streamlit as st
 
-    @st.cache_resource(max_entries=2, show_spinner="loading the checkpoint ...")
-    def load(path: str, mtime: float):
+    @st.cache_resource(max_entries=2, show_spinner="loading the checkpoint (an exported runtime: exporting it on "
+                                                   "first use) ...")
+    def load(path: str, mtime: float, runtime: str | None, precision: str | None):
+        from evaluation.predictor import chosen_runtime, inference_predictor, runtime_label
         from model.loading import load_model_from_checkpoint
         from utils.runtime import select_device
 
         device = select_device("auto", key="device")
         model, cfg, ckpt = load_model_from_checkpoint(path, device)
+        runtime, precision = chosen_runtime(cfg.eval, runtime, precision)
+        predictor = model if runtime == "torch" else inference_predictor(path, runtime, precision, device)
         epoch = f", epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ""
         info = {"name": cfg.model.name, "params": sum(p.numel() for p in model.parameters()), "device": str(device),
-                "weights": "EMA" if ckpt.get("ema") is not None else "raw", "epoch": epoch}
-        return model, cfg, info
+                "weights": "EMA" if ckpt.get("ema") is not None else "raw", "epoch": epoch,
+                "runtime": runtime_label(predictor)}
+        return model, predictor, cfg, info
 
-    return load(path, mtime)
+    return load(path, mtime, runtime, precision)
 
 
 def _session_cached(slot: str, key: tuple, compute):
@@ -230,11 +249,17 @@ def _session_cached(slot: str, key: tuple, compute):
     return held[1]
 
 
-def _predict(model, cfg, grey, tta: bool, key: tuple):
-    from prediction.folder import predict_image
+def _predict(predictor, cfg, grey, tta: bool, key: tuple):
+    from prediction.folder import predict_batch
 
-    # predicted at the config's threshold; the slider re-thresholds the stored probabilities
-    return _session_cached("prediction", key, lambda: predict_image(model, cfg, grey, tta=tta))
+    def compute():
+        # predicted at the config's threshold; the slider re-thresholds the stored probabilities
+        result = predict_batch(predictor, cfg, [grey], tta=tta)[0]
+        if isinstance(result, Exception):  # a DataError: unreadable image
+            raise result
+        return result
+
+    return _session_cached("prediction", key, compute)
 
 
 def _gradcam(model, cfg, prediction, grey, target, key: tuple):

@@ -6,6 +6,9 @@
     python benchmark.py --metrics "runs/*/*/test_test/metrics.json" --out results/
     python benchmark.py --models efficient_mtnet --device cpu --threads 2 --runtime onnxruntime torchscript
     python benchmark.py --models efficient_mtnet --device cpu --threads 2 --image-size 256 640 --batch-sizes 1 8
+    python benchmark.py --models efficient_mtnet --device cpu --threads 2 --runtime onnxruntime torchscript \
+        --runtime-precision fp32 int8-dynamic int8-static --image-size 256 512 640 --batch-sizes 1 8 \
+        --checkpoint runs/brisc/latest/best.pth        # trained weights; int8-static calibrates on its train split
 
 Every model is built by name from the registry (random weights, 4 classes, 3 input channels) and measured in
 eval mode, so deep-supervision heads are neither run nor timed. Per model:
@@ -20,9 +23,13 @@ eval mode, so deep-supervision heads are neither run nor timed. Per model:
   pass); --allocator default leaves glibc's settings, to measure the difference;
 - efficiency ratio = (1 / params) normalised so the smallest model is 1.000; speed ratio = throughput
   normalised so the fastest model at the same input size, batch size, precision and runtime is 1.000;
-- with --runtime onnxruntime / torchscript: one more row per model, input size and batch size, timing the file that
-  `python -m model.export` writes (exported to a temporary folder, checked against PyTorch on the timed input,
-  run by ONNX Runtime's CPU provider or torch.jit.load; fp32, CPU only) with the same warm-up and median;
+- with --runtime onnxruntime / torchscript: per model the runtime x precision x size x batch table of
+  `model.runtime_bench.runtime_table` (the predictors of test.py / the demo: exported, checked against PyTorch,
+  batches chunked under the pixel budget; eager PyTorch beside them; latency, ms/img, img/s and the share of the
+  fp32 matrix-multiply peak measured once in the same run), printed as Markdown and kept in benchmark.json
+  (`runtime_tables`); the exported runtimes' rows also join the main table (CPU only). --runtime-precision adds
+  INT8 (onnxruntime); --checkpoint times a trained run (its model) instead of random weights, and int8-static
+  calibrates on its training split (random weights: on random images);
 - with --metrics: the headline figures (evaluation.summary.HEADLINE_FIGURES) and two-class mIoU from test.py's
   metrics.json files, with
   the setting each was scored with (split, subset, resolution, threshold, TTA); files that differ in split,
@@ -54,7 +61,7 @@ from typing import Optional
 
 import torch
 
-from utils.cli import add_debug_flag, int_at_least, non_negative_int, positive_int, run_main
+from utils.cli import RUNTIME_PRECISIONS, add_debug_flag, int_at_least, non_negative_int, positive_int, run_main
 from utils.errors import UserError
 from utils.runtime import select_device
 from evaluation.conventions import check_comparable, setting_label, setting_of
@@ -83,6 +90,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--runtime", nargs="+", default=["torch"], choices=["torch", *EXPORTED_RUNTIMES],
                         help="runtimes to time; the eager PyTorch (torch) rows are always there, onnxruntime and "
                              "torchscript add a row per model and batch size (fp32, CPU)")
+    parser.add_argument("--runtime-precision", nargs="+", default=["fp32"], choices=list(RUNTIME_PRECISIONS),
+                        help="precisions of the exported runtimes: fp32, int8-dynamic, int8-static (INT8: "
+                             "onnxruntime only)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="with --runtime: time this run's exports (its model, trained weights) instead of random "
+                             "weights; int8-static calibrates on its training split")
     parser.add_argument("--metrics", nargs="+", default=None, metavar="GLOB",
                         help="test.py metrics.json files or glob patterns to join (accuracy, mIoU, Dice, F1)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder")
@@ -148,54 +161,72 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
               f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s"
               + (f", train step {_fmt(row.get('train_step_ms'), 1)} ms" if args.train_step else ""),
               file=sys.stderr)
-    for runtime in dict.fromkeys(args.runtime):  # in the given order, once each
-        if runtime in EXPORTED_RUNTIMES:
-            for size in args.image_size:
-                rows += measure_exported(model.to("cpu", memory_format=torch.contiguous_format), bases[size],
-                                         runtime, args, size)
+    if set(args.runtime) & set(EXPORTED_RUNTIMES):
+        rows += measure_runtimes(name, bases, args)
     del runner, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
-def measure_exported(model: torch.nn.Module, base: dict, runtime: str, args: argparse.Namespace,
-                     size: int) -> list[dict]:
-    """Rows for `model` exported for `runtime` (fp32, CPU) at input `size`, timed like the PyTorch rows.
+def measure_runtimes(name: str, bases: dict, args: argparse.Namespace) -> list[dict]:
+    """The runtime table of `name` (model.runtime_bench.runtime_table, kept in args.runtime_tables and printed),
+    and its exported runtimes' rows for the main table. Random weights in a temporary run checkpoint, or
+    --checkpoint when it holds this model."""
+    from model.runtime_bench import runtime_table
 
-    A model the exporter cannot handle gets rows without timings and a note, so one model does not stop the
-    benchmark; the largest difference from PyTorch on the timed input is kept with the row.
-    """
-    from model.export import ExportError, export_model, load_runner, max_difference
-    from utils.flops import latency_summary, time_forward
-
-    fmt = EXPORTED_RUNTIMES[runtime]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="benchmark_export_") as folder:
-        path, runner, failure = Path(folder) / f"{base['model']}.{fmt}", None, None
+    runtimes = list(dict.fromkeys(["torch", *args.runtime]))
+    with tempfile.TemporaryDirectory(prefix="benchmark_runtime_") as folder:
+        checkpoint, calibration = _runtime_checkpoint(name, args, Path(folder))
         try:
-            export_model(model, path, fmt, torch.randn(args.batch_sizes[0], 3, size, size), dynamic=True)
-            runner = load_runner(path, fmt, args.threads)
-        except ExportError as exc:
-            failure = f"export failed: {exc}"
-        for batch in args.batch_sizes:
-            row = dict(base, image_size=size, batch_size=batch, precision="fp32", channels_last=False,
-                       compiled=False, runtime=runtime, latency_ms=None, throughput_img_s=None, peak_memory_mb=None)
-            if runner is None:
-                row["note"] = failure
-            else:
-                x = torch.randn(batch, 3, size, size)
-                try:
-                    row.update(max_abs_diff=max_difference(runner, model, x), file_mb=path.stat().st_size / 2**20)
-                    row.update(latency_summary(time_forward(runner, x, args.warmup, args.repeats), batch))
-                except Exception as exc:  # the runtime rejects an input the dynamic export should take
-                    row["note"] = f"{runtime} failed at batch {batch}: {type(exc).__name__}: {exc}".splitlines()[0]
-            if row.get("note"):
-                print(f"warning: {base['model']} ({runtime}): {row['note']}", file=sys.stderr)
-            rows.append(row)
-            print(f"  {base['model']:22s} {size:4d} px batch {batch:3d} fp32 {runtime}: "
-                  f"{_fmt(row.get('latency_ms'), 2)} ms, {_fmt(row.get('throughput_img_s'), 1)} img/s", file=sys.stderr)
+            table = runtime_table(checkpoint, runtimes, args.runtime_precision, args.batch_sizes, args.image_size,
+                                  "cpu", warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                                  calibration=calibration, cache_dir=Path(folder) / "exports",
+                                  peak_gflops=args.peak_gflops)
+        except UserError as exc:  # e.g. a model the exporter cannot handle: one model does not stop the benchmark
+            print(f"warning: {name}: no runtime table: {exc}", file=sys.stderr)
+            return [dict(bases[args.image_size[0]], image_size=args.image_size[0], batch_size=args.batch_sizes[0],
+                         precision="fp32", runtime=runtime, latency_ms=None, throughput_img_s=None,
+                         peak_memory_mb=None, note=str(exc)) for runtime in runtimes if runtime != "torch"]
+    table["weights"] = str(checkpoint) if args.checkpoint is not None and checkpoint == args.checkpoint else "random"
+    args.runtime_tables[name] = table
+    rows = []
+    for r in table["rows"]:
+        if r["runtime"] == "torch":  # eager PyTorch has its own rows above
+            continue
+        rows.append(dict(bases[r["size"]], image_size=r["size"], batch_size=r["batch"], precision=r["precision"],
+                         channels_last=False, compiled=False, runtime=r["runtime"], latency_ms=r["latency_ms"],
+                         throughput_img_s=r["throughput_img_s"], peak_memory_mb=None, peak_share=r["peak_share"],
+                         images_per_forward=r["images_per_forward"], max_abs_diff=r.get("max_abs_diff"),
+                         file_mb=r.get("file_mb")))
     return rows
+
+
+def _runtime_checkpoint(name: str, args: argparse.Namespace, folder: Path) -> tuple[Path, Optional[list]]:
+    """(checkpoint, int8-static calibration images) for the runtime table of model `name`."""
+    from model import build_model
+    from model.loading import model_kwargs
+    from utils.checkpoint import config_of, read_checkpoint
+    from utils.config import Config, config_to_dict
+
+    wants_static = "int8-static" in args.runtime_precision
+    if args.checkpoint is not None:
+        cfg = config_of(read_checkpoint(args.checkpoint), args.checkpoint)
+        if cfg.model.name == name:
+            from datasets.calibration import TrainCalibration
+
+            return args.checkpoint, TrainCalibration(args.checkpoint) if wants_static else None
+    cfg = Config()
+    cfg.model.name, cfg.model.num_classes, cfg.data.image_size = name, args.num_classes, args.image_size[0]
+    torch.manual_seed(0)
+    model = build_model(name, **model_kwargs(cfg, pretrained=False))
+    path = folder / f"{name}.pth"
+    torch.save({"format_version": 1, "model_name": name, "config": config_to_dict(cfg), "model": model.state_dict(),
+                "ema": None, "epoch": None, "class_counts": None}, path)
+    generator = torch.Generator().manual_seed(0)  # random weights: random calibration images will do for timing
+    calibration = [torch.randn(8, 3, args.image_size[0], args.image_size[0], generator=generator)
+                   for _ in range(2)] if wants_static else None
+    return path, calibration
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -318,6 +349,18 @@ def render_table(rows: list[dict], env: dict, with_metrics: bool) -> str:
     return "\n".join(lines + [markdown_table(header, cells_of, align=["l"] + ["r"] * (len(header) - 1))])
 
 
+def runtime_tables_markdown(tables: dict) -> str:
+    """Each model's runtime x precision x size x batch table (model.runtime_bench.markdown) under a heading."""
+    from model.runtime_bench import markdown
+
+    parts = []
+    for name, table in tables.items():
+        weights = "random weights" if table["weights"] == "random" else f"weights of {table['weights']}"
+        parts.append(f"Runtimes of {name} ({weights}; predictors as test.py and the demo run them):\n\n"
+                     f"{markdown(table)}")
+    return "\n\n".join(parts)
+
+
 def write_csv(rows: list[dict], env: dict, path: Path) -> None:
     env_cols = {f"env_{k}": v for k, v in env.items() if not isinstance(v, (list, dict))}
     records = [dict(r, **env_cols) for r in rows]
@@ -378,6 +421,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     names = args.models or list_models()
     for name in names:
         check_model_name(name, key="--models")
+    if set(args.runtime_precision) - {"fp32"} and "onnxruntime" not in args.runtime:
+        raise UserError(f"--runtime-precision {' '.join(sorted(set(args.runtime_precision) - {'fp32'}))} runs on "
+                        "ONNX Runtime only: add --runtime onnxruntime")
     if device.type != "cpu" and set(args.runtime) - {"torch"}:
         raise UserError(f"--runtime {' '.join(sorted(set(args.runtime) - {'torch'}))} times exported files on "
                         "the CPU; use --device cpu")
@@ -403,6 +449,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         advice = "a quiet machine" if torch.get_num_threads() == 1 else "--threads 1 or a quiet machine"
         print(f"warning: load average {busy} with {torch.get_num_threads()} threads on {env['cpu_count']} cores: "
               f"CPU timings will be slowed by other processes (use {advice})", file=sys.stderr)
+    args.runtime_tables, args.peak_gflops = {}, None
+    if set(args.runtime) & set(EXPORTED_RUNTIMES):
+        from model.runtime_bench import matmul_peak_gflops
+
+        args.peak_gflops = env["matmul_peak_gflops"] = matmul_peak_gflops("cpu")  # once, shared by every table
     rows: list[dict] = []
     for name in names:
         rows += measure_model(name, args, device)
@@ -412,10 +463,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     print(render_table(rows, env, with_metrics))
+    if args.runtime_tables:
+        text = runtime_tables_markdown(args.runtime_tables)
+        print(f"\n{text}")
+        (args.out / "runtime_table.md").write_text(text + "\n", encoding="utf-8")
     write_csv(rows, env, args.out / "benchmark.csv")
-    write_json_atomic({"environment": env, "rows": rows}, args.out / "benchmark.json")
+    write_json_atomic({"environment": env, "rows": rows, "runtime_tables": args.runtime_tables},
+                      args.out / "benchmark.json")
     draw_radar(rows, args.out / "radar.png", with_metrics)
-    print(f"\nwrote {args.out / 'benchmark.csv'}, {args.out / 'benchmark.json'}, {args.out / 'radar.png'}",
+    extra = f", {args.out / 'runtime_table.md'}" if args.runtime_tables else ""
+    print(f"\nwrote {args.out / 'benchmark.csv'}, {args.out / 'benchmark.json'}, {args.out / 'radar.png'}{extra}",
           file=sys.stderr)
     return 0
 

@@ -5,6 +5,8 @@
     python test.py --checkpoint best.pth --split test --tune-threshold --gradcam 4
     python test.py --checkpoint best.pth --split test --subset all --calibrate
     python test.py --checkpoint best.pth --input my_slices/ --out predictions/
+    python test.py --checkpoint best.pth --input my_slices/ --runtime onnxruntime      # exported runtime
+    python test.py --checkpoint best.pth --split val --runtime onnxruntime --precision int8-dynamic
     python test.py --checkpoint best.pth --data-root /data/kaggle --data-format imagefolder \
         --class-map 'glioma=tumour,meningioma=tumour,pituitary=tumour,no_tumor=normal'
     python test.py --checkpoint best.pth --data-root /data/pairs --data-format pairs --layout data.mask_suffix=_mask
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         class_map = parse_class_map(args.class_map)
     if args.input is not None:
         failed = predict_folder(checkpoint, args.input, args.out, args.device, args.threshold, args.tta,
-                                use_ema=not args.no_ema)
+                                use_ema=not args.no_ema, runtime=args.runtime, precision=args.precision,
+                                batch_size=args.batch_size)
         return 1 if failed else 0
     options = TestOptions(
         checkpoint=checkpoint, split=args.split, data_root=args.data_root, tta=args.tta,
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         gradcam=args.gradcam, gradcam_layer=args.gradcam_layer, show_progress=not args.no_progress,
         subset=args.subset, calibrate=args.calibrate, bootstrap=args.bootstrap, seed=args.seed,
         gate_masks=args.gate_masks, spacing=args.spacing, data_format=args.data_format, class_map=class_map,
-        data_opts=args.layout)
+        data_opts=args.layout, runtime=args.runtime, precision=args.precision)
     if args.out is not None:  # written outside the run: nothing to interleave with a training process
         run_test(options)
         return 0

@@ -69,11 +69,13 @@ COMPARABLE_KEYS = ("split", "subset", "resolution")
 
 def output_folder_name(split: str, subset: str = "leak_free", tta: bool = False, threshold: float = 0.5,
                        default_threshold: float = 0.5, tuned: bool = False, calibrated: bool = False,
-                       checkpoint: str = "best", raw_weights: bool = False, gated: bool = False) -> str:
+                       checkpoint: str = "best", raw_weights: bool = False, gated: bool = False,
+                       runtime: str = "torch", precision: str = "fp32") -> str:
     """`test_<split>` for the default settings; every non-default setting adds a part, e.g.
     `test_test_tta`, `test_test_thr0.45`, `test_test_thr0.45-tuned`, `test_test_all_calibrated`,
     `test_test_last` (another checkpoint than best.pth), `test_test_raw` (--no-ema on a run with EMA weights),
-    `test_test_gated` (masks emptied where the classifier says no_tumor)."""
+    `test_test_gated` (masks emptied where the classifier says no_tumor), `test_val_onnxruntime-int8-dynamic`
+    (another runtime or precision than eager PyTorch in fp32, so a paired comparison keeps both folders)."""
     parts = [f"test_{split}"]
     if checkpoint != "best":
         parts.append(checkpoint)
@@ -89,6 +91,8 @@ def output_folder_name(split: str, subset: str = "leak_free", tta: bool = False,
         parts.append("calibrated")
     if gated:
         parts.append("gated")
+    if (runtime, precision) != ("torch", "fp32"):
+        parts.append(runtime if precision == "fp32" else f"{runtime}-{precision}")
     return "_".join(parts)
 
 

@@ -39,6 +39,9 @@ class TestOptions:
     data_format: Optional[str] = None
     class_map: Optional[dict] = None  # name -> label for the other dataset; None: data.class_map of the run
     data_opts: Optional[list] = None  # `data.<layout key>=value` settings of the other dataset (test.py --layout)
+    # Inference runtime and precision (model.runtime); None: eval.runtime / eval.runtime_precision of the run
+    runtime: Optional[str] = None
+    precision: Optional[str] = None
 
 
 def check_options(opts: TestOptions) -> None:

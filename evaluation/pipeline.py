@@ -37,6 +37,7 @@ from evaluation.metrics import METRIC_DEFINITIONS_MD, MultiTaskMetrics
 from evaluation.native import NativeCounts, fallback_note, geometry_summary
 from evaluation.options import THRESHOLD_CANDIDATES, TestOptions, check_options, check_tasks
 from evaluation.per_image import per_image_rows, write_per_image_csv
+from evaluation.predictor import chosen_runtime, inference_predictor, runtime_label, runtime_record
 from evaluation.sources import Source, add_label_figures, other_dataset, own_split, with_labels
 from evaluation.subsets import PerImage, per_image_overlap, subset_figures, subset_indices
 from evaluation.subgroups import annotate_table, subgroup_breakdown
@@ -196,24 +197,29 @@ def run_test(opts: TestOptions) -> dict:
     check_options(opts)
     device = select_device(opts.device, key="--device")
     model, cfg, ckpt = load_model_from_checkpoint(opts.checkpoint, device, use_ema=opts.use_ema)
+    runtime, precision = chosen_runtime(cfg.eval, opts.runtime, opts.precision)
     tasks = model_tasks(model)
     has_cls, has_seg = "cls" in tasks, "seg" in tasks
     check_tasks(opts, cfg.model.name, has_cls, has_seg)
     run_dir = Path(opts.checkpoint).resolve().parent
     build = own_split if opts.data_format is None else other_dataset
     source = build(cfg, opts, run_dir, has_cls, has_seg)
-    threshold, tuning, temperature = fit_on_validation(model, cfg, run_dir / "split.json", device, opts, has_cls,
+    # every prediction below comes from the chosen runtime; the eager model stays for Grad-CAM and the parameter count
+    predictor = model if runtime == "torch" else inference_predictor(
+        opts.checkpoint, runtime, precision, device, opts.use_ema,
+        data_root=opts.data_root if opts.data_format is None else None)
+    threshold, tuning, temperature = fit_on_validation(predictor, cfg, run_dir / "split.json", device, opts, has_cls,
                                                        has_seg)
     out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / source.folder(output_folder_name(
         opts.split, opts.subset, opts.tta, threshold, cfg.eval.threshold, opts.tune_threshold, opts.calibrate,
         checkpoint=Path(opts.checkpoint).stem, raw_weights=bool(not opts.use_ema and ckpt.get("ema")),
-        gated=source.gated))
+        gated=source.gated, runtime=runtime, precision=precision))
 
     dataset = build_eval_dataset(source.data, opts.split, source.split_path, verbose=source.index is None,
                                  index=source.index)
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_fn = MultiTaskLoss(cfg.loss, class_counts=ckpt.get("class_counts")).to(device) if source.has_loss else None
-    scored, _ = score_source(model, cfg, dataset, source, device, [threshold], opts.tta, opts.batch_size,
+    scored, _ = score_source(predictor, cfg, dataset, source, device, [threshold], opts.tta, opts.batch_size,
                              opts.num_workers, loss_fn, opts.show_progress, source.progress)
     ungated = scored.table
     geometry = geometry_summary(dataset)
@@ -249,14 +255,16 @@ def run_test(opts: TestOptions) -> dict:
     results = scored_results(opts, model, cfg, ckpt, subsets, headline, threshold if source.score_seg else None,
                              tuning, temperature, source, scored.loss, leak_info, breakdown, calibration, subgroups)
     results["geometry"] = geometry
+    results.update(runtime_record(predictor))
     write_json_atomic(results, out_dir / "metrics.json")
     report = write_files(out_dir, opts, model, cfg, device, dataset, source, scored, table, results, leaked, labels,
-                         threshold, temperature, headline)
+                         threshold, temperature, headline, predictor)
 
     shown = f"threshold {threshold:.2f}" if source.score_seg else "classification only"
     native_note = "; segmentation at each image's own size" if source.score_seg else ""
     print(f"\n{cfg.model.name} ({results['params']:,} parameters){source.title}: {len(dataset)} images, "
           f"{shown}{' (tuned on val)' if opts.tune_threshold else ''}{', flip TTA' if opts.tta else ''}{native_note}")
+    print(runtime_label(predictor))
     if labels is not None:
         print(f"labels ({'the model' + chr(39) + 's classes' if source.model_space else 'mapped by the class map'}): "
               + ", ".join(f"{name} {int((labels[0] == k).sum())} images" for k, name in enumerate(source.space.names)))
@@ -313,8 +321,10 @@ def scored_results(opts: TestOptions, model: nn.Module, cfg: Config, ckpt: dict,
 
 def write_files(out_dir: Path, opts: TestOptions, model: nn.Module, cfg: Config, device: torch.device, dataset,
                 source: Source, scored: Scored, table: PerImage, results: dict, leaked: Optional[dict],
-                labels: Optional[tuple], threshold: float, temperature: Optional[float], headline: str) -> str:
-    """metric_definitions.md, classification_report.txt, the figures and per_image.csv; returns the report text."""
+                labels: Optional[tuple], threshold: float, temperature: Optional[float], headline: str,
+                predictor: Optional[nn.Module] = None) -> str:
+    """metric_definitions.md, classification_report.txt, the figures and per_image.csv; returns the report text.
+    The case grids use `predictor` (the runtime that was scored), Grad-CAM the eager `model`."""
     from sklearn.metrics import classification_report
 
     from evaluation.subsets import SUBSET_LABELS
@@ -341,7 +351,7 @@ def write_files(out_dir: Path, opts: TestOptions, model: nn.Module, cfg: Config,
         title = f"{cfg.model.name}, {opts.split} split, {SUBSET_LABELS[headline]}"
         save_breakdown_figures(results["calibration"], results["breakdowns"], out_dir, title,
                                subgroups=results["subgroups"])
-        write_case_grids(model, dataset, scored.records, cfg, device, threshold, opts.tta, out_dir)
+        write_case_grids(predictor or model, dataset, scored.records, cfg, device, threshold, opts.tta, out_dir)
     if opts.gradcam > 0:
         write_gradcam_figures(model, dataset, out_dir / "gradcam", per_class=opts.gradcam, device=device,
                               class_names=CLASS_NAMES, target_layer=opts.gradcam_layer, mean=cfg.data.mean,

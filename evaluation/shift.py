@@ -22,7 +22,8 @@ A shift that one of the run's training augmentations imitates (`datasets.mri_shi
 run's `data.augment`) is in distribution for that run: the table names those augmentations beside each shift
 ("held out" when none does), and `held_out_mean` averages the held-out shifts only. The shifts act on the
 image as placed on the model's input (`data.resize`; a head run sees its head crop shifted).
-Writes `shift.json` and `shift.png` (default folder: `<run>/shift_<split>`) and prints the table.
+Writes `shift.json` and `shift.png` (default folder: `<run>/shift_<split>`, `_<runtime>[-<precision>]` added for
+another runtime than eager PyTorch, e.g. `--runtime onnxruntime`) and prints the table.
 """
 from __future__ import annotations
 
@@ -154,8 +155,11 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
                         device_name: str = "auto", batch_size: Optional[int] = None,
                         num_workers: Optional[int] = None, use_ema: bool = True, threshold: Optional[float] = None,
                         tta: bool = False, data_root: Optional[str] = None, reference: Optional[Path] = None,
-                        show_progress: bool = True) -> dict:
-    """Score `checkpoint` clean and under every shift and severity; write shift.json and shift.png."""
+                        show_progress: bool = True, runtime: Optional[str] = None,
+                        precision: Optional[str] = None) -> dict:
+    """Score `checkpoint` clean and under every shift and severity; write shift.json and shift.png.
+    `runtime` / `precision`: the inference runtime (None: eval.runtime / eval.runtime_precision, torch / fp32)."""
+    from evaluation.predictor import chosen_runtime, inference_predictor, runtime_label, runtime_record
     from visualization.shift import save_shift_figure
 
     for s in severities:
@@ -164,6 +168,9 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
     reference_result = json.loads(Path(reference).read_text(encoding="utf-8")) if reference else None
     device = select_device(device_name)
     model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
+    runtime, precision = chosen_runtime(cfg.eval, runtime, precision)
+    if runtime != "torch":
+        model = inference_predictor(checkpoint, runtime, precision, device, use_ema, data_root)
     if data_root:
         cfg.data.root, cfg.data.synthetic = data_root, False
     run_dir = Path(checkpoint).resolve().parent
@@ -194,19 +201,22 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
         "tta": tta, "seed": seed, "shifts": list(shifts), "severities": labels,
         "severity_params": {n: {label: severity_params(n, float(s)) for s, label in zip(severities, labels)}
                             for n in shifts},
-        "clean": clean, "shifted": shifted, "geometry": geometry,
+        "clean": clean, "shifted": shifted, "geometry": geometry, **runtime_record(model),
         "imitated_by": imitated, "held_out": [name for name in shifts if not imitated[name]],
         "held_out_mean": held_out_mean(shifted, imitated),
     }
     result.update(suite_summary(clean, shifted, labels, reference_result))
     if reference:
         result["reference"] = str(reference)
-    out_dir = Path(out_dir) if out_dir else run_dir / f"shift_{split}"
+    suffix = "" if (runtime, precision) == ("torch", "fp32") else f"_{runtime}" + (
+        "" if precision == "fp32" else f"-{precision}")  # as test.py's folders: another runtime keeps its own
+    out_dir = Path(out_dir) if out_dir else run_dir / f"shift_{split}{suffix}"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(result, out_dir / "shift.json")
     save_shift_figure(result, out_dir / "shift.png")
     print(f"\n{cfg.model.name}, {split} split ({len(dataset)} images, {cfg.data.image_size}px, threshold "
-          f"{threshold:.2f}), acquisition shifts at severities {', '.join(labels)}; figures in %:")
+          f"{threshold:.2f}, {runtime_label(model)}), acquisition shifts at severities {', '.join(labels)}; "
+          "figures in %:")
     print(shift_table(result))
     note = fallback_note(geometry, len(dataset), f"the {split} split")
     if note:
@@ -246,7 +256,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     run_shift_benchmark(args.checkpoint, args.split, args.shifts, args.severities, args.seed, args.out,
                         args.device, args.batch_size, args.num_workers, not args.no_ema, args.threshold,
-                        args.tta, args.data_root, args.reference, show_progress=not args.no_progress)
+                        args.tta, args.data_root, args.reference, show_progress=not args.no_progress,
+                        runtime=args.runtime, precision=args.precision)
     return 0
 
 

@@ -276,6 +276,16 @@ def exported_file(checkpoint: Path, model: nn.Module, cfg, runtime: str, precisi
 
 
 # ------------------------------------------------------------------------------------------ entry point
+def check_runtime(runtime: str, precision: str) -> None:
+    """Raise InputError for an unknown runtime or precision, or INT8 on another runtime than onnxruntime."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"runtime '{runtime}' is not one of {', '.join(RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise InputError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and runtime != "onnxruntime":
+        raise InputError(f"precision '{precision}' runs on runtime 'onnxruntime' only (got runtime '{runtime}')")
+
+
 def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device: Union[str, torch.device] = "cpu",
                    use_ema: bool = True, precision: str = "fp32", cache_dir: Optional[Union[str, Path]] = None,
                    pixel_budget: Optional[int] = -1, threads: int = 0, keep_memory: bool = True,
@@ -291,12 +301,7 @@ def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device:
     Raises InputError for a runtime, precision or device that does not fit, CheckpointError for the checkpoint,
     RuntimeMismatchError when an export does not reproduce PyTorch.
     """
-    if runtime not in RUNTIMES:
-        raise InputError(f"runtime '{runtime}' is not one of {', '.join(RUNTIMES)}")
-    if precision not in PRECISIONS:
-        raise InputError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-    if precision != "fp32" and runtime != "onnxruntime":
-        raise InputError(f"precision '{precision}' runs on runtime 'onnxruntime' only (got runtime '{runtime}')")
+    check_runtime(runtime, precision)
     if precision == "int8-static" and calibration is None:
         raise InputError("precision 'int8-static' needs calibration images: pass calibration="
                          "datasets.calibration.TrainCalibration(checkpoint) (the run's training split)")

@@ -70,7 +70,8 @@ def runtime_table(checkpoint: Union[str, Path], runtimes: Sequence[str] = RUNTIM
     path beside the unsplit one. `calibration`: images for int8-static (e.g. datasets.calibration.
     TrainCalibration); int8-static is skipped with a note without them. Returns {"peak_gflops", "environment",
     "rows": [{runtime, precision, pixel_budget, images_per_forward, size, batch, latency_ms, per_image_ms,
-    throughput_img_s, gflop_per_image, achieved_gflops, peak_share, ...}], "notes": [...]}.
+    throughput_img_s, gflop_per_image, achieved_gflops, peak_share, file_mb and max_abs_diff (exported runtimes)}],
+    "notes": [...]}.
     """
     unknown = [r for r in runtimes if r not in RUNTIMES] + [p for p in precisions if p not in PRECISIONS]
     if unknown:
@@ -107,7 +108,7 @@ def runtime_table(checkpoint: Union[str, Path], runtimes: Sequence[str] = RUNTIM
                             "size": size, "batch": batch, "latency_ms": median_ms, "per_image_ms": per_image,
                             "throughput_img_s": 1000.0 / per_image, "gflop_per_image": gflop[size],
                             "achieved_gflops": gflop[size] * 1000.0 / per_image,
-                            "peak_share": gflop[size] * 1000.0 / per_image / peak})
+                            "peak_share": gflop[size] * 1000.0 / per_image / peak, **_export_facts(predictor)})
                         if verbose:
                             print(f"  {runtime:11s} {precision:12s} {size:4d} px batch {batch:3d}: "
                                   f"{per_image:8.2f} ms/img")
@@ -119,6 +120,17 @@ def runtime_table(checkpoint: Union[str, Path], runtimes: Sequence[str] = RUNTIM
 
     environment["cpu_allocator"] = allocator_state()
     return {"peak_gflops": peak, "environment": environment, "rows": rows, "notes": notes}
+
+
+def _export_facts(predictor) -> dict:
+    """The exported file's size (MiB) and its largest output difference from PyTorch (fp32: the export check;
+    INT8: the largest of the per-output logit differences); empty for eager PyTorch."""
+    info = predictor.info
+    if predictor.runtime == "torch" or "size_bytes" not in info:
+        return {}
+    parity = info.get("parity") or {}
+    diffs = [value for key, value in parity.items() if key.endswith("max_abs_diff") and key != "max_abs_diff_optimised"]
+    return {"file_mb": info["size_bytes"] / 2**20, "max_abs_diff": max(diffs) if diffs else None}
 
 
 def markdown(table: dict) -> str:

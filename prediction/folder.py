@@ -5,7 +5,10 @@ Every readable image is predicted; an unreadable one (empty, truncated, not an i
 is listed with its reason in the CSV and on the console, and the caller exits non-zero. Masks are made at each
 image's own size from bilinearly upsampled logits (`datasets.geometry.logits_to_original` with the image's
 `Placement`: stretched, letterboxed or cropped to the head as in training, `data.resize`), then thresholded.
-`predict_image` does this for one image; the folder loop and the web demo (app.py) both call it.
+`predict_batch` does this for several images at once with an eager model or any `model.runtime` predictor
+(`predict_image`: one image) (the folder loop and the web demo call it; the predictor splits a batch into chunks
+that never cost more per image than batch 1). `--runtime onnxruntime` is the fast option on a CPU; the default
+stays eager PyTorch (docs/runtime.md).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import csv
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -25,7 +28,6 @@ from datasets.geometry import Placement, logits_to_original
 from datasets.index import IMAGE_SUFFIXES
 from evaluation.inference import predict
 from model import model_tasks
-from model.loading import load_model_from_checkpoint
 from utils.runtime import select_device
 
 MASK_SUFFIX = "_mask.png"
@@ -83,7 +85,6 @@ class ImagePrediction:
         return (self.tumour_probability >= cut).astype(np.uint8) * 255
 
 
-@torch.no_grad()
 def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], threshold: Optional[float] = None,
                   tta: bool = False) -> ImagePrediction:
     """Classify and segment one image file (or its decoded uint8 greyscale array) with the preprocessing of
@@ -92,33 +93,72 @@ def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], th
     `cfg` is the checkpoint's config; `threshold` defaults to `cfg.eval.threshold`. Raises `DataError` for an
     unreadable image or an array that is not a 2-D uint8 greyscale image.
     """
+    result = predict_batch(model, cfg, [image], threshold, tta)[0]
+    if isinstance(result, DataError):
+        raise result
+    return result
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model` runs: a predictor's `device` (exported runtimes have no parameters), else its parameters'."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _prepared(image: Union[str, Path, np.ndarray], data_cfg) -> tuple[torch.Tensor, Placement]:
     from datasets.transforms import prepare_for_inference
 
     if isinstance(image, np.ndarray) and (image.ndim != 2 or image.dtype != np.uint8):
         raise DataError(f"predict_image takes a decoded uint8 greyscale (H, W) array, got {image.dtype} "
                         f"{tuple(image.shape)}: decode files with datasets.decode.read_grey")
-    model_input, placement = prepare_for_inference(image, cfg.data)
-    height, width = placement.original_hw
-    device = next(model.parameters()).device
+    return prepare_for_inference(image, data_cfg)
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, cfg, images: Sequence[Union[str, Path, np.ndarray]],
+                  threshold: Optional[float] = None, tta: bool = False) -> list[Union[ImagePrediction, DataError]]:
+    """Predict several images in one call of `model` (an eager model or a `model.runtime` predictor, which
+    splits the batch under its pixel budget): per image its ImagePrediction, or the DataError that made it
+    unreadable. `seconds` is the image's share of the batch's model time."""
+    loaded: list[Union[tuple, DataError]] = []
+    for image in images:
+        try:
+            loaded.append(_prepared(image, cfg.data))
+        except DataError as exc:
+            loaded.append(exc)
+    readable = [item for item in loaded if not isinstance(item, DataError)]
+    if not readable:
+        return list(loaded)
     has_seg = "seg" in model_tasks(model)
     start = time.perf_counter()
-    outputs = predict(model, model_input.unsqueeze(0).to(device), tta=tta)
+    outputs = predict(model, torch.stack([item[0] for item in readable]).to(model_device(model)), tta=tta)
     # .cpu() waits for the device; a segmentation-only run has no class output
-    probs = torch.softmax(outputs["cls"].float(), 1)[0].cpu().numpy() if "cls" in outputs else None
-    tumour = None
-    if has_seg:
-        logits = logits_to_original(outputs["seg"], (height, width), placement)
-        tumour = torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32)
-    seconds = time.perf_counter() - start
-    return ImagePrediction(probabilities=probs, tumour_probability=tumour,
-                           threshold=cfg.eval.threshold if threshold is None else float(threshold),
-                           model_input=model_input, size=(width, height), seconds=seconds, placement=placement)
+    probs = torch.softmax(outputs["cls"].float(), 1).cpu().numpy() if "cls" in outputs else None
+    tumours = []
+    for index, (_, placement) in enumerate(readable):
+        if has_seg:  # each image mapped back to its own size through its placement
+            logits = logits_to_original(outputs["seg"][index:index + 1], placement.original_hw, placement)
+            tumours.append(torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32))
+        else:
+            tumours.append(None)
+    seconds = (time.perf_counter() - start) / len(readable)
+    cut = cfg.eval.threshold if threshold is None else float(threshold)
+    done = iter(ImagePrediction(probabilities=None if probs is None else probs[i], tumour_probability=tumours[i],
+                                threshold=cut, model_input=readable[i][0],
+                                size=(readable[i][1].original_hw[1], readable[i][1].original_hw[0]),
+                                seconds=seconds, placement=readable[i][1])
+                for i in range(len(readable)))
+    return [item if isinstance(item, DataError) else next(done) for item in loaded]
 
 
 def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], device_name: str = "auto",
-                   threshold: Optional[float] = None, tta: bool = False, use_ema: bool = True) -> list[str]:
+                   threshold: Optional[float] = None, tta: bool = False, use_ema: bool = True,
+                   runtime: Optional[str] = None, precision: Optional[str] = None,
+                   batch_size: Optional[int] = None) -> list[str]:
     """Classify and segment every image in `input_dir`; write `<stem>_mask.png` files and `predictions.csv`.
 
+    `runtime` / `precision`: the inference runtime (None: eval.runtime / eval.runtime_precision of the run,
+    torch / fp32 by default); `batch_size` images are read and predicted per call (default: eval.batch_size).
     Returns the names of the files that could not be predicted (also in the CSV with their reason).
     """
     import cv2
@@ -129,8 +169,15 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"--input '{input_dir}' holds no {'/'.join(sorted(IMAGE_SUFFIXES))} images")
+    from evaluation.predictor import chosen_runtime, inference_predictor, runtime_label
+    from utils.checkpoint import config_of, read_checkpoint
+
     device = select_device(device_name, key="--device")
-    model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
+    cfg = config_of(read_checkpoint(checkpoint), checkpoint)
+    runtime, precision = chosen_runtime(cfg.eval, runtime, precision)
+    model = inference_predictor(checkpoint, runtime, precision, device, use_ema)
+    print(runtime_label(model))
+    batch_size = batch_size or cfg.eval.batch_size
     out_dir = Path(out_dir) if out_dir else fresh_output_dir(checkpoint, input_dir)
     has_seg = "seg" in model_tasks(model)  # classification-only models write the CSV alone
     has_cls = "cls" in model_tasks(model)  # segmentation-only runs write no class columns
@@ -141,15 +188,15 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
                *(f"p_{n}" for n in (CLASS_NAMES if has_cls else [])), *(["placement"] if head else []),
                "status", "error"]
     rows, failed, written, fallbacks = [], [], set(), []
-    for path in files:
+    results = (result for start in range(0, len(files), batch_size)
+               for result in predict_batch(model, cfg, files[start:start + batch_size], threshold, tta))
+    for path, result in zip(files, results):
         row = dict.fromkeys(columns, "")
         row["file"] = path.name
-        try:
-            result = predict_image(model, cfg, path, threshold, tta)
-        except DataError as exc:
-            row.update(status="failed", error=str(exc))
+        if isinstance(result, DataError):
+            row.update(status="failed", error=str(result))
             failed.append(path.name)
-            print(f"failed: {path.name}: {exc}")
+            print(f"failed: {path.name}: {result}")
             rows.append(row)
             continue
         row["status"] = "ok"

@@ -202,11 +202,14 @@ def test_area_share_overlay_and_record_match_hand_counts(app_checkpoint, example
     model, cfg, _ = load_model_from_checkpoint(app_checkpoint, "cpu")
     slice_grey = demo.read_upload(examples["meningioma"].read_bytes(), "m.jpg")
     prediction = predict_image(model, cfg, slice_grey)
-    record = json.loads(demo.record_json(demo.prediction_record(prediction, slice_grey, 0.7, False, "m.jpg",
+    # two thresholds inside this model's own probability range, so the two masks differ whatever it learnt
+    low, high = (float(q) for q in np.quantile(prediction.tumour_probability, [0.98, 0.995]))
+    assert low < high
+    record = json.loads(demo.record_json(demo.prediction_record(prediction, slice_grey, high, False, "m.jpg",
                                                                 app_checkpoint, cfg.model.name)))
-    at_07 = prediction.mask(0.7)
-    assert record["tumour_pixels"] == int((at_07 > 0).sum()) != int((prediction.mask() > 0).sum())
-    assert record["predicted_class"] == prediction.predicted_class and record["threshold"] == 0.7
+    at_07 = prediction.mask(high)
+    assert record["tumour_pixels"] == int((at_07 > 0).sum()) != int((prediction.mask(low) > 0).sum())
+    assert record["predicted_class"] == prediction.predicted_class and record["threshold"] == pytest.approx(high)
     assert sum(record["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     assert np.array_equal(cv2.imdecode(np.frombuffer(demo.mask_png(at_07), np.uint8), cv2.IMREAD_GRAYSCALE), at_07)
 
@@ -222,7 +225,7 @@ def test_gradcam_view_is_at_the_slice_size_and_follows_the_chosen_class(app_chec
 
 
 # ------------------------------------------------------------------------------------ the page, without a browser
-def _page(checkpoint: str, runs: str, examples_dir: str) -> None:
+def _page(checkpoint: str, runs: str, examples_dir: str, extra: tuple = ()) -> None:
     """The page script as Streamlit's AppTest runs it (a function's body becomes the script)."""
     import importlib.util
 
@@ -231,7 +234,8 @@ def _page(checkpoint: str, runs: str, examples_dir: str) -> None:
     spec = importlib.util.spec_from_file_location("app_page", REPO / "app.py")
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
-    app.render_page(app.parse_args(["--checkpoint", checkpoint, "--runs", runs, "--examples-dir", examples_dir]))
+    app.render_page(app.parse_args(["--checkpoint", checkpoint, "--runs", runs, "--examples-dir", examples_dir,
+                                    *extra]))
 
 
 def test_page_explains_an_unknown_architecture_and_serves_the_other_checkpoint(app_checkpoint, examples, tmp_path,
@@ -266,3 +270,24 @@ def test_page_explains_an_unknown_architecture_and_serves_the_other_checkpoint(a
     page.sidebar.slider[0].set_value(0.3).run()  # the threshold slider re-thresholds the same prediction
     lower = f"Tumour area: **{int((expected.mask(0.3) > 0).sum())} pixels**"
     assert lower != pixels and any(m.value.startswith(lower) for m in page.markdown)
+
+
+def test_page_on_onnxruntime_predicts_what_the_eager_model_does_and_says_so(app_checkpoint, examples, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from datasets.naming import CLASS_NAMES
+
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])  # as above
+    page = AppTest.from_function(_page, args=(str(app_checkpoint), str(app_checkpoint.parents[2]),
+                                              str(examples["glioma"].parent), ("--runtime", "onnxruntime")),
+                                 default_timeout=120)
+    page.run()
+    assert not page.error
+    assert any("runtime onnxruntime fp32 (max |difference| from PyTorch" in c.value for c in page.sidebar.caption)
+    page.button(key="example_glioma").click().run()
+    model, cfg, _ = load_model_from_checkpoint(app_checkpoint, "cpu")
+    expected = predict_image(model, cfg, examples["glioma"])
+    texts = [m.value for m in page.markdown]
+    assert f"### Predicted class: {expected.predicted_class}" in texts
+    assert " · ".join(f"{n}: {p:.3f}" for n, p in zip(CLASS_NAMES, expected.probabilities)) in texts
+    assert (app_checkpoint.parent / "exports").is_dir()  # exported on first use into the run directory

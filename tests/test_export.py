@@ -158,7 +158,8 @@ def test_benchmark_adds_an_onnxruntime_row(tmp_path: Path) -> None:
                       "--batch-sizes", "1", "2", "--repeats", "2", "--warmup", "1", "--threads", "1",
                       "--runtime", "onnxruntime", "--allocator", "default", "--out", str(out)], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    lines = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")]
+    main_table = proc.stdout.split("\nRuntimes of ")[0]  # the runtime table of model.runtime_bench follows it
+    lines = [line.split("|") for line in main_table.splitlines() if line.startswith("| ")]
     batch, runtime = [[cell.strip() for cell in lines[0]].index(name) for name in ("Batch", "Runtime")]
     assert [(cells[batch].strip(), cells[runtime].strip()) for cells in lines[1:]] == [
         ("1", "torch"), ("2", "torch"), ("1", "onnxruntime"), ("2", "onnxruntime")]
@@ -169,6 +170,21 @@ def test_benchmark_adds_an_onnxruntime_row(tmp_path: Path) -> None:
     exported = [r for r in rows if r["runtime"] == "onnxruntime"]
     assert all(r["max_abs_diff"] < 1e-4 and r["file_mb"] > 1 and r["latency_ms"] > 0 for r in exported)
     assert all(r["speed_ratio"] == 1.0 for r in rows)  # one model: fastest of its own runtime and batch size
+    # the runtime x precision x size x batch table, eager PyTorch beside the export, against a peak of this run
+    table = report["runtime_tables"]["efficient_mtnet"]
+    assert table["weights"] == "random" and table["peak_gflops"] == report["environment"]["matmul_peak_gflops"] > 0
+    assert [(r["runtime"], r["batch"]) for r in table["rows"]] == [("torch", 1), ("torch", 2), ("onnxruntime", 1),
+                                                                    ("onnxruntime", 2)]
+    assert all(0 < r["peak_share"] for r in table["rows"])
+    assert "Runtimes of efficient_mtnet (random weights" in proc.stdout and "| onnxruntime | fp32 | 64 | 2 |" in \
+        proc.stdout and "Peak share" in (out / "runtime_table.md").read_text()
+
+
+def test_benchmark_int8_needs_onnxruntime(tmp_path: Path) -> None:
+    proc = run_entry(["benchmark.py", "--models", "efficient_mtnet", "--device", "cpu", "--runtime", "torchscript",
+                      "--runtime-precision", "int8-dynamic", "--out", str(tmp_path)], cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.strip() == ("error: --runtime-precision int8-dynamic runs on ONNX "
+                                                            "Runtime only: add --runtime onnxruntime")
 
 
 def test_speed_ratio_compares_within_a_runtime() -> None:

@@ -179,8 +179,8 @@ def test_masks_come_from_upsampled_logits(checkpoint, tmp_path, monkeypatch):
 
 
 def test_no_mix_with_an_earlier_run(checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(folder_module, "predict", lambda model, images, tta=False: {
-        "cls": torch.zeros(1, 4), "seg": torch.zeros(1, 1, 64, 64)})  # the model plays no part here
+    monkeypatch.setattr(folder_module, "predict", lambda model, images, tta=False: {  # the model plays no part here
+        "cls": torch.zeros(len(images), 4), "seg": torch.zeros(len(images), 1, 64, 64)})  # (a batch per call)
     first, second = tmp_path / "first", tmp_path / "second"
     for folder, names in ((first, ["x.png", "y.png"]), (second, ["z.png"])):
         folder.mkdir()

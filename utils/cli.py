@@ -104,7 +104,10 @@ def positive_float(text: str) -> float:
 
 # The evaluation flags of test.py, `python -m evaluation.shift` and `python -m model.export`, declared once with
 # their ranges; each entry point takes the ones that apply to it.
-EVAL_FLAGS = ("checkpoint", "no_ema", "split", "data_root", "threshold", "tta", "device", "batch_size", "num_workers")
+EVAL_FLAGS = ("checkpoint", "no_ema", "split", "data_root", "threshold", "tta", "device", "batch_size", "num_workers",
+              "runtime", "precision")
+RUNTIME_CHOICES = ("torch", "onnxruntime", "torchscript")  # model.runtime.RUNTIMES (not imported: torch-free CLI)
+RUNTIME_PRECISIONS = ("fp32", "int8-dynamic", "int8-static")  # model.runtime.PRECISIONS
 
 
 def add_eval_flags(parser: argparse.ArgumentParser, flags: Sequence[str] = EVAL_FLAGS, split_default: str = "test",
@@ -133,6 +136,14 @@ def add_eval_flags(parser: argparse.ArgumentParser, flags: Sequence[str] = EVAL_
         "batch_size": (("--batch-size",), dict(type=positive_int, default=batch_default,
                                                help=f">= 1 (default: {batch_default or 'config'})")),
         "num_workers": (("--num-workers",), dict(type=non_negative_int, default=None, help=">= 0 (default: config)")),
+        "runtime": (("--runtime",), dict(default=None, choices=RUNTIME_CHOICES,
+                                         help="inference runtime: torch (eager), onnxruntime or torchscript, exported "
+                                              "into <run>/exports on first use and checked against PyTorch "
+                                              "(default: eval.runtime, torch; docs/runtime.md)")),
+        "precision": (("--precision",), dict(default=None, choices=RUNTIME_PRECISIONS,
+                                             help="fp32, or int8-dynamic / int8-static (onnxruntime only; static "
+                                                  "calibrates on the run's training split) (default: "
+                                                  "eval.runtime_precision, fp32)")),
     }
     for name in EVAL_FLAGS:
         if name in flags:

@@ -247,6 +247,10 @@ class EvalConfig:
     precision: str = spec("fp32", choices=("fp32", "fp16", "bf16"))  # fp16: CUDA only
     # test.py: empty the mask where the classifier says no_tumor (both ways are reported; README says why off)
     gate_masks: bool = False
+    # Inference runtime of test.py, `test.py --input`, the shift benchmark and the web demo (model.runtime); INT8
+    # precisions run on onnxruntime only (docs/runtime.md). torch/fp32 is the eager model the README's figures used.
+    runtime: str = spec("torch", choices=("torch", "onnxruntime", "torchscript"))
+    runtime_precision: str = spec("fp32", choices=("fp32", "int8-dynamic", "int8-static"))
 
 
 @dataclass
@@ -450,6 +454,9 @@ def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
     if cfg.data.spacing is not None and len(cfg.data.spacing) != 2:
         raise ConfigError(f"config key 'data.spacing': got {cfg.data.spacing}; expected [row, col] millimetres per "
                           f"pixel (two numbers > 0) or null{_where('data.spacing', origins)}")
+    if cfg.eval.runtime_precision != "fp32" and cfg.eval.runtime != "onnxruntime":
+        raise ConfigError(f"config key 'eval.runtime_precision': {cfg.eval.runtime_precision} runs on eval.runtime "
+                          f"onnxruntime only (got {cfg.eval.runtime}){_where('eval.runtime_precision', origins)}")
     cw = cfg.loss.class_weights
     if isinstance(cw, list) and len(cw) != cfg.model.num_classes:
         raise ConfigError(f"config key 'loss.class_weights': {len(cw)} weights for {cfg.model.num_classes} classes"
