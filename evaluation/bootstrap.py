@@ -53,7 +53,7 @@ def _resampled_classification(table: PerImage, index: np.ndarray, counts: np.nda
         for c, name in enumerate(class_names):
             out[f"precision_{name}"] = np.where(predicted[:, c] > 0, tp[:, c] / predicted[:, c], np.nan)
             out[f"recall_{name}"] = np.where(support[:, c] > 0, tp[:, c] / support[:, c], np.nan)
-            out[f"f1_{name}"] = np.where(denominator[:, c] > 0, f1[:, c], np.nan)
+            out[f"f1_{name}"] = np.where(support[:, c] > 0, f1[:, c], np.nan)  # no F1 without the class
     return out
 
 

@@ -339,7 +339,9 @@ def classification_figures(confusion: list[list[int]], class_names: Sequence[str
         tp = confusion[c][c]
         values = {"precision": _ratio(tp, predicted[c]), "recall": _ratio(tp, support[c]),
                   "f1": _ratio(2 * tp, support[c] + predicted[c])}  # 2TP / (2TP + FP + FN)
-        denominators = {"precision": predicted[c], "recall": support[c], "f1": support[c] + predicted[c]}
+        # F1 needs the class in the truth: a class absent from the subset but predicted there has no F1 (its
+        # recall is undefined), not 0
+        denominators = {"precision": predicted[c], "recall": support[c], "f1": support[c]}
         for metric, value in values.items():
             per_class[metric].append(value)
             # a class absent from the subset (or never predicted) has no such figure: None, shown as `–`,

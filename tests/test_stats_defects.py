@@ -65,3 +65,17 @@ def test_absent_class_is_none_not_zero_and_draws_no_bar():
     fig = breakdown_figure(out)
     heights = [bar.get_height() for ax in fig.axes for bar in ax.patches]
     assert 0.0 not in heights  # no_tumor's Dice (no tumour image) is absent, not a 0.0 bar
+
+
+def test_a_class_absent_from_the_truth_has_no_f1_even_when_predicted():
+    """The pituitary rows of PMRAM's leak-free subset: no pituitary image, some predicted pituitary: F1 is
+    undefined (–), not 0; a class in the truth that is never predicted keeps F1 0."""
+    from evaluation.metrics import classification_figures
+
+    # rows: truth glioma, meningioma, pituitary; columns: predictions
+    confusion = [[3, 1, 1], [0, 2, 0], [0, 0, 0]]
+    figures = classification_figures(confusion, ["glioma", "meningioma", "pituitary"])
+    assert figures["f1_pituitary"] is None and figures["recall_pituitary"] is None
+    assert figures["precision_pituitary"] == 0.0  # predicted once, never right
+    never_predicted = classification_figures([[2, 0], [1, 0]], ["a", "b"])
+    assert never_predicted["f1_b"] == 0.0
