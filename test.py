@@ -101,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         subset=args.subset, calibrate=args.calibrate, bootstrap=args.bootstrap, seed=args.seed,
         gate_masks=args.gate_masks, spacing=args.spacing, data_format=args.data_format, class_map=class_map,
         data_opts=args.layout, runtime=args.runtime, precision=args.precision)
-    if args.out is not None:  # written outside the run: nothing to interleave with a training process
+    run_dir = Path(checkpoint).resolve().parent
+    if args.out is not None or not run_dir.is_dir():  # written outside the run (or no run: run_test says so)
         run_test(options)
         return 0
     # the report goes into the run directory: refuse while another process (a training) writes there
-    with run_lock(Path(checkpoint).resolve().parent, "test.py", hint="or pass --out DIR to write outside the run"):
+    with run_lock(run_dir, "test.py", hint="or pass --out DIR to write outside the run"):
         run_test(options)
     return 0
 
