@@ -26,6 +26,7 @@ from model.loading import model_kwargs
 from utils.cli import add_debug_flag, positive_int, run_main
 from utils.config import load_config
 from utils.errors import InputError
+from utils.runs import read_history
 from utils.flops import cpu_name, latency_summary, model_cost, time_forward
 from evaluation.conventions import check_comparable, setting_label, setting_of
 from evaluation.subsets import SUBSET_LABELS
@@ -149,6 +150,57 @@ def render(rows: list[dict], split: str, threads: int) -> str:
     return "\n".join(lines + per_class + notes)
 
 
+def class_shape_accuracy(folder: Path, class_name: str) -> dict[str, tuple[int, int]]:
+    """{"square": (correct, images), "non_square": ...} of one class's leak-free images, from per_image.csv."""
+    from evaluation.per_image import read_per_image_csv
+
+    out = {"square": [0, 0], "non_square": [0, 0]}
+    for row in read_per_image_csv(folder / "per_image.csv"):
+        if row.get("true_class") != class_name or row.get("subset") == "leaked" or row.get("width") is None:
+            continue
+        cell = out["square" if row["width"] == row["height"] else "non_square"]
+        cell[0] += int(row["correct"])
+        cell[1] += 1
+    return {key: (value[0], value[1]) for key, value in out.items()}
+
+
+def transfer_row(run_dir: Path, external: str) -> list[str]:
+    """One row of the transfer table: selection split, held-out test, shift suite, external set, shape gap."""
+    def read(folder: str) -> dict:
+        path = run_dir / folder / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    val, test, ext = read("test_val"), read("test_test"), read(external)
+    shift_path = run_dir / "shift_val" / "shift.json"
+    shift = json.loads(shift_path.read_text()) if shift_path.is_file() else {}
+    cfg = load_config(run_dir / "config.yaml")
+    name = f"{cfg.experiment.name} seed {cfg.experiment.seed} ({cfg.data.resize})"
+    held = shift.get("held_out_mean") or {}
+    shapes = class_shape_accuracy(run_dir / "test_val", "meningioma") if val else {}
+    shape_cell = " / ".join(f"{100 * c / n:.1f} ({c}/{n})" if n else "–"
+                            for c, n in (shapes.get("square", (0, 0)), shapes.get("non_square", (0, 0))))
+    ext_lf = subset_of(ext, "leak_free") if ext else {}
+    cells = [name, str(len(read_history(run_dir))),
+             cell(val, "accuracy") if val else "–", cell(val, "dice") if val else "–", shape_cell or "–",
+             cell(test, "accuracy") if test else "–", cell(test, "dice") if test else "–",
+             f"{100 * held['accuracy']:.2f} / {100 * held['dice']:.2f}" if held.get("accuracy") is not None
+             and held.get("dice") is not None else "–"]
+    cells += [cell(ext_lf, "accuracy"), cell(ext_lf, "balanced_accuracy"),
+              " / ".join(cell(ext_lf, f"recall_{c}").split(" [")[0] for c in ("glioma", "meningioma", "no_tumor")),
+              f"{100 * ext['calibration']['ece']:.1f}" if ext.get("calibration") else "–"] if ext else ["–"] * 4
+    return cells
+
+
+def render_transfer(runs: list[Path], external: str) -> str:
+    """Does the model read the tumour or the source? One row per run, from test.py's and the shift benchmark's
+    outputs in the run directory: `test_val` (selection), `test_test` (held out), `shift_val`, `<external>`."""
+    header = ["run (geometry)", "epochs", "val acc % (selection)", "val Dice %", "val meningioma acc % square / "
+              "non-square", "test acc % (held out, leak-free)", "test Dice %", "held-out shifts acc / Dice %",
+              "external acc % (leak-free)", "external balanced acc %", "external recall glioma / meningioma / "
+              "no_tumor %", "external ECE %"]
+    return markdown_table(header, [transfer_row(run, external) for run in runs])
+
+
 def update_readme(readme: Path, table: str) -> None:
     text = readme.read_text(encoding="utf-8")
     if START not in text or END not in text:
@@ -165,8 +217,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="read <run>/<folder>/metrics.json instead (another test.py setting, e.g. test_test_tta)")
     parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the latency measurement")
     parser.add_argument("--readme", type=Path, default=None, help="replace the README's results block")
+    parser.add_argument("--transfer", default=None, metavar="EXTERNAL_FOLDER",
+                        help="print the transfer table instead: per run the selection split, the held-out test "
+                             "split, the held-out shifts and the external set scored into <run>/EXTERNAL_FOLDER "
+                             "(e.g. test_ext_pmram_test)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.transfer:
+        print(render_transfer(args.runs, args.transfer))
+        return 0
     folder = args.folder or f"test_{args.split}"
     rows = [run_row(run, folder) for run in args.runs]
     try:
