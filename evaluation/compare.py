@@ -134,8 +134,8 @@ def check_same(meta: list[dict], rows: list[dict[str, dict]], folders: list[Path
         raise ConfigError("the results put different images in the leak-free / leaked subsets (different leak "
                           "checks or training splits); compare with --subset all, or score with the same split")
     for stem in sorted(stems_a):
-        for column in ("true_class", "true_area"):
-            if rows[0][stem][column] != rows[1][stem][column]:
+        for column in ("true_class", "true_label", "true_area"):  # true_label: another dataset's label space
+            if rows[0][stem].get(column) != rows[1][stem].get(column):
                 raise ConfigError(f"image '{stem}' has a different {column} in the two results "
                                   f"({rows[0][stem][column]} vs {rows[1][stem][column]}): different ground truth")
 

@@ -73,7 +73,7 @@ def write_per_image_csv(rows: list[dict], path: Path) -> None:
 
 def read_per_image_csv(path: Path) -> list[dict]:
     """Rows of a per_image.csv with numbers parsed (empty cells: None)."""
-    text_columns = {"stem", "subset", "plane", "true_class", "pred_class"}
+    text_columns = {"stem", "subset", "plane", "true_class", "pred_class", "true_label", "pred_label"}  # label space: another dataset
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return [{key: value if key in text_columns else (None if value == "" else float(value))

@@ -188,3 +188,29 @@ def test_scan_groups_switch_to_the_cluster_test_and_holm_covers_the_subgroups():
     assert [f["p_holm"] for f in family] == pytest.approx(holm([f["p_value"] for f in family]))
     ungrouped = paired_figures(rows, stems, None, 300, 0)
     assert ungrouped["accuracy"]["test"] == "McNemar exact" and ungrouped["dice"]["test"] == "Wilcoxon"
+
+
+def test_two_results_on_another_dataset_compare_in_its_label_space(tmp_path):
+    """per_image.csv of `test.py --data-format` carries true_label / pred_label (text) and no masks."""
+    import csv as _csv
+    import json as _json
+
+    from evaluation.compare import compare as _compare
+
+    folders = []
+    for name, correct in (("a", [1, 0, 0, 1, 0, 1]), ("b", [1, 1, 1, 1, 0, 1])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.json").write_text(_json.dumps({"split": "test", "resolution": "native", "tta": False,
+                                                          "gate_masks": False, "threshold": None, "model": name}))
+        with open(folder / "per_image.csv", "w", newline="") as handle:
+            writer = _csv.DictWriter(handle, fieldnames=["stem", "subset", "true_label", "pred_label", "correct",
+                                                         "true_area"])
+            writer.writeheader()
+            for k, c in enumerate(correct):
+                writer.writerow({"stem": f"s{k}", "subset": "leak_free", "true_label": "glioma" if k % 2 else "normal",
+                                 "pred_label": "x", "correct": c, "true_area": ""})
+        folders.append(folder)
+    result = _compare(folders, "leak_free", resamples=200)
+    assert result["figures"]["accuracy"]["difference"] == pytest.approx(2 / 6)
+    assert set(result["figures"]) == {"accuracy"}
