@@ -16,7 +16,9 @@ from typing import Optional
 
 import numpy as np
 
-from evaluation.per_image import read_per_image_csv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from evaluation.per_image import read_per_image_csv  # noqa: E402
 from evaluation.stats import bca_interval, dense_groups, jackknife_weights, proportion_interval, resample_weights
 from utils.cli import add_debug_flag, positive_int, run_main
 from utils.errors import InputError

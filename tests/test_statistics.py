@@ -110,3 +110,25 @@ def test_subset_intervals_are_exact_for_proportions_and_degenerate_when_flat():
     assert ci["recall_no_tumor"] is None and ci["empty_fp_rate"] is None  # absent: no interval
     assert format_interval(ci["dice"], "dice", ci) == " [degenerate]"
     assert format_interval(ci["accuracy"], "accuracy", ci) == " [90.00, 100.00]"
+
+
+def test_interval_widening_script_widens_on_clustered_rows_only():
+    """scripts/interval_widening.py: scan-level intervals wider than per-image ones when the slices of a scan
+    agree, about equal when every image is its own scan."""
+    import importlib.util
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("interval_widening", REPO / "scripts" / "interval_widening.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    scan_correct = rng.random(40) < 0.8
+    scan_dice = rng.uniform(0.4, 0.95, 40)
+    clustered = [{"scan_group": g, "correct": int(scan_correct[g]), "true_area": 10, "dice": float(scan_dice[g])}
+                 for g in range(40) for _ in range(10)]
+    alone = [dict(row, scan_group=k) for k, row in enumerate(clustered)]
+    wide, flat = script.widening(clustered, resamples=500), script.widening(alone, resamples=500)
+    assert wide["num_groups"] == 40 and flat["num_groups"] == 400
+    assert wide["accuracy"]["ratio"] > 2 and wide["dice"]["ratio"] > 2
+    assert flat["accuracy"]["ratio"] == pytest.approx(1.0) and 0.8 < flat["dice"]["ratio"] < 1.25
