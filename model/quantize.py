@@ -40,7 +40,8 @@ class _Reader:
     """onnxruntime's CalibrationDataReader protocol over batches of normalised images."""
 
     def __init__(self, batches: Sequence[torch.Tensor]) -> None:
-        self._batches = iter(batches)
+        self._all = list(batches)
+        self._batches = iter(self._all)
 
     def get_next(self) -> Optional[dict]:
         batch = next(self._batches, None)
@@ -48,8 +49,9 @@ class _Reader:
             return None
         return {export.INPUT_NAMES[0]: batch.detach().float().cpu().contiguous().numpy()}
 
-    def rewind(self) -> None:  # not used by MinMax calibration
-        raise NotImplementedError
+    def rewind(self) -> None:
+        """Start again from the first batch (calibration methods that read the data twice)."""
+        self._batches = iter(self._all)
 
 
 def _quantisable_nodes(path: Path) -> tuple[list[str], list[str]]:
