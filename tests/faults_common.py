@@ -50,3 +50,16 @@ def mount_tmpfs(where: Path, size: str) -> bool:
 def unmount(where: Path) -> None:
     """Lazy unmount: detached now even if a memory map in this process still refers to a file on it."""
     subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def tmpfs_volume(tmp_path: Path, size: str):
+    """Fixture body: a real tmpfs of `size` at tmp_path/disk, unmounted afterwards; skips where mounting is
+    not allowed."""
+    import pytest
+
+    where = tmp_path / "disk"
+    if not mount_tmpfs(where, size):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    yield where
+    unmount(where)
+

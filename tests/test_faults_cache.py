@@ -17,7 +17,7 @@ import pytest
 from datasets.cache import HEADER_BYTES, ArrayCache, read_header
 from datasets.decode import load_sample
 from datasets.index import index_split
-from tests.faults_common import mount_tmpfs, unmount
+from tests.faults_common import tmpfs_volume
 from tests.helpers import REPO
 from utils.disk import DiskFullError
 
@@ -118,11 +118,7 @@ def test_a_cache_of_another_config_or_version_is_never_read(samples, tmp_path, c
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MiB file system (tmpfs), unmounted afterwards."""
-    where = tmp_path / "disk"
-    if not mount_tmpfs(where, "2m"):
-        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
-    yield where
-    unmount(where)
+    yield from tmpfs_volume(tmp_path, "2m")
 
 
 def test_full_disk_while_caching_is_one_clear_error_and_leaves_no_partial_file(samples, small_disk):

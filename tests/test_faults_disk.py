@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.faults_common import entry_env, mount_tmpfs, one_error_line, train_args, unmount
+from tests.faults_common import entry_env, one_error_line, tmpfs_volume, train_args
 from tests.helpers import REPO, run_entry
 from utils.checkpoint import atomic_save, read_checkpoint
 from utils.disk import DiskFullError
@@ -23,11 +23,7 @@ from utils.runs import write_json_atomic
 
 @pytest.fixture
 def disk(tmp_path):
-    where = tmp_path / "disk"
-    if not mount_tmpfs(where, "96m"):
-        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
-    yield where
-    unmount(where)
+    yield from tmpfs_volume(tmp_path, "96m")
 
 
 def _fill(disk: Path, leave: int) -> Path:
