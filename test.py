@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --data-format: the other dataset's layout keys, e.g. data.mask_suffix=_mask "
                              "data.test_dir=Test (train_dir, test_dir, class_map, mask_suffix, mask_threshold, "
                              "test_fraction, split_seed, spacing)")
+    parser.add_argument("--external", type=Path, default=None, metavar="FILE.yaml",
+                        help="another dataset described in a file (configs/external/pmram.yaml): its root, "
+                             "format, class map and layout in place of the four flags above")
     parser.add_argument("--opts", nargs="*", default=None, metavar="data.KEY=VALUE",
                         help="deprecated: the old name of --layout (it never took train.py's config keys)")
     parser.add_argument("--spacing", type=positive_float, nargs=2, default=None, metavar=("ROW_MM", "COL_MM"),
@@ -73,6 +76,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def use_external_set(args: argparse.Namespace) -> None:
+    """Fill --data-root / --data-format / --class-map / --layout from an --external file (not beside them)."""
+    from evaluation.external_sets import read_external_set
+
+    given = [flag for flag, value in (("--data-root", args.data_root), ("--data-format", args.data_format),
+                                      ("--class-map", args.class_map), ("--layout", args.layout)) if value]
+    if given:
+        raise ConfigError(f"--external {args.external} already says {', '.join(given)}: give one or the other")
+    external = read_external_set(args.external)
+    args.data_root, args.data_format, args.layout = external.root, external.data_format, list(external.layout)
+    args.class_map = dict(external.class_map) if external.class_map else None  # already checked
+
+
 def main(argv: list[str] | None = None) -> int:
     """Evaluate or predict; a mistake in the input raises a `UserError` (printed by `run_main`)."""
     args = parse_args(argv)
@@ -80,11 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.pipeline import TestOptions, run_test
 
     checkpoint = resolve_checkpoint_arg(args.checkpoint)
+    if args.external is not None:
+        use_external_set(args)
     for flag, used in (("--class-map", args.class_map is not None), ("--layout", bool(args.layout))):
         if used and args.data_format is None:
             raise ConfigError(f"{flag} applies to another dataset: give --data-format (and --data-root) too")
     class_map = None
-    if args.class_map is not None:
+    if isinstance(args.class_map, dict):  # from an --external file
+        class_map = args.class_map
+    elif args.class_map is not None:
         from evaluation.labels import parse_class_map
 
         class_map = parse_class_map(args.class_map)

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from engine.sweep_measures import external_figures, external_is_current, measure_latencies, setting_cost
 from engine.sweep_settings import Setting, check_names, expand_grid, read_runs_file
 from engine.sweep_table import FIGURES, seed_summary, write_sweep_tables
+from evaluation.external_sets import ExternalSet, read_external_set
 from utils.cli import add_debug_flag, non_negative_int, positive_int, run_main
 from utils.config import Config, ConfigError, flatten_config, load_config
 from utils.runs import read_history, write_json_atomic
@@ -87,21 +89,6 @@ def plan_runs(config: Path, opts: Sequence[str], settings: Sequence[Setting], se
     return runs
 
 
-def setting_cost(cfg: Config, name: str) -> dict[str, float]:
-    """Parameters and thop GMACs (batch 1, eval mode, at data.image_size) of a setting's model; building it
-    checks the values of `model.kwargs`."""
-    from model import build_model
-    from model.loading import model_kwargs
-    from utils.flops import model_cost
-
-    try:
-        model = build_model(cfg.model.name, **model_kwargs(cfg, pretrained=False)).eval()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"run '{name}': model '{cfg.model.name}' cannot be built from model.kwargs "
-                          f"{cfg.model.kwargs}: {exc}") from None
-    return model_cost(model, cfg.data.in_channels, cfg.data.image_size)
-
-
 def read_result(folder: Path) -> Optional[dict]:
     path = folder / RESULT_FILE
     if not path.is_file():
@@ -137,8 +124,10 @@ def run_state(run: Run) -> str:
 
 
 # --------------------------------------------------------------------------------------------- running
-def train_and_score(run: Run, split: str, bootstrap: int, show_progress: bool) -> dict:
-    """Train (or resume, or skip finished training), score best.pth on `split`, write and return result.json."""
+def train_and_score(run: Run, split: str, bootstrap: int, show_progress: bool,
+                    external: Optional[ExternalSet] = None) -> dict:
+    """Train (or resume, or skip finished training), score best.pth on `split` (and on the external set), write
+    and return result.json."""
     from engine.resume import plan_resume
     from engine.trainer import train
     from evaluation.conventions import setting_of
@@ -176,6 +165,8 @@ def train_and_score(run: Run, split: str, bootstrap: int, show_progress: bool) -
         "train_img_s": sum(row.get("train_img_s", 0.0) for row in history) / len(history) if history else None,
         "sweep_wall_s": time.time() - start,  # this invocation's training and scoring (a resume: its part)
     }
+    if external is not None:
+        result["external"] = external_figures(run_dir, external, bootstrap, show_progress)
     write_json_atomic(result, run.folder / RESULT_FILE)
     return result
 
@@ -193,8 +184,10 @@ def setting_rows(settings: Sequence[Setting], runs: Sequence[Run], measures: dic
     return rows
 
 
-def run_all(runs: Sequence[Run], split: str, bootstrap: int, show_progress: bool) -> list[Run]:
-    """Execute the runs one after another, skipping finished ones; returns the runs that failed."""
+def run_all(runs: Sequence[Run], split: str, bootstrap: int, show_progress: bool,
+            external: Optional[ExternalSet] = None) -> list[Run]:
+    """Execute the runs one after another, skipping finished ones (a finished run without the external set's
+    figures is scored on it); returns the runs that failed."""
     from engine.trainer import TrainingInterrupted
 
     failed = []
@@ -202,12 +195,18 @@ def run_all(runs: Sequence[Run], split: str, bootstrap: int, show_progress: bool
         where = f"[sweep] run {index}/{len(runs)}: {run.setting.name} seed {run.seed}"
         state = run_state(run)
         if state == "done":
-            print(f"{where}: finished earlier, skipped ({run.folder / RESULT_FILE})")
+            result = read_result(run.folder) or {}
+            if external_is_current(result, external):
+                print(f"{where}: finished earlier, skipped ({run.folder / RESULT_FILE})")
+                continue
+            print(f"{where}: finished earlier; scoring it on {external.name} ({external.source})")
+            result["external"] = external_figures(Path(result["run_dir"]), external, bootstrap, show_progress)
+            write_json_atomic(result, run.folder / RESULT_FILE)
             continue
         print(f"{where} ({state}): {' '.join(run.setting.overrides) or 'the config as it is'}")
         run.folder.mkdir(parents=True, exist_ok=True)
         try:
-            train_and_score(run, split, bootstrap, show_progress)
+            train_and_score(run, split, bootstrap, show_progress, external)
         except (TrainingInterrupted, KeyboardInterrupt):
             raise  # Ctrl-C ends the sweep; rerunning the command resumes this run
         except Exception as exc:  # noqa: BLE001 - one failed run is recorded and the sweep goes on
@@ -245,6 +244,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--baseline", default=None, metavar="SETTING",
                         help="test every setting against this one, seed by seed, on the same images (paired "
                              "intervals, p-values Holm-adjusted over the sweep); default: the first setting")
+    parser.add_argument("--external", type=Path, default=None, metavar="FILE.yaml",
+                        help="also score every run on this external dataset (configs/external/pmram.yaml); its "
+                             "balanced accuracy joins the table")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="leave out the CPU latency columns (measured for every setting in one pass after the "
+                             "runs, kept in <out>/latency.json)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_debug_flag(parser)
@@ -264,6 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     seeds = args.seeds or [base.experiment.seed]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds repeats a seed ({' '.join(map(str, seeds))}): give each once")
+    external = read_external_set(args.external) if args.external is not None else None
     runs = plan_runs(args.config, args.opts, settings, seeds, out, length_overrides(args.epochs, args.budget_min))
     measures = {s.name: setting_cost(next(r.cfg for r in runs if r.setting is s), s.name) for s in settings}
 
@@ -280,10 +286,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     from engine.trainer import TrainingInterrupted
 
     try:
-        failed = run_all(runs, args.split, args.bootstrap, show_progress=not args.no_progress)
+        failed = run_all(runs, args.split, args.bootstrap, not args.no_progress, external)
     except (TrainingInterrupted, KeyboardInterrupt) as exc:
         print(f"{exc or 'interrupted'}\n[sweep] interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    if not args.no_latency:  # every setting timed in one pass, after the training, side by side
+        first_runs = [next(r for r in runs if r.setting is s) for s in settings]
+        timed = measure_latencies([(r.setting.name, r.cfg, r.setting.overrides) for r in first_runs], out)
+        for name, figures in timed.items():
+            measures[name].update(figures)
     title = f"{args.config} ({args.runs.name if args.runs else 'grid'})"
     print(write_sweep_tables(setting_rows(settings, runs, measures), out, title, args.split,
                              baseline=args.baseline or settings[0].name))

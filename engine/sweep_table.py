@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from evaluation.summary import HEADLINE_FIGURES
 from utils.tables import markdown_table, summarise
@@ -14,24 +14,45 @@ FIGURES = (*((key, f"{label} %") for key, label in HEADLINE_FIGURES), ("hd95", "
 TRAINING = ("train_img_s", "epochs", "train_min")
 
 
+EXTERNAL = "external_balanced_accuracy"  # the external set's headline (engine.sweep --external)
+LATENCY = (("latency_b1_ms", "CPU ms/img b1", 2), ("img_s_b8", "CPU img/s b8", 1))
+
+
+def flat_figures(result: dict) -> dict[str, float]:
+    """The numeric figures of one run's result.json, the external set's balanced accuracy included."""
+    figures = {k: result.get(k) for k in (*(key for key, _ in FIGURES), *TRAINING)}
+    figures[EXTERNAL] = (result.get("external") or {}).get("balanced_accuracy")
+    return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_interval(key: str, result: dict) -> Optional[list]:
+    if key == EXTERNAL:
+        return ((result.get("external") or {}).get("ci95") or {}).get("balanced_accuracy")
+    return (result.get("ci95") or {}).get(key)
+
+
 def seed_summary(results: Sequence[dict]) -> dict[str, tuple[float, float]]:
     """{figure: (mean, sample std)} over the finished seeds of one setting (a figure missing in a seed is left out)."""
-    numeric = [{"run_dir": r.get("run_dir", ""),
-                **{k: float(r[k]) for k in (*(key for key, _ in FIGURES), *TRAINING)
-                   if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)}} for r in results]
+    numeric = [{"run_dir": r.get("run_dir", ""), **flat_figures(r)} for r in results]
     return summarise(numeric) if numeric else {}
 
 
 def format_cell(key: str, summary: dict, results: Sequence[dict]) -> str:
-    """`mean ± std` over seeds; one seed: its value with its bootstrap interval; nothing: `–`."""
+    """`mean ± std` over seeds; one seed: its value with its 95 % interval; nothing: `–`."""
     if key not in summary:
         return "–"
     scale = 1.0 if key == "hd95" else 100.0
     mean, std = summary[key]
     if len(results) > 1:
         return f"{mean * scale:.2f} ± {std * scale:.2f}"
-    interval = (results[0].get("ci95") or {}).get(key)
+    interval = run_interval(key, results[0])
     return f"{mean * scale:.2f}" + (f" [{interval[0] * scale:.2f}, {interval[1] * scale:.2f}]" if interval else "")
+
+
+def external_name(rows: Sequence[dict]) -> str:
+    """The external set the runs were scored on ('' when none)."""
+    names = {(r.get("external") or {}).get("name") for row in rows for r in row["done"]} - {None}
+    return ", ".join(sorted(names))
 
 
 def header_line(rows: Sequence[dict], split: str) -> str:
@@ -47,21 +68,30 @@ def header_line(rows: Sequence[dict], split: str) -> str:
 
 
 def render_markdown(rows: Sequence[dict], title: str, split: str) -> str:
-    header = ["setting", "overrides", "seeds", *(label for _, label in FIGURES), "params (M)", "GMACs",
-              "train img/s", "epochs", "train wall (min)"]
+    external = external_name(rows)
+    timed = any("latency_b1_ms" in row for row in rows)
+    header = ["setting", "overrides", "seeds", *(label for _, label in FIGURES),
+              *([f"{external} balanced acc %"] if external else []), "params (M)", "GMACs",
+              *([label for _, label, _ in LATENCY] if timed else []), "train img/s", "epochs", "train wall (min)"]
     lines = [f"# Sweep: {title}", "", header_line(rows, split), "",
              "Cells: mean ± sample standard deviation over the seeds that finished; with one seed, its value and "
              "the 95 % bootstrap interval of test.py (per-image resampling). Dice: per image, mean over the images "
              "with a tumour; HD95: pixels at each image's own size. GMACs: thop, batch 1, at the training image "
-             "size.", ""]
+             "size." + (f" {external}: the external set's leak-free images (held out, another source), balanced "
+                        "accuracy with its 95 % interval over scan groups (engine.sweep --external)." if external else "")
+             + (" CPU ms/img b1 and img/s b8: eager PyTorch fp32 forward passes, random weights, at the training "
+                "size, every setting timed one after another in one pass after the runs (latency.json)."
+                if timed else ""), ""]
     cells_of = []
     for row in rows:
         summary, done = row["summary"], row["done"]
         seeds = f"{len(done)}/{len(row['seeds'])}"
         overrides = ", ".join(f"`{o}`" for o in row["setting"].overrides) or "(config)"
         cells = [row["setting"].name, overrides, seeds, *(format_cell(key, summary, done) for key, _ in FIGURES),
+                 *([format_cell(EXTERNAL, summary, done)] if external else []),
                  f"{row['params'] / 1e6:.3f}" if "params" in row else "–",
                  f"{row['gmacs']:.3f}" if "gmacs" in row else "–",
+                 *([f"{row[key]:.{digits}f}" if key in row else "–" for key, _, digits in LATENCY] if timed else []),
                  f"{summary['train_img_s'][0]:.1f}" if "train_img_s" in summary else "–",
                  f"{summary['epochs'][0]:g}" if "epochs" in summary else "–",
                  f"{summary['train_min'][0]:.2f}" if "train_min" in summary else "–"]
@@ -78,8 +108,9 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
     figures = [key for key, _ in FIGURES]
     columns = ["setting", "overrides", "seeds_planned", "seeds_done", "seeds_failed"]
     columns += [f"{key}_{part}" for key in figures for part in ("mean", "std", "ci_low", "ci_high")]
-    columns += ["params", "gmacs", *(f"{key}_mean" for key in TRAINING), "split", "subset", "resolution",
-                "threshold", "length"]
+    columns += [f"{EXTERNAL}_{part}" for part in ("mean", "std", "ci_low", "ci_high")]
+    columns += ["params", "gmacs", *(key for key, _, _ in LATENCY), *(f"{key}_mean" for key in TRAINING), "split",
+                "subset", "resolution", "threshold", "length"]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -88,11 +119,12 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
             scored = done[0]["scored"] if done else {}
             values: list[Any] = [row["setting"].name, " ".join(row["setting"].overrides), len(row["seeds"]),
                                  len(done), len(row["failed"])]
-            for key in figures:
+            for key in [*figures, EXTERNAL]:
                 mean, std = summary.get(key, (None, None))
-                interval = (done[0].get("ci95") or {}).get(key) if len(done) == 1 else None
+                interval = run_interval(key, done[0]) if len(done) == 1 else None
                 values += [mean, std if len(done) > 1 else None, *(interval or (None, None))]
-            values += [row.get("params"), row.get("gmacs"), *(summary.get(k, (None,))[0] for k in TRAINING),
+            values += [row.get("params"), row.get("gmacs"), *(row.get(key) for key, _, _ in LATENCY),
+                       *(summary.get(k, (None,))[0] for k in TRAINING),
                        scored.get("split"), scored.get("subset"), scored.get("resolution"), scored.get("threshold"),
                        done[0]["length"] if done else None]
             writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in values])
@@ -171,7 +203,7 @@ def write_sweep_tables(rows: Sequence[dict], out: Path, title: str, split: str, 
     """sweep.md, sweep.csv and sweep.png in `out` (and sweep_paired.json with a `baseline` setting); returns the
     markdown."""
     from utils.runs import write_json_atomic
-    from visualization.sweep import save_sweep_figure
+    from visualization.sweep import save_latency_figure, save_sweep_figure
 
     out.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(rows, title, split)
@@ -182,8 +214,12 @@ def write_sweep_tables(rows: Sequence[dict], out: Path, title: str, split: str, 
     (out / "sweep.md").write_text(markdown, encoding="utf-8")
     write_csv(rows, out / "sweep.csv")
     points = [{"name": row["setting"].name, **{k: row["summary"][k] for k in ("accuracy", "dice")
-                                                if k in row["summary"]}} for row in rows]
+                                                if k in row["summary"]},
+               **({"latency_ms": row["latency_b1_ms"]} if "latency_b1_ms" in row else {})} for row in rows]
     save_sweep_figure(points, out / "sweep.png", f"{title} ({split} split; mean ± std over seeds)")
+    if any("latency_ms" in point for point in points):
+        save_latency_figure(points, out / "sweep_latency.png",
+                            f"{title}: quality against CPU latency ({split} split)")
     return markdown
 
 

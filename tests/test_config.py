@@ -61,8 +61,9 @@ def test_save_and_reload_roundtrip(tmp_path):
 
 
 def _is_runs_file(path: Path) -> bool:
-    """A sweep's runs file (`runs:` at the top; checked in tests/test_sweep.py), not an experiment config."""
-    return "runs" in (yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    """A sweep's runs file (`runs:` at the top; checked in tests/test_sweep.py) or an external-set file
+    (`external:`; tests/test_sweep_external.py), not an experiment config."""
+    return bool({"runs", "external"} & set(yaml.safe_load(path.read_text(encoding="utf-8")) or {}))
 
 
 @pytest.mark.parametrize("path", [p for p in sorted((REPO / "configs").rglob("*.yaml")) if not _is_runs_file(p)],

@@ -1,4 +1,5 @@
-"""The figure of a sweep (`python -m engine.sweep`): tumour Dice against accuracy, one point per setting."""
+"""The figures of a sweep (`python -m engine.sweep`): tumour Dice against accuracy, and both against CPU latency,
+one point per setting."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,3 +31,30 @@ def sweep_figure(points: Sequence[dict], title: str = "") -> Figure:
 
 def save_sweep_figure(points: Sequence[dict], path: PathLike, title: str = "") -> Path:
     return save_figure(sweep_figure(points, title), path)
+
+
+def latency_figure(points: Sequence[dict], title: str = "") -> Figure:
+    """Accuracy and tumour Dice (left, right) against CPU latency at batch 1 (log scale), one point per setting
+    with error bars of one standard deviation over seeds; a setting without the figure is left out of a panel."""
+    fig = new_figure(11.0, 4.5)
+    axes = fig.subplots(1, 2)
+    for ax, key, label in zip(axes, ("accuracy", "dice"), ("accuracy (%)", "tumour Dice (%)")):
+        drawn = [p for p in points if key in p and "latency_ms" in p]
+        for point in drawn:
+            mean, std = point[key]
+            ax.errorbar(point["latency_ms"], 100 * mean, yerr=100 * std, fmt="o", capsize=3)
+            ax.annotate(point["name"], (point["latency_ms"], 100 * mean), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("CPU latency, batch 1 (ms per image, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        missing = [p["name"] for p in points if p not in drawn]
+        if missing:
+            ax.set_title(f"not shown: {', '.join(missing)}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def save_latency_figure(points: Sequence[dict], path: PathLike, title: str = "") -> Path:
+    return save_figure(latency_figure(points, title), path)
