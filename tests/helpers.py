@@ -20,6 +20,23 @@ def run_entry(args: list[str], cwd: Path, timeout: int = 300, env_extra: dict | 
                           timeout=timeout)
 
 
+def coarse_imagefolder(base: Path) -> Path:
+    """An imagefolder test split `<base>/folders/Testing/{tumour,normal}` of the test images of another generated
+    dataset (seed 17, 12 images): a second source with a coarser label space."""
+    import shutil
+
+    from datasets.synthetic import generate
+
+    source = generate(base / "source", 4, 12, seed=17, verbose=False)
+    root = base / "folders"
+    for class_name in ("glioma", "meningioma", "pituitary", "no_tumor"):
+        target = root / "Testing" / ("normal" if class_name == "no_tumor" else "tumour")
+        target.mkdir(parents=True, exist_ok=True)
+        for image in sorted((source / "classification_task" / "test" / class_name).glob("*.jpg")):
+            shutil.copyfile(image, target / image.name)
+    return root
+
+
 def copy_test_images(root: Path, folder: Path, class_name: str = "glioma", count: int = 2) -> Path:
     """`count` test images of one class of a BRISC-layout `root`, copied into a new `folder` (for --input)."""
     folder.mkdir()

@@ -14,13 +14,12 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc
 
 from datasets.duplicates import read_manifest
 from datasets.synthetic_layouts import generate_layout
-from datasets.synthetic import generate
 from evaluation.bootstrap import bootstrap_intervals
 from evaluation.labels import label_figures, label_intervals, label_space, parse_class_map
 from evaluation.subsets import PerImage
 from evaluation import pipeline
 from utils.cli import run_main
-from tests.helpers import save_untrained_checkpoint
+from tests.helpers import coarse_imagefolder, save_untrained_checkpoint
 from utils.config import ConfigError
 
 COARSE = "glioma=tumour,meningioma=tumour,pituitary=tumour,no_tumor=normal"
@@ -43,14 +42,7 @@ def _train_image(root: Path, class_name: str, n: int) -> Path:
 def folders(tiny_brisc, tmp_path_factory) -> Path:
     """An imagefolder test split `Testing/{tumour,normal}` of images from another generated dataset, plus an exact
     copy (same pixels, another name) and a near copy (rescaled) of two of tiny_brisc's training images."""
-    base = tmp_path_factory.mktemp("external")
-    source = generate(base / "source", 4, 12, seed=17, verbose=False)
-    root = base / "folders"
-    for class_name in ("glioma", "meningioma", "pituitary", "no_tumor"):
-        target = root / "Testing" / ("normal" if class_name == "no_tumor" else "tumour")
-        target.mkdir(parents=True, exist_ok=True)
-        for image in sorted((source / "classification_task" / "test" / class_name).glob("*.jpg")):
-            shutil.copyfile(image, target / image.name)
+    root = coarse_imagefolder(tmp_path_factory.mktemp("external"))
     shutil.copyfile(_train_image(tiny_brisc, "glioma", 0), root / "Testing" / "tumour" / "planted_exact.jpg")
     grey = cv2.imread(str(_train_image(tiny_brisc, "meningioma", 0)), cv2.IMREAD_GRAYSCALE)
     near = cv2.resize(grey, (grey.shape[1] * 9 // 10, grey.shape[0] * 9 // 10), interpolation=cv2.INTER_AREA)

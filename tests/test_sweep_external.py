@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from engine.sweep import main as sweep_main
 from evaluation.external_sets import read_external_set
-from datasets.synthetic import generate
-from tests.helpers import REPO, save_untrained_checkpoint
+from tests.helpers import REPO, coarse_imagefolder, save_untrained_checkpoint
 from utils.cli import run_main
 from utils.config import ConfigError
 
@@ -26,13 +24,7 @@ TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "eval.b
 def external_file(tmp_path_factory) -> Path:
     """An imagefolder set `Testing/{tumour,normal}` from another generated dataset, described in a YAML file."""
     base = tmp_path_factory.mktemp("external")
-    source = generate(base / "source", 4, 12, seed=17, verbose=False)
-    root = base / "clinic"
-    for class_name in ("glioma", "meningioma", "pituitary", "no_tumor"):
-        target = root / "Testing" / ("normal" if class_name == "no_tumor" else "tumour")
-        target.mkdir(parents=True, exist_ok=True)
-        for image in sorted((source / "classification_task" / "test" / class_name).glob("*.jpg")):
-            shutil.copyfile(image, target / image.name)
+    root = coarse_imagefolder(base)
     path = base / "clinic.yaml"
     path.write_text(f"external:\n  name: clinic\n  root: {root}\n  data_format: imagefolder\n"
                     "  class_map: {glioma: tumour, meningioma: tumour, pituitary: tumour, no_tumor: normal}\n"
@@ -99,7 +91,7 @@ def test_sweep_adds_external_and_latency_columns(tiny_brisc, external_file, tmp_
     printed = capsys.readouterr().out
     assert "finished earlier; scoring it on clinic" in printed and "timing" not in printed
     result = json.loads((out / "base" / "seed42" / "result.json").read_text())
-    metrics = json.loads((Path(result["run_dir"]) / "test_ext_clinic_test" / "metrics.json").read_text())
+    metrics = json.loads((Path(result["run_dir"]) / "test_ext_folders_test" / "metrics.json").read_text())
     assert result["external"]["balanced_accuracy"] == metrics["balanced_accuracy"]
     assert result["external"]["ci95"]["balanced_accuracy"] == metrics["ci95"]["balanced_accuracy"]
     table = (out / "sweep.md").read_text()
