@@ -1,14 +1,14 @@
 """Web demo: upload an MRI slice (or click an example) and see the class, the tumour mask and a Grad-CAM.
 
     python app.py [--checkpoint PATH] [--host 127.0.0.1] [--port 7860] [--runs runs]
-    python app.py --runtime onnxruntime        # predictions from the ONNX Runtime export (the fast option on a CPU)
+    python app.py --runtime torch              # predictions from the eager model (default on a CPU: ONNX Runtime)
 
 Without --checkpoint the newest `runs/*/latest/best.pth` is served (a picker offers the others). The page is
 drawn with Streamlit: `python app.py` checks its arguments, then starts the Streamlit server on this same file,
 which draws the page (`render_page`). Predictions come from `prediction.folder.predict_batch`, the function behind
-`test.py --input`, run by the runtime of `--runtime` / `--precision` (default: the run's eval.runtime, eager
-PyTorch unless set; the predictor is built once per checkpoint); Grad-CAM always uses the eager model, which has
-gradients. A research tool, not a medical device.
+`test.py --input`, run by the runtime of `--runtime` / `--precision` (default: the run's eval.predict_runtime,
+auto: the ONNX Runtime export on a CPU, eager PyTorch on a GPU; the predictor is built once per checkpoint);
+Grad-CAM always uses the eager model, which has gradients. A research tool, not a medical device.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples-dir", type=Path, default=REPO / ".cache" / "app_examples",
                         help="where the example slices are generated on first start (default: .cache/, ignored by git)")
     parser.add_argument("--runtime", default=None, choices=RUNTIME_CHOICES,
-                        help="inference runtime of the predictions (default: eval.runtime of the run, torch); "
-                             "onnxruntime is the fast option on a CPU (docs/runtime.md)")
+                        help="inference runtime of the predictions (default: eval.predict_runtime of the run, "
+                             "auto: onnxruntime on a CPU, torch on a GPU; docs/runtime.md)")
     parser.add_argument("--precision", default=None, choices=RUNTIME_PRECISIONS,
                         help="fp32, or int8-dynamic / int8-static with onnxruntime (default: eval.runtime_precision)")
     add_debug_flag(parser)
@@ -221,14 +221,15 @@ def _load_model(path: str, mtime: float, runtime: str | None = None, precision: 
     @st.cache_resource(max_entries=2, show_spinner="loading the checkpoint (an exported runtime: exporting it on "
                                                    "first use) ...")
     def load(path: str, mtime: float, runtime: str | None, precision: str | None):
-        from evaluation.predictor import chosen_runtime, inference_predictor, runtime_label
+        from evaluation.predictor import prediction_predictor, prediction_runtime, runtime_label
         from model.loading import load_model_from_checkpoint
         from utils.runtime import select_device
 
         device = select_device("auto", key="device")
         model, cfg, ckpt = load_model_from_checkpoint(path, device)
-        runtime, precision = chosen_runtime(cfg.eval, runtime, precision)
-        predictor = model if runtime == "torch" else inference_predictor(path, runtime, precision, device)
+        runtime, precision, automatic = prediction_runtime(cfg.eval, runtime, precision, device)
+        predictor = (model if runtime == "torch" else
+                     prediction_predictor(path, runtime, precision, automatic, device))
         epoch = f", epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ""
         info = {"name": cfg.model.name, "params": sum(p.numel() for p in model.parameters()), "device": str(device),
                 "weights": "EMA" if ckpt.get("ema") is not None else "raw", "epoch": epoch,

@@ -59,10 +59,17 @@ def header_line(rows: Sequence[dict], split: str) -> str:
     """What the figures measure, from the metrics.json settings of the finished runs."""
     from evaluation.conventions import setting_label
 
-    labels = sorted({setting_label(r["scored"]) for row in rows for r in row["done"] if r.get("scored")})
+    scored_runs = [r["scored"] for row in rows for r in row["done"] if r.get("scored")]
+    thresholds = [s["threshold"] for s in scored_runs if s.get("threshold") is not None]
+    # a run without masks (classification only) has no threshold: it is labelled with the others' threshold
+    fallback = thresholds[0] if thresholds else None
+    labels = sorted({setting_label({**s, "threshold": s["threshold"] if s.get("threshold") is not None else fallback})
+                     for s in scored_runs})
     lengths = sorted({r["length"] for row in rows for r in row["done"] if r.get("length")})
     scored = "; ".join(labels) if labels else f"{split} split (no run finished)"
     mixed = " (runs differ: not comparable)" if len(labels) > 1 else ""
+    if thresholds and len(thresholds) < len(scored_runs):
+        scored += " (classification-only runs: no mask threshold)"
     return (f"Scored on: {scored}{mixed} (split, headline subset, segmentation resolution, mask threshold, TTA). "
             f"Training: {'; '.join(lengths) or 'no run finished'}.")
 

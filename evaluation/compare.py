@@ -118,8 +118,9 @@ def check_same(meta: list[dict], rows: list[dict[str, dict]], folders: list[Path
         if a.get(key) != b.get(key):
             raise ConfigError(f"the results differ in {key} ({folders[0]}: {a.get(key)}, {folders[1]}: {b.get(key)})"
                               f"; score both with the same test.py settings before comparing")
-    if a.get("threshold_tuned") != b.get("threshold_tuned") or (
-            not a.get("threshold_tuned") and a.get("threshold") != b.get("threshold")):
+    masks_in_both = a.get("threshold") is not None and b.get("threshold") is not None  # None: no masks scored
+    if masks_in_both and (a.get("threshold_tuned") != b.get("threshold_tuned") or (
+            not a.get("threshold_tuned") and a.get("threshold") != b.get("threshold"))):
         raise ConfigError(f"the results differ in threshold ({folders[0]}: {a.get('threshold')}, tuned "
                           f"{a.get('threshold_tuned')}; {folders[1]}: {b.get('threshold')}, tuned "
                           f"{b.get('threshold_tuned')}); use the same --threshold, or --tune-threshold for both")
@@ -135,9 +136,12 @@ def check_same(meta: list[dict], rows: list[dict[str, dict]], folders: list[Path
                           "checks or training splits); compare with --subset all, or score with the same split")
     for stem in sorted(stems_a):
         for column in ("true_class", "true_label", "true_area"):  # true_label: another dataset's label space
-            if rows[0][stem].get(column) != rows[1][stem].get(column):
+            values = rows[0][stem].get(column), rows[1][stem].get(column)
+            if None in values:  # one of the two runs has no such task (e.g. classification only): not compared
+                continue
+            if values[0] != values[1]:
                 raise ConfigError(f"image '{stem}' has a different {column} in the two results "
-                                  f"({rows[0][stem][column]} vs {rows[1][stem][column]}): different ground truth")
+                                  f"({values[0]} vs {values[1]}): different ground truth")
 
 
 def compare(folders: list[Path], subset: str, resamples: int = 1000, seed: int = 0) -> dict:

@@ -30,6 +30,37 @@ def chosen_runtime(cfg_eval, runtime: Optional[str], precision: Optional[str]) -
     return runtime, precision
 
 
+def prediction_runtime(cfg_eval, runtime: Optional[str], precision: Optional[str],
+                       device: torch.device) -> tuple[str, str, bool]:
+    """(runtime, precision, automatic) for prediction (`test.py --input`, the web demo): the flags when given,
+    else eval.predict_runtime, whose `auto` (also for a checkpoint saved before the key existed) is onnxruntime
+    on a CPU and eager torch on a GPU (INT8 precisions: onnxruntime). `automatic`: chosen by `auto`, so a
+    failed export may fall back to eager PyTorch (`prediction_predictor`)."""
+    precision = precision or getattr(cfg_eval, "runtime_precision", "fp32")
+    automatic = runtime is None and getattr(cfg_eval, "predict_runtime", "auto") == "auto"
+    if runtime is None:
+        runtime = getattr(cfg_eval, "predict_runtime", "auto")
+        if runtime == "auto":
+            runtime = "onnxruntime" if device.type == "cpu" or precision != "fp32" else "torch"
+    runtime, precision = chosen_runtime(cfg_eval, runtime, precision)
+    return runtime, precision, automatic
+
+
+def prediction_predictor(checkpoint: Union[str, Path], runtime: str, precision: str, automatic: bool,
+                         device: Union[str, torch.device] = "cpu", use_ema: bool = True) -> Predictor:
+    """`inference_predictor`; when the runtime was chosen automatically and its export cannot be made here (no
+    onnxruntime, a run folder that cannot be written, an export that disagrees with PyTorch), eager PyTorch
+    with one line that says why. A runtime asked for by name fails with its own error instead."""
+    if not automatic or runtime == "torch":
+        return inference_predictor(checkpoint, runtime, precision, device, use_ema)
+    try:
+        return inference_predictor(checkpoint, runtime, precision, device, use_ema)
+    except (ImportError, OSError, RuntimeError, InputError) as exc:
+        print(f"note: the {runtime} export is not available here ({type(exc).__name__}: {exc}); predicting with "
+              "eager PyTorch instead (--runtime torch says so explicitly)", flush=True)
+        return inference_predictor(checkpoint, "torch", "fp32", device, use_ema)
+
+
 def inference_predictor(checkpoint: Union[str, Path], runtime: str, precision: str,
                         device: Union[str, torch.device] = "cpu", use_ema: bool = True,
                         data_root: Optional[str] = None) -> Predictor:

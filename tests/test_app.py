@@ -101,7 +101,7 @@ def test_page_prediction_equals_test_py_input_on_the_same_file(app_checkpoint, e
     out = tmp_path / "out"
     assert run_main(_load_entry("test").main, ["--checkpoint", str(app_checkpoint), "--input", str(folder),
                                                 "--out", str(out), "--device", "cpu", "--tta",
-                                                "--threshold", "0.3"]) == 0
+                                                "--threshold", "0.3", "--runtime", "torch"]) == 0
     with open(out / "predictions.csv", newline="", encoding="utf-8") as handle:
         rows = {row["file"]: row for row in csv.DictReader(handle)}
 

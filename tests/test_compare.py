@@ -9,6 +9,7 @@ import pytest
 from evaluation.agreement import gate_masks
 from evaluation.boundary import boundary_distances, brute_force_distances
 from evaluation.compare import mcnemar_exact, paired_interval, wilcoxon_p
+from utils.config import ConfigError
 from evaluation.subsets import PerImage, contradictions, per_image_overlap, subset_figures
 
 CLASSES = ["glioma", "meningioma", "no_tumor", "pituitary"]
@@ -214,3 +215,10 @@ def test_two_results_on_another_dataset_compare_in_its_label_space(tmp_path):
     result = _compare(folders, "leak_free", resamples=200)
     assert result["figures"]["accuracy"]["difference"] == pytest.approx(2 / 6)
     assert set(result["figures"]) == {"accuracy"}
+    # a classification-only result (no masks: threshold None) pairs with a multi-task one on the class figures
+    meta = _json.loads((folders[1] / "metrics.json").read_text())
+    (folders[1] / "metrics.json").write_text(_json.dumps({**meta, "threshold": 0.5}))
+    assert _compare(folders, "leak_free", resamples=200)["figures"]["accuracy"]["difference"] == pytest.approx(2 / 6)
+    (folders[0] / "metrics.json").write_text(_json.dumps({**meta, "model": "a", "threshold": 0.4}))
+    with pytest.raises(ConfigError, match="differ in threshold"):
+        _compare(folders, "leak_free", resamples=200)

@@ -228,7 +228,7 @@ def test_efficientnet_b0_cls_trains_and_tests_without_segmentation_figures(tiny_
     from prediction.folder import predict_folder
 
     folder = copy_test_images(tiny_brisc, tmp_path / "unlabelled")
-    predict_folder(run_dir / "best.pth", folder, tmp_path / "pred")
+    predict_folder(run_dir / "best.pth", folder, tmp_path / "pred", runtime="torch")
     rows = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("file,predicted_class,p_glioma")
     assert not (tmp_path / "pred" / "masks").exists()

@@ -229,7 +229,7 @@ def test_stretch_run_keeps_its_way_back(data, stretch_run, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / path.name).write_bytes(path.read_bytes())
-    predict_folder(stretch_run, folder, tmp_path / "out", "cpu")
+    predict_folder(stretch_run, folder, tmp_path / "out", "cpu", runtime="torch")
     header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0]
     assert "placement" not in header
 

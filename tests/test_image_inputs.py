@@ -172,7 +172,7 @@ def test_masks_come_from_upsampled_logits(checkpoint, tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
     cv2.imwrite(str(folder / "slice.png"), _brain_slice(150, 100))
-    predict_folder(checkpoint, folder, tmp_path / "out", "cpu", threshold=0.5)
+    predict_folder(checkpoint, folder, tmp_path / "out", "cpu", threshold=0.5, runtime="torch")
     mask = cv2.imread(str(tmp_path / "out" / "masks" / "slice_mask.png"), cv2.IMREAD_GRAYSCALE)
     expected = (torch.sigmoid(logits_to_original(logits, (150, 100)))[0, 0] >= 0.5).numpy()
     assert mask.shape == (150, 100) and np.array_equal(mask > 0, expected)

@@ -123,8 +123,8 @@ def test_folder_prediction_with_onnxruntime_equals_torch(checkpoint: Path, tiny_
     folder = copy_test_images(tiny_brisc, tmp_path / "in", count=3)
     (folder / "broken.png").write_text("not an image")
     common = ["--checkpoint", str(checkpoint), "--input", str(folder), "--device", "cpu", "--batch-size", "2"]
-    assert run_main(entry.main, [*common, "--out", str(tmp_path / "torch")]) == 1  # the broken file fails
-    assert run_main(entry.main, [*common, "--runtime", "onnxruntime", "--out", str(tmp_path / "onnx")]) == 1
+    assert run_main(entry.main, [*common, "--runtime", "torch", "--out", str(tmp_path / "torch")]) == 1  # broken file
+    assert run_main(entry.main, [*common, "--out", str(tmp_path / "onnx")]) == 1  # prediction's default on a CPU
     assert "runtime onnxruntime fp32" in capsys.readouterr().out
     eager, exported = _rows(tmp_path / "torch" / "predictions.csv"), _rows(tmp_path / "onnx" / "predictions.csv")
     assert list(eager) == list(exported) and len(eager) == 4
@@ -138,6 +138,46 @@ def test_folder_prediction_with_onnxruntime_equals_torch(checkpoint: Path, tiny_
         masks = [cv2.imread(str(tmp_path / run / "masks" / f"{Path(name).stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
                  for run in ("torch", "onnx")]
         assert masks[0].shape == masks[1].shape and np.mean(masks[0] != masks[1]) < 1e-3
+
+
+def test_prediction_runtime_defaults_and_choices() -> None:
+    from evaluation.predictor import prediction_runtime
+    from utils.config import EvalConfig
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert prediction_runtime(EvalConfig(), None, None, cpu) == ("onnxruntime", "fp32", True)
+    assert prediction_runtime(EvalConfig(), None, None, gpu) == ("torch", "fp32", True)  # eager on a GPU
+    assert prediction_runtime(EvalConfig(), None, "int8-dynamic", gpu) == ("onnxruntime", "int8-dynamic", True)
+    assert prediction_runtime(EvalConfig(), "torch", None, cpu) == ("torch", "fp32", False)  # a flag wins
+    assert prediction_runtime(EvalConfig(predict_runtime="torchscript"), None, None, cpu) == ("torchscript", "fp32",
+                                                                                              False)
+    with pytest.raises(ConfigError, match="--runtime torch --precision int8-static"):
+        prediction_runtime(EvalConfig(), "torch", "int8-static", cpu)
+
+
+def test_an_automatic_runtime_that_cannot_export_falls_back_to_eager(checkpoint: Path, tiny_brisc: Path,
+                                                                      tmp_path: Path, capsys, monkeypatch) -> None:
+    import evaluation.predictor as predictor_module
+
+    real = predictor_module.load_predictor
+
+    def no_export(checkpoint, runtime, *args, **kwargs):
+        if runtime != "torch":
+            raise OSError("read-only file system: exports")
+        return real(checkpoint, runtime, *args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "load_predictor", no_export)
+    entry = _test_entry()
+    folder = copy_test_images(tiny_brisc, tmp_path / "in", count=2)
+    common = ["--checkpoint", str(checkpoint), "--input", str(folder), "--device", "cpu"]
+    assert run_main(entry.main, [*common, "--out", str(tmp_path / "auto")]) == 0
+    printed = capsys.readouterr().out
+    assert "the onnxruntime export is not available here (OSError: read-only" in printed
+    assert "runtime torch fp32 (eager PyTorch)" in printed and (tmp_path / "auto" / "predictions.csv").is_file()
+    # asked for by name, the same failure is an error (nothing predicted)
+    with pytest.raises(OSError, match="read-only"):
+        entry.main([*common, "--runtime", "onnxruntime", "--out", str(tmp_path / "named")])
+    assert not (tmp_path / "named" / "predictions.csv").exists()
 
 
 def test_a_batch_predicts_what_single_images_do(checkpoint: Path, tiny_brisc: Path, tmp_path: Path) -> None:
@@ -174,3 +214,19 @@ def test_the_shift_benchmark_runs_on_a_runtime_and_says_so(checkpoint: Path, tmp
     for key in ("accuracy", "dice"):
         assert exported["clean"][key] == pytest.approx(eager["clean"][key], abs=1e-4)
         assert exported["shifted"]["gamma"]["2"][key] == pytest.approx(eager["shifted"]["gamma"]["2"][key], abs=1e-4)
+
+
+def test_prediction_timing_script_times_each_runtime_on_the_same_files(checkpoint: Path, tiny_brisc: Path,
+                                                                       tmp_path: Path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("prediction_timing", REPO / "scripts" / "prediction_timing.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    images = tiny_brisc / "classification_task" / "test"
+    assert run_main(timing.main, ["--checkpoint", str(checkpoint), "--images", str(images), "--count", "3",
+                                  "--uploads", "2", "--json", str(tmp_path / "t.json")]) == 0
+    figures = json.loads((tmp_path / "t.json").read_text())
+    assert figures["images"] == 3 and [r["runtime"] for r in figures["results"]] == ["torch", "onnxruntime"]
+    assert all(r["folder_s"] > 0 and r["upload_ms_median"] > 0 for r in figures["results"])
+    assert "| onnxruntime |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no images of 12345x12345 pixels"):
+        timing.image_files(images, 5, side=12345)

@@ -161,7 +161,7 @@ def test_segmentation_only_run_trains_tests_and_tabulates_without_class_figures(
     from prediction.folder import predict_folder
 
     folder = copy_test_images(tiny_brisc, tmp_path / "unlabelled")
-    predict_folder(run_dir / "best.pth", folder, tmp_path / "pred")
+    predict_folder(run_dir / "best.pth", folder, tmp_path / "pred", runtime="torch")
     lines = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
     assert len(lines) == 3 and lines[0] == "file,tumour_pixels,status,error"  # no class columns
     assert len(list((tmp_path / "pred" / "masks").iterdir())) == 2

@@ -139,7 +139,8 @@ def add_eval_flags(parser: argparse.ArgumentParser, flags: Sequence[str] = EVAL_
         "runtime": (("--runtime",), dict(default=None, choices=RUNTIME_CHOICES,
                                          help="inference runtime: torch (eager), onnxruntime or torchscript, exported "
                                               "into <run>/exports on first use and checked against PyTorch "
-                                              "(default: eval.runtime, torch; docs/runtime.md)")),
+                                              "(default: eval.runtime, torch; with --input: eval.predict_runtime, "
+                                              "onnxruntime on a CPU; docs/runtime.md)")),
         "precision": (("--precision",), dict(default=None, choices=RUNTIME_PRECISIONS,
                                              help="fp32, or int8-dynamic / int8-static (onnxruntime only; static "
                                                   "calibrates on the run's training split) (default: "

@@ -247,10 +247,13 @@ class EvalConfig:
     precision: str = spec("fp32", choices=("fp32", "fp16", "bf16"))  # fp16: CUDA only
     # test.py: empty the mask where the classifier says no_tumor (both ways are reported; README says why off)
     gate_masks: bool = False
-    # Inference runtime of test.py, `test.py --input`, the shift benchmark and the web demo (model.runtime); INT8
-    # precisions run on onnxruntime only (docs/runtime.md). torch/fp32 is the eager model the README's figures used.
+    # Inference runtime of test.py and the shift benchmark (model.runtime); INT8 precisions run on onnxruntime only
+    # (docs/runtime.md). torch/fp32 is the eager model the README's figures used.
     runtime: str = spec("torch", choices=("torch", "onnxruntime", "torchscript"))
     runtime_precision: str = spec("fp32", choices=("fp32", "int8-dynamic", "int8-static"))
+    # Runtime of prediction (`test.py --input`, the web demo): auto = onnxruntime on a CPU (3-4x faster than eager,
+    # identical validation figures: docs/runtime.md), eager torch on a GPU; falls back to torch if the export fails
+    predict_runtime: str = spec("auto", choices=("auto", "torch", "onnxruntime", "torchscript"))
 
 
 @dataclass

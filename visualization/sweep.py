@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from visualization.common import PathLike, new_figure, save_figure
 
@@ -46,6 +47,8 @@ def latency_figure(points: Sequence[dict], title: str = "") -> Figure:
             ax.annotate(point["name"], (point["latency_ms"], 100 * mean), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 20, 30, 40 instead of 2x10^1
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("CPU latency, batch 1 (ms per image, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")

@@ -1,0 +1,146 @@
+"""Prediction speed as a user meets it, per inference runtime, side by side in one run: `test.py --input` on a
+folder of N images (decoding, prediction, mask PNGs and the CSV included) and the web demo's per-upload model
+latency (`prediction.folder.predict_image` on a decoded upload, as app.py calls it).
+
+    python scripts/prediction_timing.py --checkpoint runs/brisc_cpu/latest/best.pth \
+        --images ../shared/data/brisc2025/classification_task/train --side 512 --count 1000 --uploads 50
+
+Each runtime's export is made (and checked against PyTorch) before the clock starts: its time is reported on its
+own, as a user pays it once per checkpoint. Timings depend on the machine's load: run it on a quiet machine and
+quote the threads. Results: a Markdown table on stdout, and `--json FILE`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python scripts/prediction_timing.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from datasets.index import IMAGE_SUFFIXES  # noqa: E402
+from utils.cli import RUNTIME_CHOICES, positive_int, run_main  # noqa: E402
+from utils.tables import markdown_table  # noqa: E402
+
+
+def image_files(root: Path, count: int, side: Optional[int] = None) -> list[Path]:
+    """The first `count` images under `root` (sorted, recursively); with `side`, only side x side files."""
+    from PIL import Image
+
+    files = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        if side is not None:
+            with Image.open(path) as image:  # reads the header only
+                if image.size != (side, side):
+                    continue
+        files.append(path)
+        if len(files) == count:
+            break
+    if not files:
+        raise SystemExit(f"--images '{root}' holds no images" + (f" of {side}x{side} pixels" if side else ""))
+    return files
+
+
+def linked_folder(files: list[Path], folder: Path) -> Path:
+    """A flat folder of symbolic links to `files` (unique names), as `test.py --input` takes it."""
+    folder.mkdir(parents=True)
+    for index, path in enumerate(files):
+        (folder / f"{index:05d}_{path.name}").symlink_to(path.resolve())
+    return folder
+
+
+def time_folder(checkpoint: Path, folder: Path, out: Path, runtime: str, batch_size: Optional[int]) -> float:
+    from prediction.folder import predict_folder
+
+    start = time.perf_counter()
+    failed = predict_folder(checkpoint, folder, out, "cpu", runtime=runtime, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    if failed:
+        raise SystemExit(f"{len(failed)} images could not be predicted ({failed[:3]} ...)")
+    return seconds
+
+
+def time_uploads(checkpoint: Path, files: list[Path], runtime: str) -> list[float]:
+    """Milliseconds of `predict_image` per upload with the demo's predictor (decoding excluded)."""
+    import torch
+
+    from evaluation.predictor import prediction_predictor, prediction_runtime
+    from model.loading import load_model_from_checkpoint
+    from prediction.demo import read_upload
+    from prediction.folder import predict_image
+
+    device = torch.device("cpu")
+    model, cfg, _ = load_model_from_checkpoint(checkpoint, device)
+    chosen, precision, automatic = prediction_runtime(cfg.eval, runtime, None, device)
+    predictor = model if chosen == "torch" else prediction_predictor(checkpoint, chosen, precision, automatic, device)
+    greys = [read_upload(path.read_bytes(), path.name) for path in files]
+    predict_image(predictor, cfg, greys[0])  # warm-up
+    times = []
+    for grey in greys:
+        start = time.perf_counter()
+        predict_image(predictor, cfg, grey)
+        times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def prepare_export(checkpoint: Path, runtime: str) -> float:
+    """Seconds to export and check the runtime (0 for eager torch; a cached export only loads)."""
+    if runtime == "torch":
+        return 0.0
+    from evaluation.predictor import inference_predictor
+
+    start = time.perf_counter()
+    inference_predictor(checkpoint, runtime, "fp32", "cpu")
+    return time.perf_counter() - start
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True, help="a folder of images (searched recursively)")
+    parser.add_argument("--count", type=positive_int, default=1000, help="images in the folder prediction")
+    parser.add_argument("--uploads", type=positive_int, default=50, help="single uploads timed per runtime")
+    parser.add_argument("--side", type=positive_int, default=None, help="only square files of this side (e.g. 512)")
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"], choices=RUNTIME_CHOICES)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="test.py --batch-size (default: config)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    import torch
+
+    files = image_files(args.images, args.count, args.side)
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = linked_folder(files, Path(scratch) / "input")
+        for runtime in args.runtimes:
+            export_s = prepare_export(args.checkpoint, runtime)
+            folder_s = time_folder(args.checkpoint, folder, Path(scratch) / f"out_{runtime}", runtime, args.batch_size)
+            uploads = time_uploads(args.checkpoint, files[:args.uploads], runtime)
+            results.append({"runtime": runtime, "export_s": export_s, "folder_s": folder_s,
+                            "folder_img_s": len(files) / folder_s, "upload_ms_median": statistics.median(uploads),
+                            "upload_ms_p95": sorted(uploads)[int(0.95 * (len(uploads) - 1))]})
+    base = results[0]
+    rows = [[r["runtime"], f"{r['export_s']:.1f}", f"{r['folder_s']:.1f}", f"{r['folder_img_s']:.1f}",
+             f"{base['folder_s'] / r['folder_s']:.2f}x", f"{r['upload_ms_median']:.1f}", f"{r['upload_ms_p95']:.1f}",
+             f"{base['upload_ms_median'] / r['upload_ms_median']:.2f}x"] for r in results]
+    sizes = f" of {args.side}x{args.side} px" if args.side else ""
+    print(f"\n{len(files)} images{sizes} from {args.images} (folder prediction), {min(args.uploads, len(files))} uploads; "
+          f"CPU, {torch.get_num_threads()} threads; speed-up against {base['runtime']}\n")
+    print(markdown_table(["runtime", "export (s, once)", "folder (s)", "folder img/s", "folder speed-up",
+                          "upload ms (median)", "upload ms (p95)", "upload speed-up"], rows))
+    if args.json:
+        args.json.write_text(json.dumps({"images": len(files), "threads": torch.get_num_threads(),
+                                         "results": results}, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    from utils.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    sys.exit(run_main(main))
