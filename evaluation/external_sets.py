@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
-from utils.config import ConfigError
+from utils.config import ConfigError, read_yaml_file
 
 FORMATS = ("brisc", "imagefolder", "pairs")
 
@@ -38,14 +36,8 @@ class ExternalSet:
 
 def read_external_set(path: Path) -> ExternalSet:
     """The `external:` mapping of a YAML file; every mistake names the file and the key."""
-    path = Path(path)
     where = f"external-set file '{path}'"
-    if not path.is_file():
-        raise ConfigError(f"{where} does not exist (see configs/external/pmram.yaml for the format)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
+    raw = read_yaml_file(path, "external-set file", " (see configs/external/pmram.yaml for the format)")
     body = raw.get("external") if isinstance(raw, dict) else None
     if not isinstance(body, dict):
         raise ConfigError(f"{where} must hold a mapping under `external:` (name, root, data_format, class_map, "

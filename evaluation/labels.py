@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
-import yaml
 
 from datasets.imagefolder import KAGGLE_CLASS_MAP
 from datasets.naming import CLASS_NAMES, NO_TUMOR
 from evaluation.stats import (bca_interval, dense_groups, is_degenerate, jackknife_weights, proportion_interval,
                                resample_weights)
 from evaluation.metrics import classification_figures
-from utils.config import ConfigError
+from utils.config import ConfigError, read_yaml_file
 
 LABEL_INTERVALS = ("accuracy", "balanced_accuracy", "f1_macro", "detection_sensitivity", "detection_specificity")
 
@@ -31,12 +30,7 @@ def parse_class_map(text: str) -> dict[str, str]:
     source = "--class-map"
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():
         path = Path(text)
-        if not path.is_file():
-            raise ConfigError(f"--class-map file '{path}' does not exist; give NAME=LABEL,... or a YAML mapping file")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--class-map file '{path}' is not valid YAML: {exc}") from exc
+        raw = read_yaml_file(path, "--class-map file", "; give NAME=LABEL,... or a YAML mapping file")
         if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
             raw = raw["data"].get("class_map", {})
         source = f"--class-map file '{path}'"

@@ -486,6 +486,18 @@ def _check_monitor_task(cfg: Config, origins: dict[str, str]) -> None:
                               "monitor 'combined' (the task trained), 'loss' or a metric of the trained task")
 
 
+def read_yaml_file(path: Path, what: str, missing_hint: str = "") -> Any:
+    """The parsed YAML of `path`; a missing file or bad YAML is a ConfigError naming `what` and the path
+    (`missing_hint` is appended to the missing-file message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist{missing_hint}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {exc}") from exc
+
+
 def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: Optional[str] = None) -> Config:
     """Defaults <- `raw` <- `overrides`, validated; `source` says where `raw` came from (e.g. "in exp.yaml")."""
     cfg = Config()
