@@ -113,7 +113,7 @@ def render_page(args: argparse.Namespace) -> None:
     opacity = side.slider("Mask opacity", 0.0, 1.0, 0.45, 0.05, disabled=not has_seg)
     cam_choice = side.selectbox("Grad-CAM class", ["predicted class", *CLASS_NAMES])
     side.caption(f"Model: {info['name']} ({info['params'] / 1e6:.2f} M parameters), input "
-                 f"{cfg.data.image_size} px ({cfg.data.resize}), {info['weights']} weights"
+                 f"{cfg.data.preprocess.image_size} px ({cfg.data.preprocess.resize}), {info['weights']} weights"
                  f"{info['epoch']}, on {info['device']}, {info['runtime']}. Checkpoint: {checkpoint}")
 
     chosen = _choose_slice(args.examples_dir)

@@ -217,7 +217,7 @@ def _runtime_checkpoint(name: str, args: argparse.Namespace, folder: Path) -> tu
 
             return args.checkpoint, TrainCalibration(args.checkpoint) if wants_static else None
     cfg = Config()
-    cfg.model.name, cfg.model.num_classes, cfg.data.image_size = name, args.num_classes, args.image_size[0]
+    cfg.model.name, cfg.model.num_classes, cfg.data.preprocess.image_size = name, args.num_classes, args.image_size[0]
     torch.manual_seed(0)
     model = build_model(name, **model_kwargs(cfg, pretrained=False))
     path = folder / f"{name}.pth"

@@ -9,7 +9,7 @@
     python test.py --checkpoint best.pth --split val --runtime onnxruntime --precision int8-dynamic
     python test.py --checkpoint best.pth --data-root /data/kaggle --data-format imagefolder \
         --class-map 'glioma=tumour,meningioma=tumour,pituitary=tumour,no_tumor=normal'
-    python test.py --checkpoint best.pth --data-root /data/pairs --data-format pairs --layout data.mask_suffix=_mask
+    python test.py --checkpoint best.pth --data-root /data/pairs --data-format pairs --layout data.layout.mask_suffix=_mask
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--class-map", default=None, metavar="NAME=LABEL,... | FILE.yaml",
                         help="with --data-format: map the dataset's folder names and the model's class names into "
                              "one label space, e.g. 'glioma=tumour,meningioma=tumour,pituitary=tumour,"
-                             "no_tumor=normal' (unlisted names map to themselves; default: data.class_map of the run)")
+                             "no_tumor=normal' (unlisted names map to themselves; default: data.layout.class_map of the run)")
     parser.add_argument("--layout", nargs="*", default=[], metavar="data.KEY=VALUE",
-                        help="with --data-format: the other dataset's layout keys, e.g. data.mask_suffix=_mask "
-                             "data.test_dir=Test (train_dir, test_dir, class_map, mask_suffix, mask_threshold, "
+                        help="with --data-format: the other dataset's layout keys, e.g. data.layout.mask_suffix=_mask "
+                             "data.layout.test_dir=Test (train_dir, test_dir, class_map, mask_suffix, mask_threshold, "
                              "test_fraction, split_seed, spacing)")
     parser.add_argument("--external", type=Path, default=None, metavar="FILE.yaml",
                         help="another dataset described in a file (configs/external/pmram.yaml): its root, "
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--opts", nargs="*", default=None, metavar="data.KEY=VALUE",
                         help="deprecated: the old name of --layout (it never took train.py's config keys)")
     parser.add_argument("--spacing", type=positive_float, nargs=2, default=None, metavar=("ROW_MM", "COL_MM"),
-                        help="pixel spacing in mm: HD95 / ASSD in mm (default: data.spacing of the run; with "
+                        help="pixel spacing in mm: HD95 / ASSD in mm (default: data.layout.spacing of the run; with "
                              "--data-format: pixels)")
     parser.add_argument("--tune-threshold", action="store_true",
                         help="choose the threshold with the best Dice on the validation split, then evaluate "

@@ -44,9 +44,7 @@ class TrainCalibration:
             raise DataError(f"calibration needs the run's split file '{self.split_path}' (written by train.py) "
                             "to draw training images; it is missing")
         self.count, self.batch_size, self.seed = count, batch_size, seed
-        preprocessing = {k: v for k, v in dataclasses.asdict(self.cfg.data).items()
-                         if k in ("image_size", "in_channels", "mean", "std", "resize", "intensity_norm",
-                                  "percentile_range", "root")}
+        preprocessing = {**dataclasses.asdict(self.cfg.data.preprocess), "root": self.cfg.data.root}
         digest = hashlib.sha256(self.split_path.read_bytes())
         digest.update(json.dumps([count, seed, preprocessing], sort_keys=True, default=str).encode())
         self.key = f"train-split sample of {count}, seed {seed}, {digest.hexdigest()[:16]}"

@@ -84,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="also measure how well trivial file/image properties predict the class (train split)")
     parser.add_argument("--config", metavar="YAML",
                         help="with --confounds: also audit the model's input under this config's preprocessing "
-                             "(data.image_size, resize, head_margin, intensity_norm)")
+                             "(data.preprocess.image_size, resize, head_margin, intensity_norm)")
     parser.add_argument("--audit-limit", type=positive_int, metavar="N",
                         help="with --config: audit the inputs of a class-stratified, seeded sample of N images")
     layout = parser.add_argument_group("other layouts (the data.* keys of the same names)")

@@ -1,5 +1,5 @@
 """Decode one sample from disk into square uint8 arrays at the training size (greyscale image, 0/255 mask),
-stretched, letterboxed or cropped to the head (`data.resize`; the placement is defined in geometry.py).
+stretched, letterboxed or cropped to the head (`data.preprocess.resize`; the placement is defined in geometry.py).
 
 This is the only place that touches image files during training; every failure names the file.
 """

@@ -13,7 +13,7 @@ class DataError(UserError, ValueError):
 GET_DATA_HINT = f"""\
 To get data:
   - demo data with the BRISC layout: python -m datasets.synthetic --out DIR   (then set data.root=DIR),
-    or set data.synthetic=true to generate it at data.root on first use;
+    or set data.generated.enabled=true to generate it at data.root on first use;
   - the real BRISC 2025 release: download the Kaggle dataset briscdataset/brisc2025 and set data.root to the
     folder that holds classification_task/ and segmentation_task/.
 {LAYOUT}"""

@@ -21,36 +21,37 @@ EVAL_SPLITS = ("train", "val", "dev_test", "test")
 
 def sample_index(data_cfg: DataConfig) -> Callable[[Path, str], list[Sample]]:
     """`index(root, split)` for the layout `data.format` names (brisc, imagefolder or pairs)."""
+    layout = data_cfg.layout
     if data_cfg.format == "imagefolder":
-        return functools.partial(index_imagefolder, train_dir=data_cfg.train_dir, test_dir=data_cfg.test_dir,
-                                 extra_map=data_cfg.class_map)
+        return functools.partial(index_imagefolder, train_dir=layout.train_dir, test_dir=layout.test_dir,
+                                 extra_map=layout.class_map)
     if data_cfg.format == "pairs":
-        return functools.partial(index_pairs, mask_suffix=data_cfg.mask_suffix, mask_threshold=data_cfg.mask_threshold,
-                                 test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed)
+        return functools.partial(index_pairs, mask_suffix=layout.mask_suffix, mask_threshold=layout.mask_threshold,
+                                 test_fraction=layout.test_fraction, seed=data_cfg.split.seed)
     return index_split
 
 
 def ensure_data_root(data_cfg: DataConfig) -> Path:
-    """The dataset root; generated once (atomically) when it is missing and `data.synthetic` is true."""
+    """The dataset root; generated once (atomically) when it is missing and `data.generated.enabled` is true."""
     root = Path(data_cfg.root)
     if root.is_dir():
         return root
     if root.exists():
         raise DataError(f"data.root '{root}' exists but is not a folder")
-    if not data_cfg.synthetic:
-        raise DataError(f"data.root '{root}' does not exist (set data.synthetic=true to generate demo data there).\n"
-                        f"{GET_DATA_HINT}")
+    if not data_cfg.generated.enabled:
+        raise DataError(f"data.root '{root}' does not exist (set data.generated.enabled=true to generate demo data "
+                        f"there).\n{GET_DATA_HINT}")
     from .synthetic import generate  # imported here so `python -m datasets.synthetic` runs without a warning
 
     try:
         if data_cfg.format != "brisc":  # a fake copy of the other layout
             from .synthetic_layouts import generate_layout
 
-            generate_layout(root, data_cfg.format, data_cfg.synthetic_train, data_cfg.synthetic_test,
-                            data_cfg.synthetic_seed)
+            generate_layout(root, data_cfg.format, data_cfg.generated.train, data_cfg.generated.test,
+                            data_cfg.generated.seed)
             return root
-        generate(root, data_cfg.synthetic_train, data_cfg.synthetic_test, data_cfg.synthetic_seed,
-                 train_duplicates=data_cfg.synthetic_train_duplicates, leaks=data_cfg.synthetic_leaks)
+        generate(root, data_cfg.generated.train, data_cfg.generated.test, data_cfg.generated.seed,
+                 train_duplicates=data_cfg.generated.train_duplicates, leaks=data_cfg.generated.leaks)
     except FileExistsError:
         pass  # another process generated it meanwhile: the rename is atomic, so it is complete
     return root
@@ -59,68 +60,69 @@ def ensure_data_root(data_cfg: DataConfig) -> Path:
 def _dataset(data_cfg: DataConfig, root: Path, split: str, name: str, train: bool = False,
              stems: Optional[list[str]] = None, verbose: bool = True,
              index: Optional[Callable[[Path, str], list[Sample]]] = None) -> BriscDataset:
+    prep = data_cfg.preprocess
     return BriscDataset(
         root,
         split,
-        image_size=data_cfg.image_size,
+        image_size=prep.image_size,
         train=train,
-        in_channels=data_cfg.in_channels,
+        in_channels=prep.in_channels,
         stems=stems,
         augment=data_cfg.augment,
-        mean=data_cfg.mean,
-        std=data_cfg.std,
-        cache=data_cfg.cache,
-        cache_dir=data_cfg.cache_dir,
+        mean=prep.mean,
+        std=prep.std,
+        cache=data_cfg.loader.cache,
+        cache_dir=data_cfg.loader.cache_dir,
         verbose=verbose,
         name=name,
-        resize=data_cfg.resize,
-        head_margin=data_cfg.head_margin,
-        intensity_norm=data_cfg.intensity_norm,
-        percentile_range=data_cfg.percentile_range,
+        resize=prep.resize,
+        head_margin=prep.head_margin,
+        intensity_norm=prep.intensity_norm,
+        percentile_range=prep.percentile_range,
         index=index or sample_index(data_cfg),
     )
 
 
 def _resolve_split(data_cfg: DataConfig, root: Path, split_path: Path) -> dict:
-    """The run's split: `split_path` if it exists (resume, test.py), else `data.split_file` copied there,
-    else a new stratified split of the train folder saved there (fold `data.fold` of `data.folds` when set),
-    with duplicate groups (or, with `data.split_groups: scan`, scan groups: similarity chains at
-    `data.group_threshold`) kept on one side when `data.group_duplicates`, and a held-out `dev_test` part carved
-    from the train part when `data.test_dev_fraction` > 0 (the validation part is the same with or without it)."""
+    """The run's split: `split_path` if it exists (resume, test.py), else `data.split.file` copied there,
+    else a new stratified split of the train folder saved there (fold `data.split.fold` of `data.split.folds` when set),
+    with duplicate groups (or, with `data.split.groups: scan`, scan groups: similarity chains at
+    `data.split.group_threshold`) kept on one side when `data.split.group_duplicates`, and a held-out `dev_test` part carved
+    from the train part when `data.split.test_dev_fraction` > 0 (the validation part is the same with or without it)."""
     if split_path.is_file():
         return load_split(split_path)
-    if data_cfg.split_file:
-        split = load_split(data_cfg.split_file)
+    if data_cfg.split.file:
+        split = load_split(data_cfg.split.file)
         split_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data_cfg.split_file, split_path)
+        shutil.copyfile(data_cfg.split.file, split_path)
         return split
     samples = sample_index(data_cfg)(root, "train")
     stems, labels = [s.stem for s in samples], [s.label for s in samples]
     groups = None
-    scan = data_cfg.split_groups == "scan"
-    threshold = data_cfg.group_threshold if scan else data_cfg.near_threshold
-    if data_cfg.group_duplicates:
-        groups = [g.stems for g in find_groups(samples, threshold, cache_dir=data_cfg.cache_dir)]
+    scan = data_cfg.split.groups == "scan"
+    threshold = data_cfg.split.group_threshold if scan else data_cfg.split.near_threshold
+    if data_cfg.split.group_duplicates:
+        groups = [g.stems for g in find_groups(samples, threshold, cache_dir=data_cfg.loader.cache_dir)]
     held_out: list[str] = []
-    if data_cfg.folds and data_cfg.test_dev_fraction > 0:  # cross-validation: dev_test first, folds of the rest
-        held_out = carve_dev_test({"train": stems, "val": []}, stems, labels, data_cfg.test_dev_fraction,
-                                  data_cfg.split_seed, groups)["dev_test"]
+    if data_cfg.split.folds and data_cfg.split.test_dev_fraction > 0:  # cross-validation: dev_test first, folds of the rest
+        held_out = carve_dev_test({"train": stems, "val": []}, stems, labels, data_cfg.split.test_dev_fraction,
+                                  data_cfg.split.seed, groups)["dev_test"]
         rest = set(held_out)
         labels = [l for s, l in zip(stems, labels) if s not in rest]
         stems = [s for s in stems if s not in rest]
-    if data_cfg.folds:
-        split = fold_split(stems, labels, data_cfg.folds, data_cfg.fold, data_cfg.split_seed, groups)
+    if data_cfg.split.folds:
+        split = fold_split(stems, labels, data_cfg.split.folds, data_cfg.split.fold, data_cfg.split.seed, groups)
     else:
-        split = make_split(stems, labels, data_cfg.val_fraction, data_cfg.split_seed, groups)
+        split = make_split(stems, labels, data_cfg.split.val_fraction, data_cfg.split.seed, groups)
     if groups is not None:
-        split["near_threshold"] = data_cfg.near_threshold
-        split["split_groups"] = data_cfg.split_groups
+        split["near_threshold"] = data_cfg.split.near_threshold
+        split["split_groups"] = data_cfg.split.groups
         if scan:
-            split["group_threshold"] = data_cfg.group_threshold
+            split["group_threshold"] = data_cfg.split.group_threshold
     if held_out:
-        split.update({"dev_test": held_out, "test_dev_fraction": float(data_cfg.test_dev_fraction)})
-    elif data_cfg.test_dev_fraction > 0:  # carved from the train part: the validation part stays as it was
-        split = carve_dev_test(split, stems, labels, data_cfg.test_dev_fraction, data_cfg.split_seed, groups)
+        split.update({"dev_test": held_out, "test_dev_fraction": float(data_cfg.split.test_dev_fraction)})
+    elif data_cfg.split.test_dev_fraction > 0:  # carved from the train part: the validation part stays as it was
+        split = carve_dev_test(split, stems, labels, data_cfg.split.test_dev_fraction, data_cfg.split.seed, groups)
     save_split(split, split_path)
     return split
 
@@ -130,7 +132,7 @@ def build_train_val(data_cfg: DataConfig, split_path: Path, verbose: bool = True
     root = ensure_data_root(data_cfg)
     split = _resolve_split(data_cfg, root, Path(split_path))
     if not split["val"]:
-        raise DataError(f"split '{split_path}' has no validation images; use data.val_fraction > 0")
+        raise DataError(f"split '{split_path}' has no validation images; use data.split.val_fraction > 0")
     train = _dataset(data_cfg, root, "train", "train", train=True, stems=split["train"], verbose=verbose)
     val = _dataset(data_cfg, root, "train", "val", stems=split["val"], verbose=verbose)
     return train, val
@@ -140,7 +142,7 @@ def build_eval_dataset(data_cfg: DataConfig, split: str, split_path: Optional[Pa
                        verbose: bool = True, index: Optional[Callable[[Path, str], list[Sample]]] = None
                        ) -> BriscDataset:
     """An evaluation dataset (no augmentation): "test" is the on-disk test folder; "val" is the validation
-    part of the split file; "dev_test" its held-out part (data.test_dev_fraction); "train" is its train part
+    part of the split file; "dev_test" its held-out part (data.split.test_dev_fraction); "train" is its train part
     (the whole train folder without a split file).
     `index(root, split)` replaces the layout's indexer (another labelling of the same layout)."""
     if split not in EVAL_SPLITS:
@@ -156,6 +158,6 @@ def build_eval_dataset(data_cfg: DataConfig, split: str, split_path: Optional[Pa
     parts = load_split(split_path)
     if split not in parts:
         raise DataError(f"split file '{split_path}' has no '{split}' part: the run was trained with "
-                        "data.test_dev_fraction 0; train with data.test_dev_fraction > 0 to hold one out")
+                        "data.split.test_dev_fraction 0; train with data.split.test_dev_fraction > 0 to hold one out")
     stems = parts[split]
     return _dataset(data_cfg, root, "train", split, stems=stems, verbose=verbose, index=index)

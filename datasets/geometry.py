@@ -4,12 +4,12 @@ Every path that predicts at the model's size and scores or saves at the image's 
 scoring in test.py, folder prediction, the figures) goes through `logits_to_original`, so the geometry is
 defined once: resize the logits bilinearly back to the original (height, width), then threshold.
 
-Three ways onto the square (`data.resize`):
+Three ways onto the square (`data.preprocess.resize`):
 - `stretch`: the image is resized to (size, size), changing its aspect ratio when it is not square;
 - `letterbox`: the longest side is scaled to `size` and the other side centred and zero-padded; the box the
   image occupies (`letterbox_box`) is the same when decoding (datasets/decode.py) and when mapping back,
   which crops the box and resizes only that, so the padding never leaks into the original frame;
-- `head`: the head is found (`find_head`), its bounding box grown by `data.head_margin` of its longer side
+- `head`: the head is found (`find_head`), its bounding box grown by `data.preprocess.head_margin` of its longer side
   on every side and made square around its centre; that square (in original pixels, zero outside the image)
   is resized to `size`. The file's canvas (aspect ratio, padding, where the head sits) no longer reaches the
   model. An image without a findable head falls back to `letterbox` (`Placement.fallback`).
@@ -36,7 +36,7 @@ HEAD_VERSION = 1  # bump when find_head changes: part of the cache key
 # whole head while staying well above the background's noise and JPEG ringing (a few grey levels).
 HEAD_OTSU_FRACTION = 0.5
 HEAD_MIN_AREA = 0.02  # a largest component below this share of the image is not a head: fall back
-DEFAULT_HEAD_MARGIN = 0.05  # data.head_margin's default
+DEFAULT_HEAD_MARGIN = 0.05  # data.preprocess.head_margin's default
 BACKGROUND_LOGIT = -1e4  # outside a head crop nothing was predicted: background (fits fp16)
 
 

@@ -1,8 +1,8 @@
 """Index an image-folder layout (`data.format: imagefolder`): `<root>/<split folder>/<class folder>/*.jpg`.
 
 The common Kaggle brain-tumour classification sets use this layout with `Training` / `Testing` split folders
-(`data.train_dir`, `data.test_dir`) and their own class names (`glioma_tumor`, `notumor`, ...). Folder names
-map onto the project's classes through `KAGGLE_CLASS_MAP` plus `data.class_map` (which wins). The layout has no
+(`data.layout.train_dir`, `data.layout.test_dir`) and their own class names (`glioma_tumor`, `notumor`, ...). Folder names
+map onto the project's classes through `KAGGLE_CLASS_MAP` plus `data.layout.class_map` (which wins). The layout has no
 masks: every sample has `segmented=False` (has_mask False), so a run on it trains and scores classification only.
 """
 from __future__ import annotations
@@ -23,18 +23,18 @@ KAGGLE_CLASS_MAP = {
 
 
 def class_map(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    """Folder name -> class name; `extra` (data.class_map) adds or overrides entries and must name known classes."""
+    """Folder name -> class name; `extra` (data.layout.class_map) adds or overrides entries and must name known classes."""
     mapping = dict(KAGGLE_CLASS_MAP)
     for folder, name in (extra or {}).items():
         if name not in CLASS_NAMES:
-            raise DataError(f"data.class_map maps '{folder}' to '{name}', which is not a class "
+            raise DataError(f"data.layout.class_map maps '{folder}' to '{name}', which is not a class "
                             f"({', '.join(CLASS_NAMES)}); fix the entry")
         mapping[str(folder)] = name
     return mapping
 
 
 def split_folder(root: Path, split: str, train_dir: str, test_dir: str) -> Path:
-    """The folder of `split` ("train" -> data.train_dir, "test" -> data.test_dir)."""
+    """The folder of `split` ("train" -> data.layout.train_dir, "test" -> data.layout.test_dir)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return root / (train_dir if split == "train" else test_dir)
@@ -45,7 +45,7 @@ def class_folders(root: Union[str, Path], split: str, train_dir: str = "Training
     """(the split's folder, its visible class folders, sorted); raises `DataError` when the split folder is missing."""
     root = check_root(root)
     folder = split_folder(root, split, train_dir, test_dir)
-    key = "data.train_dir" if split == "train" else "data.test_dir"
+    key = "data.layout.train_dir" if split == "train" else "data.layout.test_dir"
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         raise DataError(f"split folder '{folder}' does not exist (folders found: {', '.join(found) or 'none'}); "
@@ -69,7 +69,7 @@ def index_imagefolder(root: Union[str, Path], split: str, train_dir: str = "Trai
     unknown = [p for p in class_dirs if p.name not in mapping]
     if unknown:
         raise DataError(f"class folder '{unknown[0]}' is not a known class ({', '.join(CLASS_NAMES)}); map it with "
-                        f"--opts data.class_map.{unknown[0].name}=<class>, or move it out of '{folder}'")
+                        f"--opts data.layout.class_map.{unknown[0].name}=<class>, or move it out of '{folder}'")
     seen: dict[str, Path] = {}
     samples: list[Sample] = []
     for class_dir in class_dirs:
@@ -82,7 +82,7 @@ def index_imagefolder(root: Union[str, Path], split: str, train_dir: str = "Trai
     if missing and split == "train":
         raise DataError(f"'{folder}' has no folder for class(es) {', '.join(missing)} (found: "
                         f"{', '.join(p.name for p in class_dirs) or 'none'}); add them or map a folder with "
-                        "data.class_map")
+                        "data.layout.class_map")
     samples.sort(key=lambda s: s.stem)
     check_unique(samples)
     return samples

@@ -20,7 +20,7 @@ class Sample:
     image: Path
     mask: Optional[Path]  # None: no mask file (no-tumour images never have one)
     segmented: bool = True  # False: the layout has no masks at all (data.format imagefolder)
-    mask_threshold: int = 128  # grey level from which a mask pixel is tumour (data.mask_threshold for pairs)
+    mask_threshold: int = 128  # grey level from which a mask pixel is tumour (data.layout.mask_threshold for pairs)
 
     @property
     def has_mask(self) -> bool:

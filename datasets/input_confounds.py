@@ -3,8 +3,8 @@ preprocessing, and how well they predict the class.
 
     python -m datasets.check ROOT --confounds --config configs/brisc_cpu_head.yaml [--audit-limit 1500]
 
-Each image is decoded and placed exactly as the evaluation pipeline does (`data.image_size`, `data.resize`,
-`data.head_margin`, `data.intensity_norm`; no augmentation), and its first input channel is summarised by
+Each image is decoded and placed exactly as the evaluation pipeline does (the config's `data.preprocess`: size,
+resize mode, head margin, intensity normalisation; no augmentation), and its first input channel is summarised by
 statistics that say nothing about the anatomy (`INPUT_PROPERTIES`): mean and spread, the background share,
 where the head sits and how large it is (`geometry.find_head` on the placed uint8 image), the border's mean and
 spread, and the high-frequency energy. The same cross-validated classifier as the file audit
@@ -25,7 +25,7 @@ from .decode import place_pair, read_pair
 from .geometry import find_head
 from .index import Sample
 from .naming import CLASS_NAMES
-from .transforms import build_transform
+from .transforms import inference_transform
 
 INPUT_PROPERTIES = ("input_mean", "input_std", "background_share", "head_row", "head_col", "head_height",
                     "head_width", "head_area", "border_mean", "border_std", "high_frequency")
@@ -61,10 +61,9 @@ def input_statistics(image: np.ndarray, placed: np.ndarray) -> list[float]:
 def input_table(samples: Sequence[Sample], data_cfg, workers: Optional[int] = None) -> tuple[np.ndarray, int]:
     """(N, len(INPUT_PROPERTIES)) statistics of every sample's model input under `data_cfg` (a DataConfig), and
     how many images fell back from head to letterbox."""
-    transform = build_transform(data_cfg.image_size, train=False, in_channels=data_cfg.in_channels,
-                                mean=data_cfg.mean, std=data_cfg.std, intensity_norm=data_cfg.intensity_norm,
-                                percentile_range=data_cfg.percentile_range)
-    size, mode, margin = data_cfg.image_size, data_cfg.resize, data_cfg.head_margin
+    prep = data_cfg.preprocess
+    transform = inference_transform(prep)
+    size, mode, margin = prep.image_size, prep.resize, prep.head_margin
 
     def one(sample: Sample) -> tuple[list[float], bool]:
         placed, mask, placement = place_pair(*read_pair(sample), size, mode, margin)
@@ -99,14 +98,15 @@ def input_audit(samples: Sequence[Sample], data_cfg, folds: int = 5, seed: int =
         result[key] = {CLASS_NAMES[c]: r for c, r in result[key].items()}
     result["per_property_one_vs_rest"] = {name: {CLASS_NAMES[c]: r for c, r in per_class.items()}
                                           for name, per_class in result["per_property_one_vs_rest"].items()}
-    result.update(resize=data_cfg.resize, image_size=data_cfg.image_size, intensity_norm=data_cfg.intensity_norm,
+    prep = data_cfg.preprocess
+    result.update(resize=prep.resize, image_size=prep.image_size, intensity_norm=prep.intensity_norm,
                   head_fallbacks=int(fallbacks))
     return result
 
 
 def render_input_audit(result: dict) -> str:
     """Console summary of `input_audit`."""
-    lines = [f"model-input audit ({result['images']} images, data.resize {result['resize']}, "
+    lines = [f"model-input audit ({result['images']} images, data.preprocess.resize {result['resize']}, "
              f"{result['image_size']} px, {result['intensity_norm']}; {result['folds']}-fold stratified CV, "
              f"balanced accuracy, chance {result['chance']:.2f}):",
              f"  all statistics: {result['balanced_accuracy']:.3f}",

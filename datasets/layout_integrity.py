@@ -71,10 +71,10 @@ def layout_index(fmt: str, train_dir: str = "Training", test_dir: str = "Testing
                  class_map: Optional[dict] = None, mask_suffix: str = "", mask_threshold: int = 128,
                  test_fraction: float = 0.2, split_seed: int = 42) -> Callable[[Path, str], list[Sample]]:
     """The loader's indexer for `fmt`, from the same settings as the `data.*` config keys."""
-    from utils.config import DataConfig
+    from utils.config import DataConfig, LayoutConfig, SplitConfig
 
     from .factory import sample_index
 
-    return sample_index(DataConfig(format=fmt, train_dir=train_dir, test_dir=test_dir, class_map=class_map or {},
-                                   mask_suffix=mask_suffix, mask_threshold=mask_threshold,
-                                   test_fraction=test_fraction, split_seed=split_seed))
+    layout = LayoutConfig(train_dir=train_dir, test_dir=test_dir, class_map=class_map or {}, mask_suffix=mask_suffix,
+                          mask_threshold=mask_threshold, test_fraction=test_fraction)
+    return sample_index(DataConfig(format=fmt, layout=layout, split=SplitConfig(seed=split_seed)))

@@ -6,7 +6,7 @@ same synthetic anatomy and tumours:
 - imagefolder: `<out>/Training/<class>/*.jpg` and `<out>/Testing/<class>/*.jpg` with the Kaggle folder names
   (`glioma_tumor`, `meningioma_tumor`, `notumor`, `pituitary_tumor`), so the default class map is exercised;
 - pairs: `<out>/images/<stem>.jpg` + `<out>/masks/<stem>_mask.png` for every image of both splits (no-tumour
-  images get an empty mask file), one pool that the loader splits by `data.test_fraction`.
+  images get an empty mask file), one pool that the loader splits by `data.layout.test_fraction`.
 
     python -m datasets.synthetic_layouts --format imagefolder --out data/demo_imagefolder --train 200 --test 40
 """

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import albumentations as A
 import cv2
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from utils.config import AugmentConfig, DataConfig
+from utils.config import AugmentConfig, DataConfig, PreprocessConfig
 
 from .decode import MASK_THRESHOLD, read_grey, to_square
 from .geometry import Placement, place
@@ -243,17 +243,22 @@ def build_transform(
                            percentile_range=percentile_range)
 
 
+def inference_transform(prep: PreprocessConfig) -> Callable:
+    """The evaluation transform (no augmentation) of the `data.preprocess` settings: a placed uint8 square to
+    the model's normalised input."""
+    return build_transform(prep.image_size, train=False, in_channels=prep.in_channels, mean=prep.mean, std=prep.std,
+                           intensity_norm=prep.intensity_norm, percentile_range=prep.percentile_range)
+
+
 def prepare_for_inference(path: Union[str, Path, np.ndarray], data_cfg: DataConfig) -> tuple[torch.Tensor, Placement]:
     """Any image file (or its decoded uint8 greyscale array) as the model's normalised (C, S, S) input,
-    decoded and placed as in training (`data.resize`, `data.head_margin`), and its `Placement`: what
+    decoded and placed as in training (`data.preprocess`), and its `Placement`: what
     `geometry.logits_to_original(logits, placement.original_hw, placement)` needs to map a mask back."""
+    prep = data_cfg.preprocess
     grey = path if isinstance(path, np.ndarray) else read_grey(Path(path))
-    transform = build_transform(data_cfg.image_size, train=False, in_channels=data_cfg.in_channels,
-                                mean=data_cfg.mean, std=data_cfg.std, intensity_norm=data_cfg.intensity_norm,
-                                percentile_range=data_cfg.percentile_range)
-    empty = np.zeros((data_cfg.image_size, data_cfg.image_size), np.uint8)
-    placement = place(grey, data_cfg.image_size, data_cfg.resize, data_cfg.head_margin)
-    image, _ = transform(to_square(grey, data_cfg.image_size, placement), empty)
+    placement = place(grey, prep.image_size, prep.resize, prep.head_margin)
+    empty = np.zeros((prep.image_size, prep.image_size), np.uint8)
+    image, _ = inference_transform(prep)(to_square(grey, prep.image_size, placement), empty)
     return image, placement
 
 

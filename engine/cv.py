@@ -2,7 +2,7 @@
 
     python -m engine.cv --config configs/brisc_cpu.yaml --folds 5 [--opts train.epochs=30 ...]
 
-Fold k trains `engine.trainer.train` with `data.folds=K data.fold=k` (grouped by duplicate content and
+Fold k trains `engine.trainer.train` with `data.split.folds=K data.split.fold=k` (grouped by duplicate content and
 stratified by class, see datasets/splits.py) as experiment `<name>_fold<k>`. Each fold's best.pth is scored on
 its validation fold by test.py's pipeline (`evaluation.pipeline.run_test`, as `engine.sweep` scores its runs:
 headline subset, native resolution; its metrics.json in the fold's run folder); the figures go into `<work_dir>/<name>_cv/<timestamp>/`: `cv_folds.csv` (one row per fold,
@@ -73,15 +73,15 @@ def write_cv_tables(rows: list[dict], out_dir: Path, title: str) -> dict[str, tu
 
 def run_cv(cfg: Config, folds: Optional[int] = None, show_progress: bool = True) -> Path:
     """Train every fold of `cfg` and write the tables; returns their directory."""
-    k_folds = folds or cfg.data.folds
+    k_folds = folds or cfg.data.split.folds
     if k_folds < 2:
-        raise ConfigError(f"cross-validation needs --folds K or data.folds >= 2 (got {k_folds})")
+        raise ConfigError(f"cross-validation needs --folds K or data.split.folds >= 2 (got {k_folds})")
     from .trainer import train  # heavy imports only once the arguments are known to be valid
 
     run_dirs = []
     for k in range(k_folds):
         fold_cfg = copy.deepcopy(cfg)
-        fold_cfg.data.folds, fold_cfg.data.fold = k_folds, k
+        fold_cfg.data.split.folds, fold_cfg.data.split.fold = k_folds, k
         fold_cfg.experiment.name = f"{cfg.experiment.name}_fold{k}"
         print(f"[cv] fold {k + 1}/{k_folds}: experiment {fold_cfg.experiment.name}")
         run_dirs.append(train(fold_cfg, show_progress=show_progress))
@@ -94,7 +94,8 @@ def run_cv(cfg: Config, folds: Optional[int] = None, show_progress: bool = True)
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="K-fold cross-validation of one experiment config.")
     parser.add_argument("--config", required=True, help="YAML experiment file (see configs/)")
-    parser.add_argument("--folds", type=int_at_least(2), default=None, help="number of folds (default: data.folds)")
+    parser.add_argument("--folds", type=int_at_least(2), default=None,
+                        help="number of folds (default: data.split.folds)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_debug_flag(parser)

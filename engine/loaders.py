@@ -18,8 +18,8 @@ _RANK_STRIDE = 1_000_003
 def build_loaders(cfg: Config, train_ds: Dataset, val_ds: Dataset, dist_info: DistInfo, device: torch.device
                   ) -> tuple[DataLoader, DataLoader, Optional[DistributedSampler], torch.Generator]:
     """Training loader (shuffled; a DistributedSampler under torchrun) and a non-padded sharded validation loader."""
-    workers = cfg.data.num_workers
-    common = dict(num_workers=workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
+    workers = cfg.data.loader.num_workers
+    common = dict(num_workers=workers, pin_memory=cfg.data.loader.pin_memory and device.type == "cuda",
                   worker_init_fn=seed_worker if workers > 0 else None)
     # Persistent workers keep their RNG across epochs, which would make a resumed run diverge from an
     # uninterrupted one; deterministic runs re-create workers each epoch instead.
@@ -29,8 +29,8 @@ def build_loaders(cfg: Config, train_ds: Dataset, val_ds: Dataset, dist_info: Di
     if dist_info.enabled:
         sampler = DistributedSampler(train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                      seed=cfg.experiment.seed, drop_last=True)
-    train_loader = DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=len(train_ds) > cfg.data.batch_size, generator=generator,
+    train_loader = DataLoader(train_ds, batch_size=cfg.data.loader.batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=len(train_ds) > cfg.data.loader.batch_size, generator=generator,
                               persistent_workers=persistent, prefetch_factor=4 if workers > 0 else None, **common)
     val_sampler = ShardSampler(val_ds, dist_info.rank, dist_info.world_size) if dist_info.enabled else None
     val_loader = DataLoader(val_ds, batch_size=cfg.eval.batch_size, shuffle=False, sampler=val_sampler,

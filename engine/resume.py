@@ -28,8 +28,8 @@ from utils.config import Config, ConfigError, load_config, config_from_dict, con
 # and evaluated, how data is loaded. Everything else defines the experiment (model, data, split, loss, optimiser).
 RESUMABLE = (
     "train.epochs", "train.time_budget_min", "train.early_stop_patience", "train.log_every_steps",
-    "train.image_log_every", "train.threads", "train.device", "eval.", "data.num_workers", "data.pin_memory",
-    "data.cache", "data.cache_dir",
+    "train.image_log_every", "train.threads", "train.device", "eval.",
+    "data.loader.num_workers", "data.loader.pin_memory", "data.loader.cache", "data.loader.cache_dir",
 )
 # Keys that only locate the run (`--resume auto`), never compared.
 _LOCATING = ("experiment.name", "experiment.work_dir")
@@ -136,11 +136,11 @@ def check_run_folder(checkpoint: Path, ckpt: dict, cfg: Config) -> None:
     run = Path(checkpoint).parent
     if not any((run / name).exists() for name in ("config.yaml", "history.json", "split.json")):
         return  # a copied checkpoint: a new run with a new split
-    if not (run / "split.json").is_file() and not cfg.data.split_file:
+    if not (run / "split.json").is_file() and not cfg.data.split.file:
         raise RunFolderError(
             f"run folder '{run}' has no split.json, the train/validation split this run was trained with: resuming "
             "would draw a new one and validate on images it trained on; restore split.json from a backup (or pass "
-            "it with --opts data.split_file=PATH), or start a new run")
+            "it with --opts data.split.file=PATH), or start a new run")
     if (run / "config.yaml").is_file():
         try:
             load_config(run / "config.yaml")

@@ -3,7 +3,7 @@ GMACs, CPU latency) and a run's figures on an external dataset (`--external FILE
 
 Latency is measured for every setting one after another in one pass, once the runs are done, so that the rows
 are timed side by side on the same machine in the same state (a quiet one: say so when you quote it). It is
-eager PyTorch, fp32, eval mode, random weights (the time does not depend on them), at `data.image_size`, with
+eager PyTorch, fp32, eval mode, random weights (the time does not depend on them), at `data.preprocess.image_size`, with
 the process's threads; kept in `<out>/latency.json` and measured again only for a setting whose model, size or
 thread count changed.
 """
@@ -34,17 +34,17 @@ def build_setting_model(cfg: Config, name: str) -> torch.nn.Module:
 
 
 def setting_cost(cfg: Config, name: str) -> dict[str, float]:
-    """Parameters and thop GMACs (batch 1, eval mode, at data.image_size) of a setting's model; building it
+    """Parameters and thop GMACs (batch 1, eval mode, at data.preprocess.image_size) of a setting's model; building it
     checks the values of `model.kwargs`."""
     from utils.flops import model_cost
 
-    return model_cost(build_setting_model(cfg, name), cfg.data.in_channels, cfg.data.image_size)
+    return model_cost(build_setting_model(cfg, name), cfg.data.preprocess.in_channels, cfg.data.preprocess.image_size)
 
 
 def latency_key(cfg: Config, overrides: Sequence[str]) -> dict:
     """What a latency figure depends on: a cached figure is reused only when all of it is the same."""
     return {"model": cfg.model.name, "kwargs": repr(sorted(cfg.model.kwargs.items())), "overrides": list(overrides),
-            "image_size": cfg.data.image_size, "in_channels": cfg.data.in_channels,
+            "image_size": cfg.data.preprocess.image_size, "in_channels": cfg.data.preprocess.in_channels,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
@@ -56,7 +56,8 @@ def setting_latency(cfg: Config, name: str, warmup: int = 5, repeats: int = 20) 
     model = build_setting_model(cfg, name)
     figures: dict[str, float] = {}
     for batch in LATENCY_BATCHES:
-        images = torch.randn(batch, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size)
+        prep = cfg.data.preprocess
+        images = torch.randn(batch, prep.in_channels, prep.image_size, prep.image_size)
         summary = latency_summary(time_forward(model, images, warmup, repeats), batch)
         figures[f"latency_b{batch}_ms"] = summary["latency_ms"]
         figures[f"img_s_b{batch}"] = summary["throughput_img_s"]
@@ -81,7 +82,7 @@ def measure_latencies(settings: Sequence[tuple[str, Config, Sequence[str]]], out
         entry = cached.get(name)
         if not (isinstance(entry, dict) and entry.get("key") == key):
             print(f"[sweep] timing {name}: batch {' and '.join(map(str, LATENCY_BATCHES))} at "
-                  f"{cfg.data.image_size} px, {key['threads']} threads")
+                  f"{cfg.data.preprocess.image_size} px, {key['threads']} threads")
             entry = {"key": key, **setting_latency(cfg, name)}
         measured[name] = entry
     write_json_atomic(measured, path)

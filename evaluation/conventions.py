@@ -32,7 +32,7 @@ How `test.py` scores (keys of `metrics.json`):
   exact interval uses the effective number of trials (`num_groups` beside `num_images`). A figure whose
   resamples are all equal is listed in `ci95.degenerate` with no interval (printed `[degenerate]`), never a
   zero-width one. Shown as `99.30 [98.80, 99.70]`. An absent figure (a class not in the subset) is `–`.
-- **Boundary distances** (pixels at native size; millimetres when `data.spacing` or `--spacing` gives the
+- **Boundary distances** (pixels at native size; millimetres when `data.layout.spacing` or `--spacing` gives the
   pixel spacing, `distance_unit` in metrics.json). The contour of a mask is its tumour pixels with a background
   4-neighbour (outside the image counts as background); distances are Euclidean between pixel centres. `hd95`:
   per image, the larger of the two directed 95th percentiles of contour-to-nearest-contour distances (predicted

@@ -6,7 +6,7 @@ score it the same way: `test.py --external FILE` is `--data-root --data-format -
       root: ../shared/data/pmram         # relative paths are read from the current directory
       data_format: imagefolder           # brisc | imagefolder | pairs
       class_map: {512Glioma: glioma, ...}
-      layout: [data.test_dir=.]          # the dataset's layout keys, as test.py --layout takes them
+      layout: [data.layout.test_dir=.]          # the dataset's layout keys, as test.py --layout takes them
 """
 from __future__ import annotations
 

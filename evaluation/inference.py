@@ -17,9 +17,9 @@ from utils.runtime import autocast
 
 def eval_loader(cfg, dataset, batch_size: Optional[int] = None, num_workers: Optional[int] = None) -> DataLoader:
     """The evaluation DataLoader of test.py and the shift benchmark: in order, `eval.batch_size` and
-    `data.num_workers` unless given."""
+    `data.loader.num_workers` unless given."""
     return DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, shuffle=False,
-                      num_workers=cfg.data.num_workers if num_workers is None else num_workers)
+                      num_workers=cfg.data.loader.num_workers if num_workers is None else num_workers)
 
 
 def move_batch(batch: dict, device: torch.device, channels_last: bool = False) -> dict:

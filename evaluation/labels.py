@@ -1,4 +1,4 @@
-"""A label space shared by another dataset and the model: `--class-map` / `data.class_map`, and the figures in it.
+"""A label space shared by another dataset and the model: `--class-map` / `data.layout.class_map`, and the figures in it.
 
 The map sends names to labels: the other dataset's class folder names and the model's class names both pass
 through it, and a name it does not list maps to itself (a folder is first read through the usual aliases, e.g.
@@ -26,13 +26,14 @@ LABEL_INTERVALS = ("accuracy", "balanced_accuracy", "f1_macro", "detection_sensi
 
 
 def parse_class_map(text: str) -> dict[str, str]:
-    """`name=label,name=label` or a YAML file holding such a mapping (or a config with `data.class_map`)."""
+    """`name=label,name=label` or a YAML file holding such a mapping (or a config with `data.layout.class_map`)."""
     source = "--class-map"
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():
         path = Path(text)
         raw = read_yaml_file(path, "--class-map file", "; give NAME=LABEL,... or a YAML mapping file")
         if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
-            raw = raw["data"].get("class_map", {})
+            data = raw["data"]  # data.layout.class_map, or data.class_map in configs older than the sections
+            raw = (data.get("layout") or {}).get("class_map", data.get("class_map", {}))
         source = f"--class-map file '{path}'"
     else:
         raw = {}

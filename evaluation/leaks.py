@@ -20,7 +20,7 @@ def leak_check(root: Path, split: str, split_path: Path, eval_samples: Sequence[
                cache_dir: Optional[Path] = None, index: Callable[[Path, str], list[Sample]] = index_split,
                near_threshold: Optional[float] = NEAR_THRESHOLD) -> tuple[Optional[dict[str, list[str]]], dict]:
     """(evaluated stem -> matching training stems, or None when not applicable; a description for metrics.json,
-    which records the `near_threshold` used: the run's `data.near_threshold`, None for exact copies only).
+    which records the `near_threshold` used: the run's `data.split.near_threshold`, None for exact copies only).
 
     `index(root, split)` lists a split's samples (the layout's indexer, datasets.factory.sample_index).
     `dev_test` is checked, like `val`, against the train part of the run's split.json."""

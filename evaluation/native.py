@@ -5,7 +5,7 @@ itself resampled, which flatters or penalises small tumours depending on the res
 mapped back to the image's original (height, width) with `datasets.geometry.logits_to_original` (bilinear on
 logits), thresholded, and compared with the original mask file binarised at >= 128. Sizes vary between images,
 so the result is one row of pixel counts (TP, FP, FN, TN) per image, for one or several thresholds at once.
-In head mode (`data.resize: head`) each image sits on the input by its own `Placement`: pass `placement`
+In head mode (`data.preprocess.resize: head`) each image sits on the input by its own `Placement`: pass `placement`
 (stem -> Placement, e.g. `BriscDataset.placement`) and the logits go back through exactly that square.
 """
 from __future__ import annotations

@@ -34,10 +34,10 @@ class TestOptions:
     bootstrap: int = 1000  # resamples for the 95 % intervals; 0: none
     seed: int = 0
     gate_masks: Optional[bool] = None  # empty the mask when the classifier says no_tumor; None: eval.gate_masks
-    spacing: Optional[list] = None  # [row, col] mm per pixel for HD95 / ASSD; None: data.spacing of the run
+    spacing: Optional[list] = None  # [row, col] mm per pixel for HD95 / ASSD; None: data.layout.spacing of the run
     # Another dataset's layout (brisc | imagefolder | pairs) at data_root: evaluation.sources.other_dataset
     data_format: Optional[str] = None
-    class_map: Optional[dict] = None  # name -> label for the other dataset; None: data.class_map of the run
+    class_map: Optional[dict] = None  # name -> label for the other dataset; None: data.layout.class_map of the run
     data_opts: Optional[list] = None  # `data.<layout key>=value` settings of the other dataset (test.py --layout)
     # Inference runtime and precision (model.runtime); None: eval.runtime / eval.runtime_precision of the run
     runtime: Optional[str] = None

@@ -86,8 +86,8 @@ def score_source(model: nn.Module, cfg: Config, dataset, source: Source, device:
     back through its own placement (`dataset.placement`)."""
     metrics = MultiTaskMetrics(cfg.model.num_classes, CLASS_NAMES, threshold=thresholds[0], keep_per_image=True)
     spacing = source.spacing or (1.0, 1.0)
-    placement = dataset.placement if source.data.resize == "head" else None
-    native = NativeCounts(dataset.samples, thresholds, source.data.resize, boundary=boundary,
+    placement = dataset.placement if source.data.preprocess.resize == "head" else None
+    native = NativeCounts(dataset.samples, thresholds, source.data.preprocess.resize, boundary=boundary,
                           spacing=spacing, placement=placement)
     logits, labels, ids = [], [], []
     loss_sum, count = 0.0, 0
@@ -229,7 +229,7 @@ def run_test(opts: TestOptions) -> dict:
     # storage (1- / 3-channel file) and scan groups: the subgroups and the resampling units of every interval
     sample_of = {s.stem: s for s in dataset.samples}
     scored_samples = [sample_of[stem] for stem in table.stems]
-    groups = scan_group_ids(scored_samples, cfg.data.group_threshold, cache_dir=run_dir / "leak_check")
+    groups = scan_group_ids(scored_samples, cfg.data.split.group_threshold, cache_dir=run_dir / "leak_check")
     annotate_table(table, [s.image for s in scored_samples], groups)
     indices, subsets = score_subsets(table, leaked, cfg.model.num_classes, opts.bootstrap, opts.seed)
     headline = headline_subset(opts.subset, indices, leak_info, source)
@@ -304,12 +304,13 @@ def scored_results(opts: TestOptions, model: nn.Module, cfg: Config, ckpt: dict,
         "split_role": split_role(opts.split),
         "data_root": str(source.data.root), "headline_subset": headline, "resolution": "native",
         "threshold": threshold, "threshold_tuned": opts.tune_threshold, "tta": opts.tta, "temperature": temperature,
-        "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.image_size,
-        "resize": cfg.data.resize, "gate_masks": source.gated, "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
+        "checkpoint": str(opts.checkpoint), "epoch": ckpt.get("epoch"), "image_size": cfg.data.preprocess.image_size,
+        "resize": cfg.data.preprocess.resize, "gate_masks": source.gated,
+        "ema_weights": bool(opts.use_ema and ckpt.get("ema")),
         "loss": loss, "subsets": subsets, "leak_check": leak_info, "breakdowns": breakdown,
         "calibration": calibration, "distance_unit": "mm" if source.spacing else "px", "subgroups": subgroups,
         "scan_grouping": {"method": "datasets.duplicates.scan_group_ids (chains of 32x32 thumbnail correlation)",
-                          "threshold": cfg.data.group_threshold,
+                          "threshold": cfg.data.split.group_threshold,
                           "num_groups": {name: (subsets[name].get("ci95") or {}).get("num_groups")
                                          for name in subsets}},
     })
@@ -354,8 +355,8 @@ def write_files(out_dir: Path, opts: TestOptions, model: nn.Module, cfg: Config,
         write_case_grids(predictor or model, dataset, scored.records, cfg, device, threshold, opts.tta, out_dir)
     if opts.gradcam > 0:
         write_gradcam_figures(model, dataset, out_dir / "gradcam", per_class=opts.gradcam, device=device,
-                              class_names=CLASS_NAMES, target_layer=opts.gradcam_layer, mean=cfg.data.mean,
-                              std=cfg.data.std)
+                              class_names=CLASS_NAMES, target_layer=opts.gradcam_layer, mean=cfg.data.preprocess.mean,
+                              std=cfg.data.preprocess.std)
     return report
 
 
@@ -378,4 +379,4 @@ def write_case_grids(model: nn.Module, dataset, records: list[dict], cfg: Config
         preds = (torch.sigmoid(logits) >= threshold).float()
         titles = [f"{r['id']}  Dice {r['dice']:.3f}" for r in chosen]
         save_case_grid(images, torch.stack([s["mask"] for s in samples]), preds, titles, out_dir / name,
-                       mean=cfg.data.mean, std=cfg.data.std)
+                       mean=cfg.data.preprocess.mean, std=cfg.data.preprocess.std)

@@ -39,15 +39,15 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 def measure_model(cfg, threads: int, repeats: int = 30) -> dict:
     """Parameters, thop GMACs and CPU latency (batch 1, median) of the run's architecture at its image size."""
     model = build_model(cfg.model.name, **{**model_kwargs(cfg), "pretrained": None}).eval()
-    size = cfg.data.image_size
-    x = torch.randn(1, cfg.data.in_channels, size, size)
+    size = cfg.data.preprocess.image_size
+    x = torch.randn(1, cfg.data.preprocess.in_channels, size, size)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         latency = latency_summary(time_forward(model, x, warmup=5, repeats=repeats), 1)["latency_ms"]
     finally:
         torch.set_num_threads(previous)
-    return {**model_cost(model, cfg.data.in_channels, size), "latency_ms": latency}
+    return {**model_cost(model, cfg.data.preprocess.in_channels, size), "latency_ms": latency}
 
 
 def run_row(run_dir: Path, folder: str) -> dict:
@@ -131,7 +131,7 @@ def render(rows: list[dict], split: str, threads: int) -> str:
         f"Data: `{first['metrics'].get('data_root')}`, the `{split}` split, role: {split_role(split)} (images: "
         f"{counts}; `val` selects checkpoints and recipes, so its figures are optimistic; `dev_test` and `test` are "
         "held out), at "
-        f"{first['cfg'].data.image_size}x{first['cfg'].data.image_size}. Leak-free: without the images whose "
+        f"{first['cfg'].data.preprocess.image_size}x{first['cfg'].data.preprocess.image_size}. Leak-free: without the images whose "
         "pixels are identical or near-identical to a training image; all: every image. Headline subset (the "
         f"columns without a group and the per-class table): {hl}. Segmentation scored at "
         + ("each image's own size (logits upsampled bilinearly, masks binarised at 128); `train-res.`: at the "
@@ -174,7 +174,7 @@ def transfer_row(run_dir: Path, external: str) -> list[str]:
     shift_path = run_dir / "shift_val" / "shift.json"
     shift = json.loads(shift_path.read_text()) if shift_path.is_file() else {}
     cfg = load_config(run_dir / "config.yaml")
-    name = f"{cfg.experiment.name} seed {cfg.experiment.seed} ({cfg.data.resize})"
+    name = f"{cfg.experiment.name} seed {cfg.experiment.seed} ({cfg.data.preprocess.resize})"
     held = shift.get("held_out_mean") or {}
     shapes = class_shape_accuracy(run_dir / "test_val", "meningioma") if val else {}
     shape_cell = " / ".join(f"{100 * c / n:.1f} ({c}/{n})" if n else "–"

@@ -21,7 +21,7 @@ another checkpoint's shift.json (`mce_normalised`, 1.0 = as robust as the refere
 A shift that one of the run's training augmentations imitates (`datasets.mri_shifts.imitated_by`, with the
 run's `data.augment`) is in distribution for that run: the table names those augmentations beside each shift
 ("held out" when none does), and `held_out_mean` averages the held-out shifts only. The shifts act on the
-image as placed on the model's input (`data.resize`; a head run sees its head crop shifted).
+image as placed on the model's input (`data.preprocess.resize`; a head run sees its head crop shifted).
 Writes `shift.json` and `shift.png` (default folder: `<run>/shift_<split>`, `_<runtime>[-<precision>]` added for
 another runtime than eager PyTorch, e.g. `--runtime onnxruntime`) and prints the table.
 """
@@ -172,7 +172,7 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
     if runtime != "torch":
         model = inference_predictor(checkpoint, runtime, precision, device, use_ema, data_root)
     if data_root:
-        cfg.data.root, cfg.data.synthetic = data_root, False
+        cfg.data.root, cfg.data.generated.enabled = data_root, False
     run_dir = Path(checkpoint).resolve().parent
     dataset = build_eval_dataset(cfg.data, split, run_dir / "split.json", verbose=show_progress)
     threshold = cfg.eval.threshold if threshold is None else threshold
@@ -194,7 +194,7 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
     result = {
         "checkpoint": str(checkpoint), "model": cfg.model.name, "split": split, "num_images": len(dataset),
         "subset": "all", "resolution": "training",
-        "image_size": cfg.data.image_size, "intensity_norm": cfg.data.intensity_norm,
+        "image_size": cfg.data.preprocess.image_size, "intensity_norm": cfg.data.preprocess.intensity_norm,
         "mri_augment": {key: getattr(cfg.data.augment, key) for key, _ in MRI_AUGMENTS
                         if getattr(cfg.data.augment, key) > 0},
         "threshold": threshold,
@@ -214,7 +214,7 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(result, out_dir / "shift.json")
     save_shift_figure(result, out_dir / "shift.png")
-    print(f"\n{cfg.model.name}, {split} split ({len(dataset)} images, {cfg.data.image_size}px, threshold "
+    print(f"\n{cfg.model.name}, {split} split ({len(dataset)} images, {cfg.data.preprocess.image_size}px, threshold "
           f"{threshold:.2f}, {runtime_label(model)}), acquisition shifts at severities {', '.join(labels)}; "
           "figures in %:")
     print(shift_table(result))

@@ -26,16 +26,13 @@ from datasets.splits import split_role
 from evaluation.leaks import leak_check
 from evaluation.options import TestOptions
 from evaluation.subsets import excluded_list
-from utils.config import Config, ConfigError, DataConfig, config_from_dict, parse_override
+from utils.config import (LAYOUT_TASKS, Config, ConfigError, DataConfig, LayoutConfig, config_from_dict,
+                          current_key_path, parse_override)
 
 Overlap = Callable[[Sequence[Sample]], tuple[Optional[dict], dict]]
 
-LAYOUT_TASKS = {"brisc": ("cls", "seg"), "imagefolder": ("cls",), "pairs": ("seg",)}
 WHY_ABSENT = {"imagefolder": {"segmentation": "the imagefolder layout has no masks"},
               "pairs": {"classification": "the pairs layout has no classes"}}
-# data.* keys that describe the other dataset's layout, settable with test.py --layout
-LAYOUT_KEYS = ("train_dir", "test_dir", "class_map", "mask_suffix", "mask_threshold", "test_fraction", "split_seed",
-               "spacing")
 EXTERNAL_MD = """
 ## Another dataset (`--data-format`)
 
@@ -48,7 +45,7 @@ EXTERNAL_MD = """
   `detection_specificity` (recall of the no-tumour label) and `detection_auc` (scikit-learn's ROC AUC of the
   summed tumour-label probability; none when a subset holds one label only).
 - `leaked`: images with an exact (identical decoded pixels) or near (32x32 thumbnail correlation >= the run's
-  data.near_threshold) copy in the run's training root (train and test splits); `leak_free`: the others.
+  data.split.near_threshold) copy in the run's training root (train and test splits); `leak_free`: the others.
 """
 
 
@@ -102,21 +99,22 @@ def own_split(cfg: Config, opts: TestOptions, run_dir: Path, has_cls: bool, has_
     """The run's own data (`opts.data_root` replaces its root) and split; sets `cfg.data.root` accordingly."""
     if opts.data_root:
         cfg.data.root = opts.data_root
-        cfg.data.synthetic = False
+        cfg.data.generated.enabled = False
     split_path = run_dir / "split.json"
     gated = bool(cfg.eval.gate_masks if opts.gate_masks is None else opts.gate_masks) and has_seg and has_cls
 
     def check(samples: Sequence[Sample]) -> tuple[Optional[dict], dict]:
         leaked, info = leak_check(Path(cfg.data.root), opts.split, split_path, samples,
                                   cache_dir=run_dir / "leak_check", index=sample_index(cfg.data),
-                                  near_threshold=cfg.data.near_threshold)
+                                  near_threshold=cfg.data.split.near_threshold)
         if leaked is not None:
             info["excluded"] = excluded_list(leaked, [s.stem for s in samples], info["against"])
         return leaked, info
 
     return Source(data=cfg.data, split=opts.split, split_path=split_path, index=None, score_cls=has_cls,
                   score_seg=has_seg, check_overlap=check, overlap_name=f"leak check for the {opts.split} split",
-                  title=f", {opts.split} split ({split_role(opts.split)})", progress=f"test {opts.split}", spacing=opts.spacing or cfg.data.spacing,
+                  title=f", {opts.split} split ({split_role(opts.split)})", progress=f"test {opts.split}",
+                  spacing=opts.spacing or cfg.data.layout.spacing,
                   gated=gated)
 
 
@@ -126,11 +124,12 @@ def other_dataset(cfg: Config, opts: TestOptions, run_dir: Path, has_cls: bool, 
     score_cls, score_seg = _check_other_options(opts, has_cls, has_seg)
     trained = dataclasses.replace(cfg.data)  # the data the run trained on: the overlap check's reference
     layout = layout_settings(cfg.data, opts.data_opts or [])
-    space = label_space(opts.class_map if opts.class_map is not None else layout["class_map"])
-    # the other dataset's pixel spacing: --spacing or --layout data.spacing=[r,c] (the run's data.spacing is its own)
-    spacing = opts.spacing or layout["spacing"]
-    data = dataclasses.replace(cfg.data, root=str(opts.data_root), format=opts.data_format, synthetic=False,
-                               **{**layout, "class_map": {}, "spacing": spacing})
+    space = label_space(opts.class_map if opts.class_map is not None else layout.class_map)
+    # the other dataset's pixel spacing: --spacing or --layout data.layout.spacing=[r,c] (the run's is its own)
+    spacing = opts.spacing or layout.spacing
+    data = dataclasses.replace(cfg.data, root=str(opts.data_root), format=opts.data_format,
+                               layout=dataclasses.replace(layout, class_map={}, spacing=spacing),
+                               generated=dataclasses.replace(cfg.data.generated, enabled=False))
     absent = absent_figures(data.format, score_cls, score_seg, space.is_model_space)
     extra = {"data_format": data.format, "trained_on": str(trained.root), "spacing": spacing,
              "label_space": {"scoring": "model classes" if space.is_model_space else "mapped labels",
@@ -174,7 +173,7 @@ def external_index(data_cfg: DataConfig, space: LabelSpace) -> Callable[[Path, s
         return sample_index(data_cfg)
 
     def index(root: Path, split: str) -> list[Sample]:
-        _, class_dirs = class_folders(root, split, data_cfg.train_dir, data_cfg.test_dir)
+        _, class_dirs = class_folders(root, split, data_cfg.layout.train_dir, data_cfg.layout.test_dir)
         samples = [s for d in class_dirs for s in folder_samples(d, space.label_of_folder(d))]
         samples.sort(key=lambda s: s.stem)
         check_unique(samples)
@@ -183,18 +182,19 @@ def external_index(data_cfg: DataConfig, space: LabelSpace) -> Callable[[Path, s
     return index
 
 
-def layout_settings(data: DataConfig, overrides: Sequence[str]) -> dict:
-    """{layout key: value}: the run's `data.*` layout keys (spacing: none, the run's is its own data's) with
-    `overrides` (`data.mask_suffix=_mask`, ...) applied and validated by the schema."""
+def layout_settings(data: DataConfig, overrides: Sequence[str]) -> LayoutConfig:
+    """The run's `data.layout` (spacing: none, the run's is its own data's) with `overrides`
+    (`data.layout.mask_suffix=_mask`, ...) applied and validated by the schema."""
+    paths = []
     for text in overrides:
-        path, _ = parse_override(text)
-        if len(path) < 2 or path[0] != "data" or path[1] not in LAYOUT_KEYS:
-            raise ConfigError(f"--layout {text}: --layout sets the other dataset's layout keys only "
-                              f"(data.{', data.'.join(LAYOUT_KEYS)})")
-    base = {key: getattr(data, key) for key in LAYOUT_KEYS}
-    base["spacing"] = None
-    checked = config_from_dict({"data": base}, list(overrides)).data
-    return {key: getattr(checked, key) for key in LAYOUT_KEYS}
+        path, value = parse_override(text)
+        path = current_key_path(path, f"from --layout {text}")
+        if len(path) < 3 or path[:2] != ["data", "layout"]:
+            keys = ", ".join(f"data.layout.{f.name}" for f in dataclasses.fields(LayoutConfig))
+            raise ConfigError(f"--layout {text}: --layout sets the other dataset's layout keys only ({keys})")
+        paths.append(f"{'.'.join(path)}={text.split('=', 1)[1]}")
+    base = {"layout": {**dataclasses.asdict(data.layout), "spacing": None}}
+    return config_from_dict({"data": base}, paths).data.layout
 
 
 def overlap_check(eval_samples: Sequence[Sample], trained: DataConfig, cache_dir: Optional[Path] = None
@@ -212,20 +212,21 @@ def overlap_check(eval_samples: Sequence[Sample], trained: DataConfig, cache_dir
     leaked: dict[str, list[str]] = {}
     kinds: dict[str, dict[str, str]] = {}
     for split, samples in seen.items():
-        for stem, found in cross_matches(eval_samples, samples, trained.near_threshold, cache_dir).items():
+        for stem, found in cross_matches(eval_samples, samples, trained.split.near_threshold, cache_dir).items():
             leaked.setdefault(stem, []).extend(f"{split}/{m}" for m in found["matches"])
             kinds.setdefault(stem, {})[split] = found["kind"]
     excluded = []
     for stem in sorted(leaked):
         kind = "exact" if "exact" in kinds[stem].values() else "near"
         where = " and ".join(f"{split} ({k})" for split, k in sorted(kinds[stem].items()))
-        how = "identical decoded pixels" if kind == "exact" else f"thumbnail correlation >= {trained.near_threshold}"
+        how = ("identical decoded pixels" if kind == "exact"
+               else f"thumbnail correlation >= {trained.split.near_threshold}")
         excluded.append({"stem": stem, "kind": kind, "matches": sorted(leaked[stem]),
                          "reason": f"{how} to image(s) of {root}: {where}"})
     by_split = {split: {"images": len(samples), **{kind: sum(1 for k in kinds.values() if k.get(split) == kind)
                                                    for kind in ("exact", "near")}} for split, samples in seen.items()}
     info = {"applied": True, "against": f"{root} ({' and '.join(f'{s} split' for s in seen)})",
-            "num_training_images": sum(len(v) for v in seen.values()), "near_threshold": trained.near_threshold,
+            "num_training_images": sum(len(v) for v in seen.values()), "near_threshold": trained.split.near_threshold,
             "method": "datasets.cross_dataset_copies.cross_matches (identical decoded pixels, or 32x32 thumbnail correlation "
                       ">= near_threshold)",
             "num_exact": sum(1 for e in excluded if e["kind"] == "exact"),

@@ -78,10 +78,10 @@ def deployment_metadata(cfg: Config) -> dict[str, str]:
     return {
         "model": cfg.model.name,
         "num_classes": str(cfg.model.num_classes),
-        "image_size": str(cfg.data.image_size),
-        "in_channels": str(cfg.data.in_channels),
-        "mean": json.dumps(cfg.data.mean),
-        "std": json.dumps(cfg.data.std),
+        "image_size": str(cfg.data.preprocess.image_size),
+        "in_channels": str(cfg.data.preprocess.in_channels),
+        "mean": json.dumps(cfg.data.preprocess.mean),
+        "std": json.dumps(cfg.data.preprocess.std),
         "preprocessing": "greyscale, resized to image_size, 0-1, repeated to in_channels, (x - mean) / std "
                          "(one channel: the averages of mean and std)",
         "threshold": str(cfg.eval.threshold),
@@ -226,7 +226,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int_at_least(7), default=DEFAULT_OPSET, help="ONNX opset version (>= 7)")
     parser.add_argument("--image-size", type=int_at_least(32), nargs="+", default=None, metavar="PX",
                         help="H [W] of the example input, the fixed shape with --no-dynamic and the timed input "
-                             "(default: the config's data.image_size)")
+                             "(default: the config's data.preprocess.image_size)")
     parser.add_argument("--atol", type=positive_float, default=1e-4, help="largest accepted difference from PyTorch")
     parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="CPU threads for PyTorch and ONNX Runtime (0: default)")
@@ -254,9 +254,9 @@ def run_export(args: argparse.Namespace) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model, cfg, _ = load_model_from_checkpoint(args.checkpoint, "cpu", use_ema=not args.no_ema)
-    height, width = (args.image_size * 2)[:2] if args.image_size else (cfg.data.image_size, cfg.data.image_size)
+    height, width = (args.image_size * 2)[:2] if args.image_size else (cfg.data.preprocess.image_size,) * 2
     out = args.out or args.checkpoint.with_suffix(FORMATS[args.format])
-    inputs = check_inputs(cfg.data.in_channels, height, width, args.batch_size, args.dynamic)
+    inputs = check_inputs(cfg.data.preprocess.in_channels, height, width, args.batch_size, args.dynamic)
     # written and checked under a temporary name, then renamed: a failed export neither leaves a file that
     # does not reproduce the model nor destroys an earlier good one at `out`
     pending = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")

@@ -90,7 +90,7 @@ def model_kwargs(cfg: Config, pretrained: bool = True) -> dict:
     """
     kwargs = {
         "num_classes": cfg.model.num_classes,
-        "in_channels": cfg.data.in_channels,
+        "in_channels": cfg.data.preprocess.in_channels,
         "deep_supervision": cfg.model.deep_supervision,
     }
     if pretrained and cfg.model.pretrained:

@@ -117,7 +117,8 @@ def quantize_checked(fp32_path: Path, out_path: Path, model: nn.Module, cfg, tas
             inputs = list(itertools.islice(batches, CHECK_BATCHES))
             figures["checked_on"] = f"{sum(len(b) for b in inputs)} calibration images"
         else:
-            inputs = export.check_inputs(cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size, 2, True)
+            inputs = export.check_inputs(cfg.data.preprocess.in_channels, cfg.data.preprocess.image_size,
+                                         cfg.data.preprocess.image_size, 2, True)
             figures["checked_on"] = [list(x.shape) for x in inputs]
         runner = export.load_runner(pending, "onnx")
         reference = {name: [] for name in tasks}

@@ -202,7 +202,8 @@ def _digest(key: dict) -> str:
 
 def _export_checked(model: nn.Module, cfg, path: Path, fmt: str, tasks: Sequence[str], atol: float) -> dict:
     """Export `model` to `path` (written under a temporary name, renamed once it reproduces PyTorch)."""
-    inputs = export.check_inputs(cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size, 1, dynamic=True)
+    size = cfg.data.preprocess.image_size
+    inputs = export.check_inputs(cfg.data.preprocess.in_channels, size, size, 1, dynamic=True)
     pending = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         export.export_model(model, pending, fmt, inputs[0], True, metadata=export.deployment_metadata(cfg),
@@ -245,7 +246,7 @@ def exported_file(checkpoint: Path, model: nn.Module, cfg, runtime: str, precisi
         calibration = list(calibration)  # plain tensors: their content is the key
         content = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in calibration))
         calibration_key = content.hexdigest()[:16]
-    key = cache_key(checkpoint, runtime, precision, use_ema, cfg.data.image_size, calibration_key)
+    key = cache_key(checkpoint, runtime, precision, use_ema, cfg.data.preprocess.image_size, calibration_key)
     # raw and EMA weights of one checkpoint are separate files, so alternating between them does not re-export
     prefix = f"{checkpoint.stem}-{runtime}-{precision}{'' if use_ema else '-raw'}"
     name = f"{prefix}-{_digest(key)}"
@@ -324,7 +325,8 @@ def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device:
         forward = _torchscript_forward(path, tasks, device)
     if not record["cached"] and runtime == "torchscript":
         # the optimised module that actually runs (fusion, MKL-DNN) against PyTorch, once per export
-        inputs = export.check_inputs(cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size, 1, True)
+        size = cfg.data.preprocess.image_size
+        inputs = export.check_inputs(cfg.data.preprocess.in_channels, size, size, 1, True)
         runner = forward_as_runner(forward, tasks)
         try:
             record["parity"]["max_abs_diff_optimised"] = export.check_export(runner, model.to(device), [

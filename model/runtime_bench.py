@@ -98,7 +98,7 @@ def runtime_table(checkpoint: Union[str, Path], runtimes: Sequence[str] = RUNTIM
     model, cfg, _ = load_model_from_checkpoint(checkpoint, "cpu")
     from utils.flops import flop_counter_flops
 
-    gflop = {s: flop_counter_flops(model, torch.zeros(1, cfg.data.in_channels, s, s)) / 1e9 for s in sizes}
+    gflop = {s: flop_counter_flops(model, torch.zeros(1, cfg.data.preprocess.in_channels, s, s)) / 1e9 for s in sizes}
     rows, notes = [], []
     for runtime in runtimes:
         for precision in precisions:
@@ -113,7 +113,7 @@ def runtime_table(checkpoint: Union[str, Path], runtimes: Sequence[str] = RUNTIM
                 for size in sizes:
                     # one pool of distinct images per size; every batch size divides it
                     pool_size = math.lcm(*batch_sizes)
-                    pool = torch.randn(pool_size, cfg.data.in_channels, size, size,
+                    pool = torch.randn(pool_size, cfg.data.preprocess.in_channels, size, size,
                                        generator=torch.Generator().manual_seed(size)).to(device)
                     for batch in batch_sizes:
                         median_ms = statistics.median(_time(predictor, pool, batch, warmup, repeats))

@@ -4,7 +4,7 @@ and probabilities.
 Every readable image is predicted; an unreadable one (empty, truncated, not an image, below the minimum size)
 is listed with its reason in the CSV and on the console, and the caller exits non-zero. Masks are made at each
 image's own size from bilinearly upsampled logits (`datasets.geometry.logits_to_original` with the image's
-`Placement`: stretched, letterboxed or cropped to the head as in training, `data.resize`), then thresholded.
+`Placement`: stretched, letterboxed or cropped to the head as in training, `data.preprocess.resize`), then thresholded.
 `predict_batch` does this for several images at once with an eager model or any `model.runtime` predictor
 (`predict_image`: one image) (the folder loop and the web demo call it; the predictor splits a batch into chunks
 that never cost more per image than batch 1). On a CPU it predicts with the ONNX Runtime export of the checkpoint
@@ -184,7 +184,7 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     has_cls = "cls" in model_tasks(model)  # segmentation-only runs write no class columns
     mask_dir = out_dir / "masks"
     (mask_dir if has_seg else out_dir).mkdir(parents=True, exist_ok=True)
-    head = cfg.data.resize == "head"  # head runs say per image whether the head was found
+    head = cfg.data.preprocess.resize == "head"  # head runs say per image whether the head was found
     columns = ["file", *(["predicted_class"] if has_cls else []), *(["tumour_pixels"] if has_seg else []),
                *(f"p_{n}" for n in (CLASS_NAMES if has_cls else [])), *(["placement"] if head else []),
                "status", "error"]

@@ -165,7 +165,7 @@ def seeded_checkpoint(folder: Path, image_size: int = 128) -> Path:
     from utils.config import config_to_dict, load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
-                      [f"data.image_size={image_size}", "data.synthetic=false"])
+                      [f"data.preprocess.image_size={image_size}", "data.generated.enabled=false"])
     torch.manual_seed(0)
     model = build_model(cfg.model.name, **model_kwargs(cfg))
     path = folder / "best.pth"

@@ -10,8 +10,8 @@ from tests.helpers import REPO, run_entry
 
 
 def train_opts(data_root: Path, work_dir: Path, epochs: int) -> list[str]:
-    return [f"data.root={data_root}", "data.synthetic=true", "data.synthetic_train=24", "data.synthetic_test=8",
-            "data.image_size=32", "data.num_workers=0", "data.cache=none", "data.batch_size=8",
+    return [f"data.root={data_root}", "data.generated.enabled=true", "data.generated.train=24", "data.generated.test=8",
+            "data.preprocess.image_size=32", "data.loader.num_workers=0", "data.loader.cache=none", "data.loader.batch_size=8",
             f"experiment.work_dir={work_dir}", f"train.epochs={epochs}", "train.image_log_every=0",
             "train.threads=1"]
 

@@ -48,15 +48,15 @@ def copy_test_images(root: Path, folder: Path, class_name: str = "glioma", count
 def save_untrained_checkpoint(data_root: Path, folder: Path, overrides: Sequence[str] = ()) -> Path:
     """A seeded, untrained demo model saved as `folder/best.pth`, a run checkpoint of the BRISC-layout
     `data_root` at 64 px (its predictions vary per image, which is all scoring tests need); `overrides`
-    (`data.resize=head`, ...) change its config."""
+    (`data.preprocess.resize=head`, ...) change its config."""
     import torch
 
     from model import build_model
     from model.loading import model_kwargs
     from utils.config import config_to_dict, load_config
 
-    cfg = load_config("configs/demo.yaml", [f"data.root={data_root}", "data.synthetic=false", "data.image_size=64",
-                                            "data.num_workers=0", "data.cache=none", "eval.batch_size=16",
+    cfg = load_config("configs/demo.yaml", [f"data.root={data_root}", "data.generated.enabled=false", "data.preprocess.image_size=64",
+                                            "data.loader.num_workers=0", "data.loader.cache=none", "eval.batch_size=16",
                                             *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model.name, **model_kwargs(cfg))

@@ -41,7 +41,7 @@ def save_test_checkpoint(path: Path, model_name: str = "efficient_mtnet", steps:
     from datasets.transforms import load_image_for_inference
 
     torch.manual_seed(0)
-    cfg = config_from_dict({"data": {"image_size": 64}})
+    cfg = config_from_dict({"data": {"preprocess": {"image_size": 64}}})
     model = build_model(cfg.model.name, **model_kwargs(cfg))
     if steps:
         images, masks = [], []

@@ -117,7 +117,7 @@ def test_baseline_configs_load_and_name_their_model():
     for path in paths:
         cfg = load_config(path)
         assert cfg.model.name == variants.get(path.stem, path.stem)
-        assert cfg.data.image_size == (224 if path.stem in CLASSIFICATION_ONLY else 256)
+        assert cfg.data.preprocess.image_size == (224 if path.stem in CLASSIFICATION_ONLY else 256)
         assert cfg.experiment.name == f"baseline_{path.stem}"
 
 

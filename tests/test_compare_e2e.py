@@ -13,7 +13,7 @@ from evaluation.compare import main as compare_main
 from tests.helpers import REPO, run_entry
 from utils.cli import run_main
 
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.val_fraction=0.25",
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "data.split.val_fraction=0.25",
         "eval.batch_size=16", "train.device=cpu", "train.threads=1", "train.epochs=1"]
 
 
@@ -43,7 +43,7 @@ def scored(tmp_path_factory):
                       "--leaks", "2"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     proc = run_entry(["train.py", "--config", "configs/demo.yaml", "--no-progress", "--opts", f"data.root={root}",
-                      "data.synthetic=false", f"experiment.work_dir={tmp}", "experiment.name=cmp", *TINY], cwd=REPO)
+                      "data.generated.enabled=false", f"experiment.work_dir={tmp}", "experiment.name=cmp", *TINY], cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = (tmp / "cmp" / "latest").resolve()
     common = ["test.py", "--checkpoint", str(run_dir / "best.pth"), "--no-progress", "--num-workers", "0",

@@ -26,6 +26,6 @@ def test_every_registry_model_has_a_run_or_a_stated_reason(tmp_path):
         build_model(run.cfg.model.name, **model_kwargs(run.cfg, pretrained=False))
     base = by_name["efficient_mtnet"]
     for name, cfg in by_name.items():  # same data, schedule family and optimiser as the default recipe
-        assert (cfg.data.image_size, cfg.data.batch_size, cfg.optim.name, cfg.sched.name) == \
-            (base.data.image_size, base.data.batch_size, base.optim.name, base.sched.name), name
+        assert (cfg.data.preprocess.image_size, cfg.data.loader.batch_size, cfg.optim.name, cfg.sched.name) == \
+            (base.data.preprocess.image_size, base.data.loader.batch_size, base.optim.name, base.sched.name), name
     assert by_name["efficientnet_b0_cls"].loss.seg_weight == 0.0

@@ -194,7 +194,7 @@ def test_adam_optimiser_with_l2_weight_decay():
 
 
 # --------------------------------------------------------------------------------------------- end to end
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.val_fraction=0.25", "data.cache=none",
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "data.split.val_fraction=0.25", "data.loader.cache=none",
         "eval.batch_size=16", "train.device=cpu", "train.threads=1", "train.epochs=1", "train.image_log_every=1"]
 
 

@@ -11,8 +11,8 @@ from utils.tables import summarise
 from tests.helpers import REPO, run_entry
 from utils.cli import run_main
 
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "eval.batch_size=16", "train.device=cpu",
-        "train.threads=1", "train.epochs=1", "data.cache=none", "train.image_log_every=0"]
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "eval.batch_size=16", "train.device=cpu",
+        "train.threads=1", "train.epochs=1", "data.loader.cache=none", "train.image_log_every=0"]
 
 
 def test_summary_is_mean_and_sample_std():
@@ -27,8 +27,8 @@ def test_summary_is_mean_and_sample_std():
 
 def test_cv_trains_every_fold_and_writes_one_table(tiny_brisc, tmp_path):
     proc = run_entry(["-m", "engine.cv", "--config", "configs/demo.yaml", "--folds", "2", "--no-progress", "--opts",
-                      f"data.root={tiny_brisc}", "data.synthetic=false", f"experiment.work_dir={tmp_path}",
-                      "experiment.name=cvt", f"data.cache_dir={tmp_path / 'cache'}", *TINY], cwd=REPO)
+                      f"data.root={tiny_brisc}", "data.generated.enabled=false", f"experiment.work_dir={tmp_path}",
+                      "experiment.name=cvt", f"data.loader.cache_dir={tmp_path / 'cache'}", *TINY], cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "cvt_cv" / "latest"
     with open(out / "cv_folds.csv", newline="") as handle:

@@ -23,7 +23,7 @@ from datasets.naming import BriscNameError, format_name, parse_name
 from datasets.splits import load_split, make_split, save_split
 from datasets.synthetic import class_counts, generate
 from datasets.transforms import build_transform, channel_stats, train_pipeline
-from utils.config import AugmentConfig, DataConfig
+from utils.config import AugmentConfig, DataConfig, GeneratedDataConfig, PreprocessConfig, SplitConfig
 
 REAL_ROOT = Path(__file__).resolve().parents[2] / "shared/data/brisc2025"
 N_TRAIN, N_TEST = 24, 8
@@ -312,14 +312,15 @@ def test_load_split_errors(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- factory
 def test_factory_draws_saves_and_reuses_the_split(data_root, tmp_path):
-    cfg = DataConfig(root=str(data_root), image_size=32, val_fraction=0.25, split_seed=5)
+    cfg = DataConfig(root=str(data_root), preprocess=PreprocessConfig(image_size=32),
+                     split=SplitConfig(val_fraction=0.25, seed=5))
     split_path = tmp_path / "run" / "split.json"
     train, val = build_train_val(cfg, split_path, verbose=False)
     assert train.train and not val.train and split_path.is_file()
     assert sorted(train.stems + val.stems) == sorted(index_split(data_root, "train")[i].stem for i in range(N_TRAIN))
     assert set(val.labels) == {0, 1, 2, 3}  # every class in validation
     saved = load_split(split_path)
-    cfg.split_seed = 6  # ignored on resume: the saved split wins
+    cfg.split.seed = 6  # ignored on resume: the saved split wins
     train2, val2 = build_train_val(cfg, split_path, verbose=False)
     assert val2.stems == val.stems == saved["val"]
     assert build_eval_dataset(cfg, "val", split_path, verbose=False).stems == val.stems
@@ -328,7 +329,7 @@ def test_factory_draws_saves_and_reuses_the_split(data_root, tmp_path):
     with pytest.raises(DataError, match="split file"):
         build_eval_dataset(cfg, "val", None, verbose=False)
     # an explicit split file is copied into a new run directory
-    cfg.split_file = str(split_path)
+    cfg.split.file = str(split_path)
     _, val3 = build_train_val(cfg, tmp_path / "run2" / "split.json", verbose=False)
     assert val3.stems == val.stems and (tmp_path / "run2" / "split.json").is_file()
 
@@ -338,7 +339,7 @@ def test_ensure_data_root(tmp_path):
     with pytest.raises(DataError, match="python -m datasets.synthetic --out DIR") as err:
         ensure_data_root(missing)
     assert "briscdataset/brisc2025" in str(err.value)
-    cfg = DataConfig(root=str(tmp_path / "gen"), synthetic=True, synthetic_train=4, synthetic_test=4)
+    cfg = DataConfig(root=str(tmp_path / "gen"), generated=GeneratedDataConfig(enabled=True, train=4, test=4))
     assert ensure_data_root(cfg) == tmp_path / "gen"
     assert (tmp_path / "gen" / "classification_task" / "test" / "pituitary").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]

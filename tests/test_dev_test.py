@@ -1,4 +1,4 @@
-"""Three roles for three splits: the held-out dev_test part (data.test_dev_fraction), scan groups, split roles."""
+"""Three roles for three splits: the held-out dev_test part (data.split.test_dev_fraction), scan groups, split roles."""
 from __future__ import annotations
 
 import json
@@ -43,8 +43,8 @@ def test_a_run_with_dev_test_never_reads_it_in_training(tiny_brisc, tmp_path, mo
     import datasets.decode as decode
     from datasets.factory import build_eval_dataset, build_train_val
 
-    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_brisc}", "data.synthetic=false", "data.image_size=32",
-                                            "data.num_workers=0", "data.cache=none", "data.test_dev_fraction=0.2"])
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_brisc}", "data.generated.enabled=false", "data.preprocess.image_size=32",
+                                            "data.loader.num_workers=0", "data.loader.cache=none", "data.split.test_dev_fraction=0.2"])
     split_path = tmp_path / "split.json"
     train, val = build_train_val(cfg.data, split_path, verbose=False)
     split = json.loads(split_path.read_text())

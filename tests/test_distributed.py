@@ -18,7 +18,7 @@ from tests.test_train_e2e import TINY
 def test_two_process_training_matches_single_process_evaluation(tiny_brisc, tmp_path):
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
             "--config", "configs/demo.yaml", "--no-progress", "--opts", f"data.root={tiny_brisc}",
-            "data.synthetic=false", f"experiment.work_dir={tmp_path}", "experiment.name=ddp", *TINY,
+            "data.generated.enabled=false", f"experiment.work_dir={tmp_path}", "experiment.name=ddp", *TINY,
             "train.epochs=1", "train.sync_bn=true"]
     proc = run_entry(args, cwd=REPO, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -50,8 +50,8 @@ def _budget_rank(rank: int, port: int, root: str, work: str, out: str) -> None:
     from utils.config import load_config
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [
-        f"data.root={root}", "data.synthetic=false", f"experiment.work_dir={work}", "experiment.name=budget", *TINY,
-        "data.batch_size=4", "train.epochs=4", "train.time_budget_min=10", "train.log_every_steps=1",
+        f"data.root={root}", "data.generated.enabled=false", f"experiment.work_dir={work}", "experiment.name=budget", *TINY,
+        "data.loader.batch_size=4", "train.epochs=4", "train.time_budget_min=10", "train.log_every_steps=1",
         "train.image_log_every=0"])
     trainer = Trainer(cfg, show_progress=False)
 

@@ -27,7 +27,7 @@ def _checkpoint(path: Path, image_size: int = 64, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = build_model("efficient_mtnet", num_classes=4, in_channels=3, deep_supervision=True)
     cfg = Config()
-    cfg.data.image_size = image_size
+    cfg.data.preprocess.image_size = image_size
     atomic_save({"format_version": 1, "model_name": "efficient_mtnet", "config": config_to_dict(cfg),
                  "model": model.state_dict(), "ema": None}, path)
     return path

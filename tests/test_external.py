@@ -58,7 +58,7 @@ def test_class_map_from_text_or_yaml(tmp_path):
     (tmp_path / "bool.yaml").write_text("yes: tumour\n")
     with pytest.raises(ConfigError, match="quote names such as 'yes'"):
         parse_class_map(str(tmp_path / "bool.yaml"))
-    (tmp_path / "cfg.yaml").write_text("data:\n  class_map:\n    notumor: normal\n")
+    (tmp_path / "cfg.yaml").write_text("data:\n  layout:\n    class_map:\n      notumor: normal\n")
     assert parse_class_map(str(tmp_path / "cfg.yaml")) == {"notumor": "normal"}
     with pytest.raises(ConfigError, match="NAME=LABEL"):
         parse_class_map("glioma")
@@ -154,7 +154,7 @@ def test_coarse_imagefolder_run_excludes_planted_copies(checkpoint, folders, cap
 
 def test_pairs_run_has_no_class_figures_and_boundaries_in_mm(checkpoint, tmp_path):
     root = generate_layout(tmp_path / "pairs", "pairs", 4, 8, seed=19, verbose=False)
-    common = dict(checkpoint=checkpoint, data_root=str(root), data_format="pairs", data_opts=["data.mask_suffix=_mask"],
+    common = dict(checkpoint=checkpoint, data_root=str(root), data_format="pairs", data_opts=["data.layout.mask_suffix=_mask"],
                   num_workers=0, bootstrap=0, show_progress=False)
     pixels = pipeline.run_test(pipeline.TestOptions(out_dir=tmp_path / "px", **common))
     mm = pipeline.run_test(pipeline.TestOptions(out_dir=tmp_path / "mm", spacing=[2.0, 2.0], **common))
@@ -180,7 +180,7 @@ def test_an_unmappable_folder_is_a_clear_error(checkpoint, tmp_path, capsys):
     assert run_main(test_entry.main, ["--checkpoint", str(checkpoint), "--class-map", "yes=tumour"]) == 2
     assert "--class-map applies to another dataset: give --data-format" in capsys.readouterr().err
     code = run_main(test_entry.main, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--data-format",
-                                      "imagefolder", "--opts", "data.image_size=32"])
+                                      "imagefolder", "--opts", "data.preprocess.image_size=32"])
     assert code == 2 and "layout keys only" in capsys.readouterr().err
 
 
@@ -235,3 +235,16 @@ def test_in_domain_boundaries_in_mm_with_a_spacing(checkpoint, tmp_path):
     mm = pipeline.run_test(pipeline.TestOptions(out_dir=tmp_path / "mm", spacing=[0.5, 0.5], **common))
     assert (pixels["distance_unit"], mm["distance_unit"]) == ("px", "mm")
     assert mm["hd95"] == pytest.approx(0.5 * pixels["hd95"]) and mm["dice"] == pixels["dice"]
+
+
+def test_layout_settings_take_the_layout_section_and_older_flat_keys():
+    from evaluation.sources import layout_settings
+    from utils.config import Config
+
+    data = Config().data
+    data.layout.spacing = [0.5, 0.5]  # the run's own spacing is not the other dataset's
+    assert layout_settings(data, ["data.layout.test_dir=."]).test_dir == "."
+    older = layout_settings(data, ["data.test_dir=.", "data.mask_suffix=_m"])
+    assert (older.test_dir, older.mask_suffix, older.spacing) == (".", "_m", None)
+    with pytest.raises(ConfigError, match=r"--layout data.preprocess.image_size=64: .*data.layout.test_dir"):
+        layout_settings(data, ["data.preprocess.image_size=64"])

@@ -1,4 +1,4 @@
-"""Faults of the disk cache (`data.cache: disk`): a writer killed halfway, a file truncated or corrupted after a
+"""Faults of the disk cache (`data.loader.cache: disk`): a writer killed halfway, a file truncated or corrupted after a
 crash, a file from another config or format version, a disk that fills up. Each is done for real (SIGKILL of
 a process in the middle of the write; a 2 MiB tmpfs for the full disk, skipped where mounting is not allowed)."""
 from __future__ import annotations

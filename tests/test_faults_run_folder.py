@@ -58,7 +58,7 @@ def test_deleted_split_json(finished_run, tmp_path):
     (copy / "split.json").unlink()
     del before["split.json"]
     line = one_error_line(_resume(data, work, copy))
-    assert "has no split.json" in line and "would draw a new one" in line and "data.split_file" in line
+    assert "has no split.json" in line and "would draw a new one" in line and "data.split.file" in line
     _unchanged(copy, before)
     test = run_entry(["test.py", "--checkpoint", str(copy / "best.pth"), "--split", "val", "--bootstrap", "0",
                       "--no-progress"], cwd=REPO)
@@ -68,7 +68,7 @@ def test_deleted_split_json(finished_run, tmp_path):
 def test_config_yaml_edited_into_invalid_yaml_or_values(finished_run, tmp_path):
     data, work, run = finished_run
     for name, text, expected in (("yaml", "data: {image_size: [oops\n", "is not valid YAML"),
-                                 ("value", "data:\n  image_size: -5\n", "'data.image_size': got -5")):
+                                 ("value", "data:\n  preprocess:\n    image_size: -5\n", "'data.preprocess.image_size': got -5")):
         copy, before = _copy(run, tmp_path / name)
         (copy / "config.yaml").write_text(text)
         before["config.yaml"] = text.encode()

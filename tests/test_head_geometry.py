@@ -1,4 +1,4 @@
-"""Head placement (data.resize: head): finding the head, the round trip back to the original frame, invariance
+"""Head placement (data.preprocess.resize: head): finding the head, the round trip back to the original frame, invariance
 to the file's canvas, the letterbox fallback, the cache key and inference."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from datasets.decode import load_sample, place_pair, to_square
 from datasets.geometry import DEFAULT_HEAD_MARGIN, Placement, find_head, head_box, logits_to_original, place
 from datasets.index import Sample
 from datasets.transforms import prepare_for_inference
-from utils.config import ConfigError, DataConfig, load_config
+from utils.config import ConfigError, DataConfig, PreprocessConfig, load_config
 
 
 def _head(height: int = 90, width: int = 70, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +128,8 @@ def test_config_cache_key_and_inference_know_head(tmp_path: Path):
     keys = {cache_key([sample], decode_settings(64, geometry_settings(mode, margin)))
             for mode, margin in [("head", 0.05), ("head", 0.1), ("letterbox", 0.05), ("letterbox", 0.1)]}
     assert len(keys) == 3  # the margin only matters for head
-    cfg = DataConfig(image_size=64, resize="head", head_margin=0.1, in_channels=1, mean=[0.0], std=[1.0])
+    cfg = DataConfig(preprocess=PreprocessConfig(image_size=64, resize="head", head_margin=0.1, in_channels=1, mean=[0.0],
+                                            std=[1.0]))
     tensor, placement = prepare_for_inference(sample.image, cfg)
     assert placement.mode == "head" and placement.original_hw == (100, 180)
     loaded_image, loaded_mask = load_sample(sample, 64, "head", 0.1)
@@ -136,5 +137,5 @@ def test_config_cache_key_and_inference_know_head(tmp_path: Path):
     back = logits_to_original(_logits(loaded_mask), placement.original_hw, placement)[0, 0].numpy() > 0
     assert _dice(back, canvas_mask > 0) > 0.95
     with pytest.raises(ConfigError, match="head_margin"):
-        load_config(None, ["data.head_margin=1.5"])
-    assert DataConfig().head_margin == DEFAULT_HEAD_MARGIN  # one default for the config and the functions
+        load_config(None, ["data.preprocess.head_margin=1.5"])
+    assert DataConfig().preprocess.head_margin == DEFAULT_HEAD_MARGIN  # one default for the config and the functions

@@ -1,4 +1,4 @@
-"""A head-geometry run (data.resize: head) end to end: test.py's pipeline, `--input` prediction, the web demo's
+"""A head-geometry run (data.preprocess.resize: head) end to end: test.py's pipeline, `--input` prediction, the web demo's
 Grad-CAM and record, and the shift benchmark, on generated data with non-square images and one image whose
 head cannot be found (letterboxed instead). A stretch run on the same data keeps its old way back."""
 from __future__ import annotations
@@ -73,7 +73,7 @@ def data(tmp_path_factory) -> dict:
 def _run(data: dict, folder: Path, resize: str) -> Path:
     folder.mkdir()
     save_split(data["split"], folder / "split.json")
-    return save_untrained_checkpoint(data["root"], folder, [f"data.resize={resize}", f"data.head_margin={MARGIN}"])
+    return save_untrained_checkpoint(data["root"], folder, [f"data.preprocess.resize={resize}", f"data.preprocess.head_margin={MARGIN}"])
 
 
 @pytest.fixture(scope="module")

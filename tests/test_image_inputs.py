@@ -45,7 +45,7 @@ def _twelve_bit_copy(image8: np.ndarray) -> np.ndarray:
 def checkpoint(tmp_path) -> Path:
     """A checkpoint of an untrained, small EfficientMTNet (decoding and geometry do not need a trained one)."""
     torch.manual_seed(0)
-    cfg = config_from_dict({"data": {"image_size": 64}})
+    cfg = config_from_dict({"data": {"preprocess": {"image_size": 64}}})
     model = build_model(cfg.model.name, **model_kwargs(cfg)).eval()
     path = tmp_path / "run" / "best.pth"
     path.parent.mkdir()
@@ -134,11 +134,11 @@ def test_folder_prediction_predicts_every_readable_image_and_lists_the_rest(chec
     mask12 = cv2.imread(str(out / "masks" / "b_twelve_mask.png"), cv2.IMREAD_GRAYSCALE)
     assert np.mean(mask8 != mask12) < 0.005
     # ... because the model is given the same input (an untrained model's output depends little on it).
-    data_cfg = config_from_dict({"data": {"image_size": 64}}).data
+    data_cfg = config_from_dict({"data": {"preprocess": {"image_size": 64}}}).data
     x8, size8 = load_image_for_inference(folder / "a_eight.png", data_cfg)
     x12, size12 = load_image_for_inference(folder / "b_twelve.png", data_cfg)
     assert size8 == size12 == (80, 96)
-    assert (x8 - x12).abs().max() <= 1.01 / 255 / min(data_cfg.std)  # one grey level
+    assert (x8 - x12).abs().max() <= 1.01 / 255 / min(data_cfg.preprocess.std)  # one grey level
 
 
 def test_test_py_input_exits_1_when_a_file_failed(checkpoint, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from datasets.index import Sample
 from datasets.input_confounds import INPUT_PROPERTIES, input_audit, input_statistics, subsample
-from utils.config import DataConfig
+from utils.config import DataConfig, PreprocessConfig
 
 
 def _write(root: Path, per_class: int, canvas_cue: bool = False, bright_cue: bool = False) -> list[Sample]:
@@ -35,7 +35,7 @@ def _write(root: Path, per_class: int, canvas_cue: bool = False, bright_cue: boo
 
 
 def _cfg(resize: str) -> DataConfig:
-    return DataConfig(image_size=64, resize=resize, in_channels=1, mean=[0.5], std=[0.25])
+    return DataConfig(preprocess=PreprocessConfig(image_size=64, resize=resize, in_channels=1, mean=[0.5], std=[0.25]))
 
 
 def test_statistics_of_one_input_by_hand():
@@ -86,10 +86,10 @@ def test_check_command_runs_both_audits(tiny_brisc, tmp_path, capsys):
     from datasets.check import main as check_main
 
     config = tmp_path / "head.yaml"
-    config.write_text("data:\n  image_size: 32\n  resize: head\n", encoding="utf-8")
+    config.write_text("data:\n  preprocess:\n    image_size: 32\n    resize: head\n", encoding="utf-8")
     check_main([str(tiny_brisc), "--confounds", "--config", str(config), "--audit-limit", "40", "--workers", "1"])
     out = capsys.readouterr().out
-    assert "source-confound audit" in out and "model-input audit (40 images, data.resize head, 32 px" in out
+    assert "source-confound audit" in out and "model-input audit (40 images, data.preprocess.resize head, 32 px" in out
     assert "head not found (letterboxed instead): 0 image(s)" in out
     with pytest.raises(SystemExit):
         check_main([str(tiny_brisc), "--config", str(config)])

@@ -22,10 +22,11 @@ from tests.helpers import REPO, run_entry
 from utils.cli import run_main
 from utils.config import ConfigError, config_from_dict
 
-IF_CFG = {"data": {"format": "imagefolder", "image_size": 32, "cache": "none", "val_fraction": 0.25},
+IF_CFG = {"data": {"format": "imagefolder", "preprocess": {"image_size": 32}, "loader": {"cache": "none"},
+                   "split": {"val_fraction": 0.25}},
           "loss": {"seg_weight": 0, "aux_weights": []}, "train": {"monitor": "accuracy"}}
-PAIRS_CFG = {"data": {"format": "pairs", "mask_suffix": "_mask", "image_size": 32, "cache": "none",
-                      "val_fraction": 0.25}, "loss": {"cls_weight": 0}, "train": {"monitor": "dice"}}
+PAIRS_CFG = {"data": {"format": "pairs", "layout": {"mask_suffix": "_mask"}, "preprocess": {"image_size": 32},
+                      "loader": {"cache": "none"}, "split": {"val_fraction": 0.25}}, "loss": {"cls_weight": 0}, "train": {"monitor": "dice"}}
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +103,20 @@ def test_pairs_mask_threshold_comes_from_the_config(layouts, tmp_path):
 # --------------------------------------------------------------------------------------------- errors
 def test_broken_imagefolder_copies_give_named_errors(layouts, tmp_path):
     root = _copy(layouts["imagefolder"], tmp_path)
-    with pytest.raises(DataError, match=r"'.*Train' does not exist.*Testing, Training.*data\.train_dir"):
+    with pytest.raises(DataError, match=r"'.*Train' does not exist.*Testing, Training.*data\.layout\.train_dir"):
         index_imagefolder(root, "train", train_dir="Train")
     (root / "Training" / "astrocytoma").mkdir()
     shutil.copy(next((root / "Training" / "notumor").glob("*.jpg")), root / "Training" / "astrocytoma" / "x.jpg")
-    with pytest.raises(DataError, match=r"'.*astrocytoma' is not a known class.*data\.class_map\.astrocytoma"):
+    with pytest.raises(DataError, match=r"'.*astrocytoma' is not a known class.*data\.layout\.class_map\.astrocytoma"):
         index_imagefolder(root, "train")
     with pytest.raises(DataError, match=r"both map to class 'glioma'"):
         index_imagefolder(root, "train", extra_map={"astrocytoma": "glioma"})
-    with pytest.raises(DataError, match=r"data\.class_map maps 'astrocytoma' to 'astro'"):
+    with pytest.raises(DataError, match=r"data\.layout\.class_map maps 'astrocytoma' to 'astro'"):
         index_imagefolder(root, "train", extra_map={"astrocytoma": "astro"})
     shutil.rmtree(root / "Training" / "astrocytoma")
     swapped = index_imagefolder(root, "train", extra_map={"glioma_tumor": "meningioma", "meningioma_tumor": "glioma"})
     assert all(CLASS_NAMES[s.label] == ("meningioma" if s.image.parent.name == "glioma_tumor" else "glioma")
-               for s in swapped if s.image.parent.name in ("glioma_tumor", "meningioma_tumor"))  # data.class_map wins
+               for s in swapped if s.image.parent.name in ("glioma_tumor", "meningioma_tumor"))  # data.layout.class_map wins
     shutil.rmtree(root / "Training" / "pituitary_tumor")
     with pytest.raises(DataError, match=r"no folder for class\(es\) pituitary"):
         index_imagefolder(root, "train")
@@ -123,7 +124,7 @@ def test_broken_imagefolder_copies_give_named_errors(layouts, tmp_path):
 
 def test_broken_pairs_copies_give_named_errors(layouts, tmp_path):
     root = _copy(layouts["pairs"], tmp_path)
-    with pytest.raises(DataError, match=r"image '.*\.jpg' has no mask '.*' in .*32 unmatched.*data\.mask_suffix"):
+    with pytest.raises(DataError, match=r"image '.*\.jpg' has no mask '.*' in .*32 unmatched.*data\.layout\.mask_suffix"):
         index_pairs(root, "train")  # without the suffix no mask matches
     mask = sorted((root / "masks").iterdir())[0]
     image = root / "images" / (mask.stem[: -len("_mask")] + ".jpg")
@@ -160,8 +161,8 @@ def test_integrity_check_of_the_generated_layouts(layouts, capsys):
 
 
 # --------------------------------------------------------------------------------------------- end to end
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.val_fraction=0.25", "data.cache=disk",
-        "data.synthetic_train=24", "data.synthetic_test=8", "eval.batch_size=16", "train.device=cpu",
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "data.split.val_fraction=0.25", "data.loader.cache=disk",
+        "data.generated.train=24", "data.generated.test=8", "eval.batch_size=16", "train.device=cpu",
         "train.threads=1", "train.epochs=1", "train.image_log_every=1"]
 
 
@@ -172,7 +173,7 @@ TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.v
 def test_demo_config_trains_one_epoch_and_tests(config, present, absent, tmp_path):
     name = Path(config).stem
     proc = run_entry(["train.py", "--config", config, "--no-progress", "--opts", f"data.root={tmp_path / 'data'}",
-                      f"data.cache_dir={tmp_path / 'cache'}", f"experiment.work_dir={tmp_path / 'runs'}", *TINY],
+                      f"data.loader.cache_dir={tmp_path / 'cache'}", f"experiment.work_dir={tmp_path / 'runs'}", *TINY],
                      cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = tmp_path / "runs" / name / "latest"

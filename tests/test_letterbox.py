@@ -13,7 +13,7 @@ from datasets.decode import load_sample, to_square
 from datasets.geometry import letterbox_box, logits_to_original
 from datasets.index import Sample
 from datasets.transforms import load_image_for_inference
-from utils.config import DataConfig
+from utils.config import DataConfig, PreprocessConfig
 
 
 def _logits(square_mask: np.ndarray) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_cache_key_and_inference_follow_the_resize_mode(tmp_path):
     sample = _pair(tmp_path)
     assert (cache_key([sample], decode_settings(64, {"resize": "letterbox"}))
             != cache_key([sample], decode_settings(64, {"resize": "stretch"})))
-    cfg = DataConfig(image_size=60, resize="letterbox", in_channels=1, mean=[0.0], std=[1.0])
+    cfg = DataConfig(preprocess=PreprocessConfig(image_size=60, resize="letterbox", in_channels=1, mean=[0.0], std=[1.0]))
     tensor, original = load_image_for_inference(sample.image, cfg)
     assert original == (120, 60) and tensor.shape == (1, 60, 60)
     assert torch.allclose(tensor[0], torch.from_numpy(load_sample(sample, 60, "letterbox")[0] / 255.0).float())

@@ -143,26 +143,26 @@ def test_zscore_standardises_the_head():
 
 
 def test_config_keys_for_the_levers():
-    cfg = load_config("configs/demo.yaml", ["data.intensity_norm=percentile", "data.augment.p_bias_field=0.3",
+    cfg = load_config("configs/demo.yaml", ["data.preprocess.intensity_norm=percentile", "data.augment.p_bias_field=0.3",
                                             "data.augment.mri_severity=[0.5,2.5]"])
-    assert cfg.data.intensity_norm == "percentile" and cfg.data.augment.p_bias_field == 0.3
+    assert cfg.data.preprocess.intensity_norm == "percentile" and cfg.data.augment.p_bias_field == 0.3
     with pytest.raises(ConfigError, match="intensity_norm"):
-        load_config(None, ["data.intensity_norm=minmax"])
+        load_config(None, ["data.preprocess.intensity_norm=minmax"])
     with pytest.raises(ConfigError, match="mri_severity"):
         load_config(None, ["data.augment.mri_severity=[0,4]"])
     with pytest.raises(ConfigError, match="percentile_range"):
-        load_config(None, ["data.percentile_range=[99,1]"])
+        load_config(None, ["data.preprocess.percentile_range=[99,1]"])
 
 
 def test_standardisation_reaches_every_input_path(tmp_path, tiny_brisc):
-    """The dataset (train.py, test.py) and the folder path (test.py --input) both use data.intensity_norm."""
+    """The dataset (train.py, test.py) and the folder path (test.py --input) both use data.preprocess.intensity_norm."""
     import cv2
 
     from datasets.factory import build_eval_dataset
     from datasets.transforms import load_image_for_inference
 
-    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_brisc}", "data.synthetic=false", "data.image_size=48",
-                                            "data.cache=none", "data.intensity_norm=zscore"])
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_brisc}", "data.generated.enabled=false", "data.preprocess.image_size=48",
+                                            "data.loader.cache=none", "data.preprocess.intensity_norm=zscore"])
     image, _ = _slice(48)  # at the model's size: resizing would round the two images differently
     dim = (image // 2).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "dim.png"), dim)

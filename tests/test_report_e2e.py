@@ -6,7 +6,7 @@ import json
 
 from tests.helpers import REPO, run_entry
 
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.val_fraction=0.25",
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "data.split.val_fraction=0.25",
         "eval.batch_size=16", "train.device=cpu", "train.threads=1", "train.epochs=1"]
 
 
@@ -18,7 +18,7 @@ def test_leak_free_report_settings_and_output_folders(tmp_path):
     planted = list(json.loads((root / "SYNTHETIC.json").read_text())["planted"]["test_leaks"])
     assert len(planted) == 2 and all("_test_" in stem for stem in planted)
     proc = run_entry(["train.py", "--config", "configs/demo.yaml", "--no-progress", "--opts", f"data.root={root}",
-                      "data.synthetic=false", f"experiment.work_dir={tmp_path}", "experiment.name=leaks", *TINY],
+                      "data.generated.enabled=false", f"experiment.work_dir={tmp_path}", "experiment.name=leaks", *TINY],
                      cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = (tmp_path / "leaks" / "latest").resolve()

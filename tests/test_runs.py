@@ -20,7 +20,7 @@ from utils.cli import run_main
 
 def _train(root: Path, work: Path, name: str, *extra: str) -> list[str]:
     return ["train.py", "--config", "configs/demo.yaml", "--no-progress", "--opts", f"data.root={root}",
-            "data.synthetic=false", f"experiment.work_dir={work}", f"experiment.name={name}", *TINY, *extra]
+            "data.generated.enabled=false", f"experiment.work_dir={work}", f"experiment.name={name}", *TINY, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +123,9 @@ def test_resume_applies_allowed_changes_and_refuses_the_others(finished_run, tmp
     assert [row["epoch"] for row in json.loads((run / "history.json").read_text())] == [1, 2, 3]
 
     before = (run / "last.pth").read_bytes()
-    other.write_text("train:\n  epochs: 4\ndata:\n  image_size: 96\n")
+    other.write_text("train:\n  epochs: 4\ndata:\n  preprocess:\n    image_size: 96\n")
     code, out, err = _main(["train.py", "--config", str(other), "--resume", str(run)], capsys)
-    assert code == 2 and "'data.image_size' cannot change" in err, out + err
+    assert code == 2 and "'data.preprocess.image_size' cannot change" in err, out + err
     assert (run / "last.pth").read_bytes() == before
 
 
@@ -160,7 +160,7 @@ def test_a_run_its_budget_stopped_is_not_trained_on_resume(tiny_brisc, tmp_path,
 
 
 def test_ctrl_c_exits_130_with_a_resume_command_and_a_usable_checkpoint(tiny_brisc, tmp_path):
-    args = _train(tiny_brisc, tmp_path, "sigint", "train.epochs=50", "data.num_workers=2")
+    args = _train(tiny_brisc, tmp_path, "sigint", "train.epochs=50", "data.loader.num_workers=2")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # A new session, so that the signal reaches the DataLoader workers too, as Ctrl-C in a terminal does.
     # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell

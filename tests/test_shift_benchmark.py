@@ -56,8 +56,8 @@ def test_clean_row_equals_test_py_and_outputs(checkpoint, tmp_path, capsys):
 
 
 def test_dataset_hook_applies_the_shift_per_image(checkpoint, tiny_brisc):
-    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_brisc}", "data.synthetic=false", "data.image_size=64",
-                                            "data.cache=none"])
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_brisc}", "data.generated.enabled=false", "data.preprocess.image_size=64",
+                                            "data.loader.cache=none"])
     dataset = build_eval_dataset(cfg.data, "test", verbose=False)
     clean = dataset[3]
     dataset.shift = ShiftHook("rotate_zoom", 3, seed=0)

@@ -18,7 +18,7 @@ from utils.cli import run_main
 from utils.config import ConfigError, LossConfig, config_from_dict, load_config
 
 SEG_CONFIG = "configs/baselines/mobilenetv2_unet_seg.yaml"
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.val_fraction=0.25", "data.cache=none",
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "data.split.val_fraction=0.25", "data.loader.cache=none",
         "eval.batch_size=16", "train.device=cpu", "train.threads=1", "train.epochs=1", "train.image_log_every=1"]
 CLS_KEYS = {"accuracy", "f1_macro", "precision_macro", "recall_weighted", "confusion_matrix", "f1_glioma"}
 
@@ -41,7 +41,7 @@ def test_monitoring_a_metric_of_the_absent_task_is_a_config_error(loss, monitor,
 
 def test_the_seg_only_recipe_config():
     cfg = load_config(REPO / SEG_CONFIG)
-    assert (cfg.model.name, cfg.data.image_size, cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs) == (
+    assert (cfg.model.name, cfg.data.preprocess.image_size, cfg.data.loader.batch_size, cfg.optim.lr, cfg.train.epochs) == (
         "mobilenetv2_unet", 256, 8, 1e-4, 30)
     assert cfg.loss.cls_weight == 0 and cfg.loss.seg.bce > 0 and cfg.loss.seg.dice > 0 and cfg.loss.seg.tversky > 0
     assert (cfg.loss.seg.tversky_alpha, cfg.loss.seg.tversky_beta) == (0.3, 0.7)

@@ -11,7 +11,7 @@ from datasets.duplicates import find_groups, leaked_stems
 from datasets.index import index_split
 from datasets.splits import fold_split, load_split, make_folds, make_split
 from datasets.synthetic import generate
-from utils.config import ConfigError, DataConfig, config_from_dict
+from utils.config import ConfigError, DataConfig, LoaderConfig, PreprocessConfig, SplitConfig, config_from_dict
 
 STEMS = [f"s{i:03d}" for i in range(200)]
 LABELS = [i % 4 for i in range(200)]
@@ -64,12 +64,12 @@ def test_folds_cover_every_image_once_grouped_and_stratified(folds):
 
 
 def test_fold_config_is_validated():
-    with pytest.raises(ConfigError, match="data.folds"):
-        config_from_dict({"data": {"folds": 1}})
-    with pytest.raises(ConfigError, match="data.fold"):
-        config_from_dict({"data": {"folds": 3, "fold": 3}})
-    with pytest.raises(ConfigError, match="data.resize"):
-        config_from_dict({"data": {"resize": "crop"}})
+    with pytest.raises(ConfigError, match="data.split.folds"):
+        config_from_dict({"data": {"split": {"folds": 1}}})
+    with pytest.raises(ConfigError, match="data.split.fold"):
+        config_from_dict({"data": {"split": {"folds": 3, "fold": 3}}})
+    with pytest.raises(ConfigError, match="data.preprocess.resize"):
+        config_from_dict({"data": {"preprocess": {"resize": "crop"}}})
 
 
 # ----------------------------------------------------------------------------------------------- planted data
@@ -94,8 +94,8 @@ def test_default_generation_plants_nothing(tmp_path):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_factory_split_keeps_planted_duplicates_together(planted_root, tmp_path, seed):
     planted = json.loads((planted_root / "SYNTHETIC.json").read_text())["planted"]["train_duplicates"]
-    cfg = DataConfig(root=str(planted_root), image_size=32, val_fraction=0.5, split_seed=seed,
-                     cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(root=str(planted_root), preprocess=PreprocessConfig(image_size=32),
+                     split=SplitConfig(val_fraction=0.5, seed=seed), loader=LoaderConfig(cache_dir=str(tmp_path / "cache")))
     build_train_val(cfg, tmp_path / "run" / "split.json", verbose=False)
     split = load_split(tmp_path / "run" / "split.json")
     assert split["group_duplicates"] and split["near_threshold"] == 0.99 and split["duplicate_groups"] >= 3
@@ -104,7 +104,8 @@ def test_factory_split_keeps_planted_duplicates_together(planted_root, tmp_path,
 
 
 def test_factory_split_without_grouping_says_so(planted_root, tmp_path):
-    cfg = DataConfig(root=str(planted_root), image_size=32, val_fraction=0.5, group_duplicates=False)
+    cfg = DataConfig(root=str(planted_root), preprocess=PreprocessConfig(image_size=32),
+                     split=SplitConfig(val_fraction=0.5, group_duplicates=False))
     build_train_val(cfg, tmp_path / "run" / "split.json", verbose=False)
     split = load_split(tmp_path / "run" / "split.json")
     assert not split["group_duplicates"] and split["duplicate_groups"] == 0 and "near_threshold" not in split
@@ -114,7 +115,8 @@ def test_factory_split_without_grouping_says_so(planted_root, tmp_path):
 def test_factory_folds(planted_root, tmp_path):
     vals = []
     for fold in range(2):
-        cfg = DataConfig(root=str(planted_root), image_size=32, folds=2, fold=fold, cache_dir=str(tmp_path / "c"))
+        cfg = DataConfig(root=str(planted_root), preprocess=PreprocessConfig(image_size=32),
+                         split=SplitConfig(folds=2, fold=fold), loader=LoaderConfig(cache_dir=str(tmp_path / "c")))
         train, val = build_train_val(cfg, tmp_path / f"f{fold}" / "split.json", verbose=False)
         assert not set(train.stems) & set(val.stems)
         vals.append(set(val.stems))

@@ -17,8 +17,8 @@ from tests.helpers import REPO
 from utils.cli import run_main
 from utils.config import ConfigError, parse_override
 
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "eval.batch_size=16", "train.device=cpu",
-        "train.threads=1", "data.cache=none", "train.image_log_every=0", "data.synthetic=false"]
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "eval.batch_size=16", "train.device=cpu",
+        "train.threads=1", "data.loader.cache=none", "train.image_log_every=0", "data.generated.enabled=false"]
 
 
 def test_grid_is_the_cartesian_product_in_order():
@@ -46,13 +46,13 @@ def test_bad_grids_are_refused(specs, message):
 def test_runs_file_overrides_read_back_unchanged(tmp_path):
     path = tmp_path / "runs.yaml"
     path.write_text("runs:\n  baseline: {}\n  nothing:\n  mixed: {model.kwargs.context: none, optim.lr: 1.0e-5, "
-                    "loss.aux_weights: [0.4, 0.2], model.kwargs.se: false, data.mask_suffix: 'null'}\n")
+                    "loss.aux_weights: [0.4, 0.2], model.kwargs.se: false, data.layout.mask_suffix: 'null'}\n")
     settings = read_runs_file(path)
     assert [s.name for s in settings] == ["baseline", "nothing", "mixed"]
     assert settings[0].overrides == [] and settings[1].overrides == []
     values = {".".join(path): value for path, value in map(parse_override, settings[2].overrides)}
     assert values == {"model.kwargs.context": "none", "optim.lr": 1e-5, "loss.aux_weights": [0.4, 0.2],
-                      "model.kwargs.se": False, "data.mask_suffix": "null"}
+                      "model.kwargs.se": False, "data.layout.mask_suffix": "null"}
     for value in (1e-5, "none", "null", [0.4, 0.2], True, {"a": [1, 2]}, None, "a: b"):
         assert parse_override(override_text("k", value))[1] == value
 
@@ -79,7 +79,7 @@ def test_runs_file_errors(tmp_path):
                                       ("model.kwargs.context=nmf,foo", "context")])
 def test_a_bad_key_fails_before_anything_is_written(grid, key, tmp_path, capsys):
     code = run_main(main, ["--config", str(REPO / "configs/demo.yaml"), "--grid", grid, "--out", str(tmp_path / "s"),
-                           "--opts", "data.image_size=32"])
+                           "--opts", "data.preprocess.image_size=32"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: run '") and key in err
     assert not (tmp_path / "s").exists()
@@ -114,7 +114,7 @@ def test_sweep_runs_records_failures_and_resumes(tiny_brisc, tmp_path, capsys, o
     out = tmp_path / "sweep"
     args = ["--config", str(REPO / "configs/demo.yaml"), "--runs", str(runs), "--epochs", "1", "--out", str(out),
             "--bootstrap", "50", "--no-progress", "--opts", f"data.root={tiny_brisc}",
-            f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+            f"data.loader.cache_dir={tmp_path / 'cache'}", *TINY]
     assert run_main(main, args) == 1  # the broken run failed, the other one finished
     printed = capsys.readouterr()
     assert "run 2/2: broken seed 42 (new)" in printed.out and "FAILED" in printed.err
@@ -178,7 +178,7 @@ def test_sweep_tests_each_setting_against_the_baseline_with_holm(tiny_brisc, tmp
     out = tmp_path / "sweep"
     args = ["--config", str(REPO / "configs/demo.yaml"), "--runs", str(runs), "--epochs", "1", "--out", str(out),
             "--bootstrap", "50", "--no-progress", "--opts", f"data.root={tiny_brisc}",
-            f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+            f"data.loader.cache_dir={tmp_path / 'cache'}", *TINY]
     assert run_main(main, args) == 0
     paired = json.loads((out / "sweep_paired.json").read_text())
     assert paired["baseline"] == "base" and {t["setting"] for t in paired["tests"]} == {"smooth", "lr"}

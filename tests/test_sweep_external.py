@@ -16,8 +16,8 @@ from utils.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "eval.batch_size=16", "train.device=cpu",
-        "train.threads=1", "data.cache=none", "train.image_log_every=0", "data.synthetic=false"]
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "eval.batch_size=16", "train.device=cpu",
+        "train.threads=1", "data.loader.cache=none", "train.image_log_every=0", "data.generated.enabled=false"]
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,13 @@ def external_file(tmp_path_factory) -> Path:
     path = base / "clinic.yaml"
     path.write_text(f"external:\n  name: clinic\n  root: {root}\n  data_format: imagefolder\n"
                     "  class_map: {glioma: tumour, meningioma: tumour, pituitary: tumour, no_tumor: normal}\n"
-                    "  layout: [data.test_dir=Testing]\n")
+                    "  layout: [data.layout.test_dir=Testing]\n")
     return path
 
 
 def test_the_shipped_pmram_file_reads():
     external = read_external_set(REPO / "configs/external/pmram.yaml")
-    assert external.name == "pmram" and external.data_format == "imagefolder" and external.layout == ["data.test_dir=."]
+    assert external.name == "pmram" and external.data_format == "imagefolder" and external.layout == ["data.layout.test_dir=."]
     assert external.class_map["512Normal"] == "no_tumor" and external.folder == "test_ext_pmram_test"
 
 
@@ -64,7 +64,7 @@ def test_test_py_external_equals_the_four_flags(tiny_brisc, external_file, tmp_p
     assert run_main(test_py.main, [*common, "--external", str(external_file), "--out", str(tmp_path / "a")]) == 0
     assert run_main(test_py.main, [*common, "--data-root", external.root, "--data-format", "imagefolder",
                                    "--class-map", "glioma=tumour,meningioma=tumour,pituitary=tumour,no_tumor=normal",
-                                   "--layout", "data.test_dir=Testing", "--out", str(tmp_path / "b")]) == 0
+                                   "--layout", "data.layout.test_dir=Testing", "--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
     assert a["num_images"] == b["num_images"] == 12 and a["balanced_accuracy"] == b["balanced_accuracy"]
     assert a["label_space"] == b["label_space"]
@@ -78,7 +78,7 @@ def test_sweep_adds_external_and_latency_columns(tiny_brisc, external_file, tmp_
     out = tmp_path / "sweep"
     args = ["--config", str(REPO / "configs/demo.yaml"), "--runs", str(runs), "--epochs", "1", "--out", str(out),
             "--bootstrap", "50", "--no-progress"]
-    opts = ["--opts", f"data.root={tiny_brisc}", f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+    opts = ["--opts", f"data.root={tiny_brisc}", f"data.loader.cache_dir={tmp_path / 'cache'}", *TINY]
     assert run_main(sweep_main, [*args, *opts]) == 0
     assert "timing base" in capsys.readouterr().out
     latency = json.loads((out / "latency.json").read_text())["base"]

@@ -13,14 +13,14 @@ import torch
 
 from tests.helpers import REPO, run_entry
 
-TINY = ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.val_fraction=0.25",
+TINY = ["data.preprocess.image_size=64", "data.loader.batch_size=8", "data.loader.num_workers=0", "data.split.val_fraction=0.25",
         "eval.batch_size=16", "train.device=cpu", "train.threads=1", "train.log_every_steps=2",
         "train.image_log_every=1"]
 
 
 def _train_args(root: Path, work: Path, name: str, *extra: str) -> list[str]:
     return ["train.py", "--config", "configs/demo.yaml", "--no-progress", "--opts", f"data.root={root}",
-            "data.synthetic=false", f"experiment.work_dir={work}", f"experiment.name={name}", *TINY, *extra]
+            "data.generated.enabled=false", f"experiment.work_dir={work}", f"experiment.name={name}", *TINY, *extra]
 
 
 def test_train_then_test(tiny_brisc, tmp_path):
@@ -96,7 +96,7 @@ def test_config_errors_are_clear(tmp_path):
     proc = run_entry(["train.py", "--config", "configs/demo.yaml", "--opts", "optim.lr=fast"], cwd=REPO)
     assert proc.returncode == 2 and "'optim.lr'" in proc.stderr and "expected float" in proc.stderr
     proc = run_entry(["train.py", "--config", "configs/demo.yaml", "--opts", f"data.root={tmp_path / 'missing'}",
-                      "data.synthetic=false", f"experiment.work_dir={tmp_path}"], cwd=REPO)
+                      "data.generated.enabled=false", f"experiment.work_dir={tmp_path}"], cwd=REPO)
     assert proc.returncode != 0
     assert "datasets.synthetic" in proc.stderr and "brisc2025" in proc.stderr.lower()
 

@@ -33,8 +33,8 @@ _spec.loader.exec_module(test_entry)
 
 # --------------------------------------------------------------------------------------------- schema
 @pytest.mark.parametrize("override,expected", [
-    ("data.batch_size=0", "an integer >= 1"),
-    ("data.batch_size=-4", "an integer >= 1"),
+    ("data.loader.batch_size=0", "an integer >= 1"),
+    ("data.loader.batch_size=-4", "an integer >= 1"),
     ("optim.lr=-0.01", "a number > 0"),
     ("optim.lr=0", "a number > 0"),
     ("loss.seg_weight=-1", "a number >= 0"),
@@ -42,14 +42,14 @@ _spec.loader.exec_module(test_entry)
     ("data.augment.p_hflip=1.5", "a number >= 0.0 and <= 1.0"),
     ("eval.threshold=1", "a number > 0 and < 1"),
     ("data.augment.crop_scale=[0.9,0.5]", "a pair [low, high] with low <= high"),
-    ("data.cache=gpu", "one of none, ram, disk"),
+    ("data.loader.cache=gpu", "one of none, ram, disk"),
     ("optim.name=adamx", "one of adamw, adam, sgd"),
     ("sched.name=linear", "one of cosine, plateau, step, none"),
     ("train.device=gpu", "auto, cpu, cuda, cuda:N or mps"),
     ("train.ema_decay=1", "a number > 0 and < 1"),
     ("experiment.name=a/b", "letters, digits"),
-    ("data.in_channels=2", "one of 1, 3"),
-    ("data.std=[0.2,0,0.2]", "a list of numbers > 0"),
+    ("data.preprocess.in_channels=2", "one of 1, 3"),
+    ("data.preprocess.std=[0.2,0,0.2]", "a list of numbers > 0"),
 ])
 def test_bad_value_names_key_value_rule_and_origin(override, expected):
     key, value = override.split("=", 1)
@@ -62,15 +62,15 @@ def test_bad_value_names_key_value_rule_and_origin(override, expected):
 
 def test_value_from_the_yaml_file_names_the_file_and_an_override_names_opts(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("data:\n  batch_size: 0\n")
-    with pytest.raises(ConfigError, match=r"'data.batch_size': got 0; .*\(in .*exp.yaml\)$"):
+    path.write_text("data:\n  loader:\n    batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"'data.loader.batch_size': got 0; .*\(in .*exp.yaml\)$"):
         load_config(path)
     # A bad override on a good file: the override is named, not the file (it used to say "in demo.yaml").
     with pytest.raises(ConfigError) as info:
         load_config(DEMO, ["train.epochs=0"])
     assert str(info.value).endswith("(from --opts train.epochs=0)") and "demo.yaml" not in str(info.value)
     # The last word wins: a bad file value fixed on the command line is fine.
-    assert load_config(path, ["data.batch_size=2"]).data.batch_size == 2
+    assert load_config(path, ["data.loader.batch_size=2"]).data.loader.batch_size == 2
 
 
 def test_rules_across_loss_keys_are_checked_at_load():
@@ -132,7 +132,7 @@ def _one_line_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("opts,needle", [
-    (["data.batch_size=0"], "'data.batch_size': got 0"),
+    (["data.loader.batch_size=0"], "'data.loader.batch_size': got 0"),
     (["optim.lr=-0.01"], "'optim.lr': got -0.01"),
     (["loss.seg_weight=-1"], "'loss.seg_weight': got -1.0"),
     (["model.name=efficientmtnet"], "did you mean 'efficient_mtnet'"),
@@ -153,7 +153,7 @@ def test_train_without_the_gpu_it_asks_for(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(monkeypatch):
-    argv = ["--config", str(DEMO), "--opts", "data.batch_size=0"]
+    argv = ["--config", str(DEMO), "--opts", "data.loader.batch_size=0"]
     with pytest.raises(ConfigError):
         run_main(train_entry.main, [*argv, "--debug"])
     monkeypatch.setenv("EFFICIENT_MTNET_DEBUG", "1")
@@ -201,11 +201,11 @@ def test_a_data_error_in_a_loader_worker_is_one_line(capsys):
 
 def test_script_exit_status_and_message_without_traceback(tmp_path):
     """The real `python train.py` process, as a user runs it."""
-    proc = run_entry([str(REPO / "train.py"), "--config", str(DEMO), "--opts", "data.batch_size=0"], cwd=tmp_path,
+    proc = run_entry([str(REPO / "train.py"), "--config", str(DEMO), "--opts", "data.loader.batch_size=0"], cwd=tmp_path,
                      timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("error: config key 'data.batch_size': got 0; expected an integer >= 1 "
-                                   "(from --opts data.batch_size=0)")
+    assert proc.stderr.strip() == ("error: config key 'data.loader.batch_size': got 0; expected an integer >= 1 "
+                                   "(from --opts data.loader.batch_size=0)")
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -265,7 +265,7 @@ def _tiny_checkpoint(run_dir: Path, image_size: int, seed: int) -> Path:
     cfg = Config()
     cfg.model.name = TINY_NAME
     cfg.data.root = "moved/elsewhere"  # --data-root must take over
-    cfg.data.image_size = image_size
+    cfg.data.preprocess.image_size = image_size
     run_dir.mkdir(parents=True)
     path = run_dir / "best.pth"
     atomic_save({"format_version": 1, "model_name": TINY_NAME, "config": config_to_dict(cfg),

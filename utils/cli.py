@@ -125,7 +125,7 @@ def add_eval_flags(parser: argparse.ArgumentParser, flags: Sequence[str] = EVAL_
                                        help="use the raw weights even if EMA weights were saved")),
         "split": (("--split",), dict(default=split_default, choices=["test", "dev_test", "val", "train"],
                                      help="test: the release's test split (held out); dev_test: the held-out part "
-                                          "of the training release (split.json, data.test_dev_fraction); val: the "
+                                          "of the training release (split.json, data.split.test_dev_fraction); val: the "
                                           "run's validation split (selection: it chose the checkpoint); default "
                                           f"{split_default}")),
         "data_root": (("--data-root",), dict(default=None, help="dataset root, if not the one the run trained on")),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -95,13 +96,15 @@ class AugmentConfig:
     posterize_bits: list = spec(factory=lambda: [4, 7], pair=True, each={"ge": 1, "le": 8})
 
 
+# What each data.format holds: the one declaration of which tasks a layout can train and score (config checks,
+# test.py on another dataset). brisc: classes and masks; imagefolder: classes only; pairs: masks only.
+LAYOUT_TASKS = {"brisc": ("cls", "seg"), "imagefolder": ("cls",), "pairs": ("seg",)}
+
+
 @dataclass
-class DataConfig:
-    root: str = spec("data/demo_brisc", nonempty=True)
-    # Layout of data.root: brisc (BRISC 2025), imagefolder (<root>/<train_dir|test_dir>/<class>/*, classification
-    # only) or pairs (<root>/images + <root>/masks matched by stem, or <root>/{train,test}/{images,masks};
-    # segmentation only). See datasets/imagefolder.py and datasets/pairs.py.
-    format: str = spec("brisc", choices=("brisc", "imagefolder", "pairs"))
+class LayoutConfig:
+    """How data.root is laid out beyond data.format (test.py --layout sets these for another dataset)."""
+
     train_dir: str = spec("Training", nonempty=True)  # imagefolder: the train split's folder
     test_dir: str = spec("Testing", nonempty=True)  # imagefolder: the test split's folder
     class_map: dict = field(default_factory=dict)  # imagefolder: folder name -> class (e.g. notumor: no_tumor)
@@ -109,50 +112,102 @@ class DataConfig:
     mask_suffix: str = spec("", pattern=r"[A-Za-z0-9_.-]*", pattern_help="letters, digits, '_', '.' or '-' (or empty)")
     mask_threshold: int = spec(128, ge=1, le=255)  # pairs: grey level from which a mask pixel is tumour
     test_fraction: float = spec(0.2, gt=0, lt=1)  # pairs without train/ and test/ folders: seeded test share
-    # When the root does not exist and `synthetic` is true, a BRISC-layout dataset is generated there once.
-    synthetic: bool = False
-    synthetic_train: int = spec(400, ge=1)  # classification images in the generated train split
-    synthetic_test: int = spec(100, ge=1)
-    synthetic_seed: int = spec(0, ge=0)
-    image_size: int = spec(256, ge=32)
-    in_channels: int = spec(3, choices=(1, 3))
+    # [row, col] millimetres per pixel of the original images: HD95 / ASSD in mm (null: in pixels)
+    spacing: Optional[list] = spec(None, each={"gt": 0})
+
+
+@dataclass
+class SplitConfig:
+    """How the train folder is split into train / validation (/ dev_test, / folds)."""
+
     val_fraction: float = spec(0.1, ge=0, lt=1)  # stratified share of the train split used for validation
-    split_seed: int = spec(42, ge=0)
-    split_file: Optional[str] = spec(None, nonempty=True)  # reuse an existing split JSON instead of drawing one
+    seed: int = spec(42, ge=0)  # also the seed of the pairs layout's test share
+    file: Optional[str] = spec(None, nonempty=True)  # reuse an existing split JSON instead of drawing one
     # Keep each group of duplicate content (identical pixels, or 32x32-thumbnail correlation >= near_threshold)
     # on one side of the train/val split and in one fold, so no validation image has a copy in training.
     group_duplicates: bool = True
     # BRISC 2025: rescaled copies >= 0.9928; neighbouring slices of a scan up to 0.9921
     near_threshold: float = spec(0.99, gt=0, le=1)
     # Scan-level groups: similarity chains of 32x32-thumbnail correlation >= group_threshold (slices likely from
-    # one scan; docs/statistics.md). split_groups "scan" keeps each such group on one side of every split part.
+    # one scan; docs/statistics.md). groups "scan" keeps each such group on one side of every split part.
     group_threshold: float = spec(0.96, gt=0, le=1)  # measured: docs/statistics.md
-    split_groups: str = spec("duplicates", choices=("duplicates", "scan"))
+    groups: str = spec("duplicates", choices=("duplicates", "scan"))
     # a held-out `dev_test` part of the train folder (share of each class of the release), carved from what
     # the validation part leaves: never used for early stopping, checkpoints, thresholds or temperatures
     test_dev_fraction: float = spec(0.0, ge=0, lt=0.5)
     folds: int = spec(0, ge=0)  # K-fold cross-validation: 0 = off (val_fraction split), else K >= 2 folds ...
     fold: int = spec(0, ge=0)  # ... and this fold (0..K-1) is the validation part
+
+
+@dataclass
+class PreprocessConfig:
+    """From a decoded file to the model's input array (training, test.py, prediction and the web demo alike)."""
+
+    image_size: int = spec(256, ge=32)
+    in_channels: int = spec(3, choices=(1, 3))
     # stretch to a square, scale the longest side and pad (letterbox), or crop the head's square (head: the
     # file's canvas does not reach the model; datasets/geometry.py, docs/geometry-and-confounds.md)
     resize: str = spec("stretch", choices=("stretch", "letterbox", "head"))
     head_margin: float = spec(0.05, ge=0, le=1)  # head: margin on each side, fraction of the head box's longer side
-    # [row, col] millimetres per pixel of the original images: HD95 / ASSD in mm (null: in pixels)
-    spacing: Optional[list] = spec(None, each={"gt": 0})
-    synthetic_train_duplicates: int = spec(0, ge=0)  # generated data: train images that copy another train image
-    synthetic_leaks: int = spec(0, ge=0)  # generated data: test images that copy a train image
-    cache: str = spec("none", choices=("none", "ram", "disk"))  # keep decoded, resized uint8 arrays
-    cache_dir: str = spec(".cache/brisc", nonempty=True)
-    batch_size: int = spec(16, ge=1)
-    num_workers: int = spec(2, ge=0)
-    pin_memory: bool = True
     mean: list = spec(factory=lambda: [0.485, 0.456, 0.406], each={"ge": 0, "le": 1})
     std: list = spec(factory=lambda: [0.229, 0.224, 0.225], each={"gt": 0})
     # imagenet: fixed mean/std above; zscore: per image, mean/std of the head (pixels above the image mean);
     # percentile: per image, clip to the percentile_range and scale to [0, 1], then mean/std above
     intensity_norm: str = spec("imagenet", choices=("imagenet", "zscore", "percentile"))
     percentile_range: list = spec(factory=lambda: [0.5, 99.5], pair=True, each={"ge": 0, "le": 100})
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = spec(16, ge=1)  # training batches (evaluation: eval.batch_size)
+    num_workers: int = spec(2, ge=0)
+    pin_memory: bool = True
+    cache: str = spec("none", choices=("none", "ram", "disk"))  # keep decoded, resized uint8 arrays
+    cache_dir: str = spec(".cache/brisc", nonempty=True)
+
+
+@dataclass
+class GeneratedDataConfig:
+    """Demo data: when data.root does not exist and `enabled` is true, a dataset of data.format is generated there."""
+
+    enabled: bool = False
+    train: int = spec(400, ge=1)  # classification images in the generated train split
+    test: int = spec(100, ge=1)
+    seed: int = spec(0, ge=0)
+    train_duplicates: int = spec(0, ge=0)  # train images that copy another train image
+    leaks: int = spec(0, ge=0)  # test images that copy a train image
+
+
+@dataclass
+class DataConfig:
+    root: str = spec("data/demo_brisc", nonempty=True)
+    # Layout of data.root: brisc (BRISC 2025), imagefolder (<root>/<train_dir|test_dir>/<class>/*, classification
+    # only) or pairs (<root>/images + <root>/masks matched by stem, or <root>/{train,test}/{images,masks};
+    # segmentation only). See datasets/imagefolder.py and datasets/pairs.py.
+    format: str = spec("brisc", choices=tuple(LAYOUT_TASKS))
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+# The data keys before the data section had sections (checkpoints and configs written until 2026-12): old key ->
+# its place now. Read everywhere (files, --opts, checkpoints) with one line saying the new name.
+MOVED_DATA_KEYS = {
+    **{key: f"layout.{key}" for key in ("train_dir", "test_dir", "class_map", "mask_suffix", "mask_threshold",
+                                        "test_fraction", "spacing")},
+    **{key: f"split.{key}" for key in ("val_fraction", "group_duplicates", "near_threshold", "group_threshold",
+                                       "test_dev_fraction", "folds", "fold")},
+    "split_seed": "split.seed", "split_file": "split.file", "split_groups": "split.groups",
+    **{key: f"preprocess.{key}" for key in ("image_size", "in_channels", "resize", "head_margin", "mean", "std",
+                                            "intensity_norm", "percentile_range")},
+    **{key: f"loader.{key}" for key in ("batch_size", "num_workers", "pin_memory", "cache", "cache_dir")},
+    "synthetic": "generated.enabled", "synthetic_train": "generated.train", "synthetic_test": "generated.test",
+    "synthetic_seed": "generated.seed", "synthetic_train_duplicates": "generated.train_duplicates",
+    "synthetic_leaks": "generated.leaks",
+}
 
 
 @dataclass
@@ -343,6 +398,8 @@ def _merge(node: Any, updates: dict, origin: Optional[str], origins: dict[str, s
     if not isinstance(updates, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}"
                           f"{suffix}")
+    if isinstance(node, DataConfig):
+        updates = _sectioned_data(updates, origin)
     hints = typing.get_type_hints(type(node))
     names = [f.name for f in fields(node)]
     for key, value in updates.items():
@@ -362,6 +419,42 @@ def _merge(node: Any, updates: dict, origin: Optional[str], origins: dict[str, s
         setattr(node, key, value)
         if origin:
             origins[full] = origin
+
+
+_NOTED: set[str] = set()
+
+
+def _note_moved(old: str, new: str, origin: Optional[str]) -> None:
+    """One line per old key and process; silent for checkpoints (origin None), which carry old keys for ever."""
+    if origin and old not in _NOTED:
+        _NOTED.add(old)
+        print(f"note: config key 'data.{old}' is now 'data.{new}' ({origin}); it is read as the new key",
+              file=sys.stderr)
+
+
+def _sectioned_data(updates: Any, origin: Optional[str]) -> Any:
+    """A `data` mapping with the keys of MOVED_DATA_KEYS put into their sections."""
+    if not isinstance(updates, dict) or not any(key in MOVED_DATA_KEYS for key in updates):
+        return updates
+    out: dict = {}
+    for key, value in updates.items():
+        if key not in MOVED_DATA_KEYS:
+            out[key] = value if not isinstance(value, dict) or key not in out else {**out[key], **value}
+            continue
+        section, name = MOVED_DATA_KEYS[key].split(".")
+        _note_moved(key, MOVED_DATA_KEYS[key], origin)
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][name] = value
+    return out
+
+
+def current_key_path(path: list[str], origin: Optional[str] = None) -> list[str]:
+    """`path` with an old flat data key (`data.image_size`) replaced by its place now (`data.preprocess.image_size`)."""
+    if len(path) >= 2 and path[0] == "data" and path[1] in MOVED_DATA_KEYS:
+        _note_moved(path[1], MOVED_DATA_KEYS[path[1]], origin)
+        return ["data", *MOVED_DATA_KEYS[path[1]].split("."), *path[2:]]
+    return path
 
 
 def check_values(node: Any, origins: Optional[dict[str, str]] = None, prefix: str = "") -> None:
@@ -445,18 +538,18 @@ def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
     """Checks that span several keys (single values are checked by the rules of their schema field)."""
     origins = origins or {}
     check_loss(cfg.loss, origins)
-    if cfg.data.folds == 1:
-        raise ConfigError(f"config key 'data.folds': got {cfg.data.folds}; expected 0 (off) or >= 2"
-                          f"{_where('data.folds', origins)}")
-    if cfg.data.folds and not 0 <= cfg.data.fold < cfg.data.folds:
-        raise ConfigError(f"config key 'data.fold': got {cfg.data.fold}; expected 0 <= fold < data.folds "
-                          f"({cfg.data.folds}){_where('data.fold', origins)}")
-    if len(cfg.data.mean) != len(cfg.data.std):
-        raise ConfigError("config keys 'data.mean' and 'data.std' must have the same length"
-                          f"{_where('data.std', origins) or _where('data.mean', origins)}")
-    if cfg.data.spacing is not None and len(cfg.data.spacing) != 2:
-        raise ConfigError(f"config key 'data.spacing': got {cfg.data.spacing}; expected [row, col] millimetres per "
-                          f"pixel (two numbers > 0) or null{_where('data.spacing', origins)}")
+    if cfg.data.split.folds == 1:
+        raise ConfigError(f"config key 'data.split.folds': got {cfg.data.split.folds}; expected 0 (off) or >= 2"
+                          f"{_where('data.split.folds', origins)}")
+    if cfg.data.split.folds and not 0 <= cfg.data.split.fold < cfg.data.split.folds:
+        raise ConfigError(f"config key 'data.split.fold': got {cfg.data.split.fold}; expected 0 <= fold < "
+                          f"data.split.folds ({cfg.data.split.folds}){_where('data.split.fold', origins)}")
+    if len(cfg.data.preprocess.mean) != len(cfg.data.preprocess.std):
+        raise ConfigError("config keys 'data.preprocess.mean' and 'data.preprocess.std' must have the same length"
+                          f"{_where('data.preprocess.std', origins) or _where('data.preprocess.mean', origins)}")
+    if cfg.data.layout.spacing is not None and len(cfg.data.layout.spacing) != 2:
+        raise ConfigError(f"config key 'data.layout.spacing': got {cfg.data.layout.spacing}; expected [row, col] "
+                          f"millimetres per pixel (two numbers > 0) or null{_where('data.layout.spacing', origins)}")
     if cfg.eval.runtime_precision != "fp32" and cfg.eval.runtime != "onnxruntime":
         raise ConfigError(f"config key 'eval.runtime_precision': {cfg.eval.runtime_precision} runs on eval.runtime "
                           f"onnxruntime only (got {cfg.eval.runtime}){_where('eval.runtime_precision', origins)}")
@@ -474,10 +567,11 @@ def validate(cfg: Config, origins: Optional[dict[str, str]] = None) -> None:
 def _check_monitor_task(cfg: Config, origins: dict[str, str]) -> None:
     """A single-task run (`loss.cls_weight: 0` or `loss.seg_weight: 0`) cannot monitor the other task's metric;
     a layout without masks (imagefolder) or without classes (pairs) trains one task only."""
-    for fmt, key, task in (("imagefolder", "loss.seg_weight", "masks"), ("pairs", "loss.cls_weight", "classes")):
-        if cfg.data.format == fmt and getattr(cfg.loss, key.split(".")[1]) > 0:
-            raise ConfigError(f"config key '{key}': data.format={fmt} has no {task}, so {key} must be 0"
-                              f"{' and loss.aux_weights=[]' if task == 'masks' else ''}{_where(key, origins)}")
+    fmt, tasks = cfg.data.format, LAYOUT_TASKS[cfg.data.format]
+    for task, key, what in (("seg", "loss.seg_weight", "masks"), ("cls", "loss.cls_weight", "classes")):
+        if task not in tasks and getattr(cfg.loss, key.split(".")[1]) > 0:
+            raise ConfigError(f"config key '{key}': data.format={fmt} has no {what}, so {key} must be 0"
+                              f"{' and loss.aux_weights=[]' if what == 'masks' else ''}{_where(key, origins)}")
     for weight_key, weight, metrics, task in (("loss.cls_weight", cfg.loss.cls_weight, CLS_MONITORS, "classification"),
                                               ("loss.seg_weight", cfg.loss.seg_weight, SEG_MONITORS, "segmentation")):
         if weight == 0 and cfg.train.monitor in metrics:
@@ -505,6 +599,7 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: O
     _merge(cfg, raw or {}, source, origins)
     for text in overrides or []:
         path, value = parse_override(text)
+        path = current_key_path(path, f"from --opts {text}")
         _merge(cfg, _override_tree(cfg, path, value), f"from --opts {text}", origins)
     check_values(cfg, origins)
     validate(cfg, origins)
@@ -548,6 +643,8 @@ def override_keys(path: Optional[Union[str, Path]], overrides: Optional[list[str
 
     def walk(raw: Any, prefix: str) -> None:
         if isinstance(raw, dict) and raw:
+            if prefix == "data.":
+                raw = _sectioned_data(raw, None)
             for key, value in raw.items():
                 walk(value, f"{prefix}{key}.")
         else:
@@ -558,7 +655,7 @@ def override_keys(path: Optional[Union[str, Path]], overrides: Optional[list[str
             walk(yaml.safe_load(handle) or {}, "")
     for text in overrides or []:
         key_path, value = parse_override(text)
-        walk(_nest(key_path, value), "")
+        walk(_nest(current_key_path(key_path), value), "")
     leaves = flatten_config(Config())
     # `model.kwargs: {...}` is one leaf although its value is a mapping.
     return {next((leaf for leaf in leaves if key == leaf or key.startswith(leaf + ".")), key) for key in keys}

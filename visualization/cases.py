@@ -172,7 +172,7 @@ def compare_checkpoints(checkpoints: Sequence[PathLike], out_path: PathLike = "i
     Each model is rebuilt from its checkpoint and sees the split prepared with its own data config (image size,
     channels, normalisation); `split.json` beside each checkpoint defines the validation split. `data_root`
     replaces every checkpoint's `data.root`. Cases are chosen on the first checkpoint's dataset and matched by
-    image id in the others; a checkpoint that places images otherwise (`data.resize`) has its masks redrawn in
+    image id in the others; a checkpoint that places images otherwise (`data.preprocess.resize`) has its masks redrawn in
     the first one's frame (`masks_in_frame`).
     """
     from datasets.factory import build_eval_dataset
@@ -223,7 +223,7 @@ def compare_checkpoints(checkpoints: Sequence[PathLike], out_path: PathLike = "i
 
     row_titles = [f"{stem}\ntrue: {class_names[int(s['label'])]}" for stem, s in zip(ids, samples)]
     suptitle = f"{split} split of {Path(reference_cfg.data.root).name}: predicted class · Dice of each model"
-    rgb = display_images(images, reference_cfg.data.mean, reference_cfg.data.std)
+    rgb = display_images(images, reference_cfg.data.preprocess.mean, reference_cfg.data.preprocess.std)
     return save_figure(mask_grid(rgb, truth, columns, row_titles, suptitle), out_path)
 
 

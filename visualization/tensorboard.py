@@ -31,6 +31,6 @@ def log_overlays(writer, model: nn.Module, dataset, device: torch.device, cfg: C
     model.eval()
     logits = model(images.to(device))["seg"].float().cpu()
     pred = (torch.sigmoid(logits) >= cfg.eval.threshold).float()
-    base = denormalize(images, cfg.data.mean, cfg.data.std)
+    base = denormalize(images, cfg.data.preprocess.mean, cfg.data.preprocess.std)
     grid = torch.cat([base, overlay(base, masks, (0.0, 1.0, 0.0)), overlay(base, pred, (1.0, 0.0, 0.0))])
     writer.add_image("val/overlays", torchvision.utils.make_grid(grid, nrow=len(samples)), epoch)
