@@ -143,7 +143,7 @@ def check_run_folder(checkpoint: Path, ckpt: dict, cfg: Config) -> None:
             "it with --opts data.split.file=PATH), or start a new run")
     if (run / "config.yaml").is_file():
         try:
-            load_config(run / "config.yaml")
+            load_config(run / "config.yaml", saved_by_a_run=True)
         except ConfigError as exc:
             reason = " ".join(str(exc).split())  # YAML parser messages span several lines
             raise RunFolderError(

@@ -57,7 +57,7 @@ def run_row(run_dir: Path, folder: str) -> dict:
         raise InputError(f"{metrics_path} is missing: run python test.py --checkpoint {run_dir}/best.pth "
                          f"with the settings that write '{folder}' (e.g. --split {folder.split('_')[1]})")
     metrics = json.loads(metrics_path.read_text())
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", saved_by_a_run=True)
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
     command = (run_dir / "command.txt").read_text().splitlines()[0] if (run_dir / "command.txt").is_file() else ""
     row = {"run": str(run_dir), "name": cfg.model.name, "metrics": metrics, "cfg": cfg, "command": command,
@@ -173,7 +173,7 @@ def transfer_row(run_dir: Path, external: str) -> list[str]:
     val, test, ext = read("test_val"), read("test_test"), read(external)
     shift_path = run_dir / "shift_val" / "shift.json"
     shift = json.loads(shift_path.read_text()) if shift_path.is_file() else {}
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", saved_by_a_run=True)
     name = f"{cfg.experiment.name} seed {cfg.experiment.seed} ({cfg.data.preprocess.resize})"
     held = shift.get("held_out_mean") or {}
     shapes = class_shape_accuracy(run_dir / "test_val", "meningioma") if val else {}

@@ -97,6 +97,11 @@ def test_flat_data_keys_of_older_configs_and_checkpoints_are_read_in_their_secti
     err = capsys.readouterr().err
     assert "'data.image_size' is now 'data.preprocess.image_size' (in " in err
     assert "'data.batch_size' is now 'data.loader.batch_size' (from --opts data.batch_size=5)" in err
+    # a run's own config.yaml written by an older version: read silently, like its checkpoint
+    saved = tmp_path / "config.yaml"
+    saved.write_text("data:\n  image_size: 80\n  synthetic: true\n")
+    assert load_config(saved, saved_by_a_run=True).data.preprocess.image_size == 80
+    assert capsys.readouterr().err == ""
     # a bad value under an old key is reported under its new name, with its origin
     with pytest.raises(ConfigError, match=r"'data.loader.batch_size': got 0; .*\(from --opts data.batch_size=0\)"):
         config_from_dict({}, ["data.batch_size=0"])

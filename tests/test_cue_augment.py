@@ -102,7 +102,7 @@ def test_every_shift_says_what_imitates_it():
 
 
 def test_head_configs_add_to_the_recipes_and_leave_them_unchanged():
-    plain, robust = load_config(ROOT / "configs/brisc_cpu.yaml"), load_config(ROOT / "configs/brisc_cpu_robust.yaml")
+    plain, robust = load_config(ROOT / "configs/brisc_cpu_stretch.yaml"), load_config(ROOT / "configs/brisc_cpu_robust.yaml")
     head, head_robust = (load_config(ROOT / f"configs/{n}.yaml") for n in ("brisc_cpu_head", "brisc_cpu_head_robust"))
     assert plain.data.preprocess.resize == "stretch" and plain.data.augment.p_canvas == 0 and plain.data.augment.p_jpeg == 0
     assert head.data.preprocess.resize == head_robust.data.preprocess.resize == "head"

@@ -607,8 +607,12 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: O
     return cfg
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a YAML experiment file (or only the defaults when `path` is None) and apply overrides."""
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None,
+                saved_by_a_run: bool = False) -> Config:
+    """Load a YAML experiment file (or only the defaults when `path` is None) and apply overrides.
+
+    `saved_by_a_run`: the file is a run's own `config.yaml`, written by train.py; an older run's flat data keys
+    are then read without a note, as a checkpoint's are (nobody is going to edit it)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -622,6 +626,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
                 raise ConfigError(f"config file '{path}' is not valid YAML: {where}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
+        if saved_by_a_run and isinstance(raw.get("data"), dict):
+            raw["data"] = _sectioned_data(raw["data"], None)
     return config_from_dict(raw, overrides, source=f"in {path}" if path is not None else None)
 
 
