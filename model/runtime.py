@@ -135,6 +135,9 @@ def _onnx_forward(path: Path, tasks: Sequence[str], device: torch.device, thread
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
+    # ONNX Runtime's threads otherwise spin for a while after each call, holding the cores that the decoding,
+    # mask upsampling and PNG writing around the call need (measured: docs/runtime.md)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=providers)
     names = [output.name for output in session.get_outputs()]
 

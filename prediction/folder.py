@@ -14,10 +14,12 @@ docs/runtime.md); `--runtime torch` predicts with the eager model.
 from __future__ import annotations
 
 import csv
+import os
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -115,18 +117,27 @@ def _prepared(image: Union[str, Path, np.ndarray], data_cfg) -> tuple[torch.Tens
     return prepare_for_inference(image, data_cfg)
 
 
-@torch.no_grad()
-def predict_batch(model: nn.Module, cfg, images: Sequence[Union[str, Path, np.ndarray]],
-                  threshold: Optional[float] = None, tta: bool = False) -> list[Union[ImagePrediction, DataError]]:
-    """Predict several images in one call of `model` (an eager model or a `model.runtime` predictor, which
-    splits the batch under its pixel budget): per image its ImagePrediction, or the DataError that made it
-    unreadable. `seconds` is the image's share of the batch's model time."""
-    loaded: list[Union[tuple, DataError]] = []
-    for image in images:
+def load_images(images: Sequence[Union[str, Path, np.ndarray]], data_cfg,
+                pool: Optional[Executor] = None) -> list[Union[tuple[torch.Tensor, Placement], DataError]]:
+    """Each image decoded and placed as in training (its model input and Placement), or the DataError that made
+    it unreadable; with `pool`, decoded in its threads (OpenCV releases the GIL while decoding)."""
+    def one(image: Union[str, Path, np.ndarray]) -> Union[tuple[torch.Tensor, Placement], DataError]:
         try:
-            loaded.append(_prepared(image, cfg.data))
+            return _prepared(image, data_cfg)
         except DataError as exc:
-            loaded.append(exc)
+            return exc
+
+    return list(pool.map(one, images) if pool is not None else map(one, images))
+
+
+@torch.no_grad()
+def predict_loaded(model: nn.Module, cfg, loaded: Sequence[Union[tuple[torch.Tensor, Placement], DataError]],
+                   threshold: Optional[float] = None, tta: bool = False,
+                   pool: Optional[Executor] = None) -> list[Union[ImagePrediction, DataError]]:
+    """`load_images`' output through one call of `model` (an eager model or a `model.runtime` predictor, which
+    splits the batch under its pixel budget): per image its ImagePrediction, or its DataError. With `pool`, the
+    masks are mapped back to each image's own size in its threads. `seconds` is the image's share of the
+    batch's model time."""
     readable = [item for item in loaded if not isinstance(item, DataError)]
     if not readable:
         return list(loaded)
@@ -135,35 +146,70 @@ def predict_batch(model: nn.Module, cfg, images: Sequence[Union[str, Path, np.nd
     outputs = predict(model, torch.stack([item[0] for item in readable]).to(model_device(model)), tta=tta)
     # .cpu() waits for the device; a segmentation-only run has no class output
     probs = torch.softmax(outputs["cls"].float(), 1).cpu().numpy() if "cls" in outputs else None
-    tumours = []
-    for index, (_, placement) in enumerate(readable):
-        if has_seg:  # each image mapped back to its own size through its placement
-            logits = logits_to_original(outputs["seg"][index:index + 1], placement.original_hw, placement)
-            tumours.append(torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32))
-        else:
-            tumours.append(None)
+
+    def tumour(index: int) -> Optional[np.ndarray]:  # one image's probabilities at its own size
+        if not has_seg:
+            return None
+        placement = readable[index][1]
+        logits = logits_to_original(outputs["seg"][index:index + 1], placement.original_hw, placement)
+        return torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32)
+
+    indices = range(len(readable))
+    tumours = list(pool.map(tumour, indices) if pool is not None else map(tumour, indices))
     seconds = (time.perf_counter() - start) / len(readable)
     cut = cfg.eval.threshold if threshold is None else float(threshold)
     done = iter(ImagePrediction(probabilities=None if probs is None else probs[i], tumour_probability=tumours[i],
                                 threshold=cut, model_input=readable[i][0],
                                 size=(readable[i][1].original_hw[1], readable[i][1].original_hw[0]),
                                 seconds=seconds, placement=readable[i][1])
-                for i in range(len(readable)))
+                for i in indices)
     return [item if isinstance(item, DataError) else next(done) for item in loaded]
+
+
+def predict_batch(model: nn.Module, cfg, images: Sequence[Union[str, Path, np.ndarray]],
+                  threshold: Optional[float] = None, tta: bool = False) -> list[Union[ImagePrediction, DataError]]:
+    """Predict several images in one call of `model`: `load_images` then `predict_loaded`, in this thread."""
+    return predict_loaded(model, cfg, load_images(images, cfg.data), threshold, tta)
+
+
+def _prefetched(batches: list[list[Path]], data_cfg, pool: Optional[Executor]
+                ) -> Iterator[list[Union[tuple[torch.Tensor, Placement], DataError]]]:
+    """The loaded images of each batch, in order; with `pool`, the next batch is decoded while the caller
+    predicts the current one (a reader thread of its own hands the decoding to `pool`)."""
+    if pool is None:
+        yield from (load_images(batch, data_cfg) for batch in batches)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="reader") as reader:
+        pending = reader.submit(load_images, batches[0], data_cfg, pool) if batches else None
+        for index in range(len(batches)):
+            loaded = pending.result()
+            if index + 1 < len(batches):
+                pending = reader.submit(load_images, batches[index + 1], data_cfg, pool)
+            yield loaded
+
+
+def _write_mask(path: Path, mask: np.ndarray) -> int:
+    """Write one 0/255 mask PNG; its tumour pixel count."""
+    import cv2
+
+    if not cv2.imwrite(str(path), mask):
+        raise DataError(f"could not write the mask '{path}' (disk full or folder not writable?)")
+    return int((mask > 0).sum())
 
 
 def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], device_name: str = "auto",
                    threshold: Optional[float] = None, tta: bool = False, use_ema: bool = True,
                    runtime: Optional[str] = None, precision: Optional[str] = None,
-                   batch_size: Optional[int] = None) -> list[str]:
+                   batch_size: Optional[int] = None, workers: Optional[int] = None) -> list[str]:
     """Classify and segment every image in `input_dir`; write `<stem>_mask.png` files and `predictions.csv`.
 
     `runtime` / `precision`: the inference runtime (None: eval.predict_runtime / eval.runtime_precision of the
-    run: onnxruntime fp32 on a CPU, eager torch on a GPU); `batch_size` images are read and predicted per call (default: eval.batch_size).
+    run: onnxruntime fp32 on a CPU, eager torch on a GPU); `batch_size` images are read and predicted per call
+    (default: eval.batch_size). `workers` threads decode the next batch while the model predicts the current one,
+    map masks back and write them (default: the CPU count, at most 4; 0: everything in this thread, one step
+    after another); the files written are the same either way.
     Returns the names of the files that could not be predicted (also in the CSV with their reason).
     """
-    import cv2
-
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise DataError(f"--input '{input_dir}' is not a folder of images")
@@ -188,32 +234,40 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     columns = ["file", *(["predicted_class"] if has_cls else []), *(["tumour_pixels"] if has_seg else []),
                *(f"p_{n}" for n in (CLASS_NAMES if has_cls else [])), *(["placement"] if head else []),
                "status", "error"]
-    rows, failed, written, fallbacks = [], [], set(), []
-    results = (result for start in range(0, len(files), batch_size)
-               for result in predict_batch(model, cfg, files[start:start + batch_size], threshold, tta))
-    for path, result in zip(files, results):
-        row = dict.fromkeys(columns, "")
-        row["file"] = path.name
-        if isinstance(result, DataError):
-            row.update(status="failed", error=str(result))
-            failed.append(path.name)
-            print(f"failed: {path.name}: {result}")
+    rows, failed, written, fallbacks, counted = [], [], set(), [], []
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="predict") if workers > 0 else None
+    batches = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
+    results = (result for loaded in _prefetched(batches, cfg.data, pool)
+               for result in predict_loaded(model, cfg, loaded, threshold, tta, pool))
+    try:
+        for path, result in zip(files, results):
+            row = dict.fromkeys(columns, "")
+            row["file"] = path.name
             rows.append(row)
-            continue
-        row["status"] = "ok"
-        if head:
-            row["placement"] = result.placement_label
-            if result.placement.fallback:
-                fallbacks.append(path.name)
-        if has_cls:
-            row["predicted_class"] = result.predicted_class
-            row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
-        if has_seg:
-            mask = result.mask()
-            cv2.imwrite(str(mask_dir / f"{path.stem}{MASK_SUFFIX}"), mask)
-            written.add(f"{path.stem}{MASK_SUFFIX}")
-            row["tumour_pixels"] = int((mask > 0).sum())
-        rows.append(row)
+            if isinstance(result, DataError):
+                row.update(status="failed", error=str(result))
+                failed.append(path.name)
+                print(f"failed: {path.name}: {result}")
+                continue
+            row["status"] = "ok"
+            if head:
+                row["placement"] = result.placement_label
+                if result.placement.fallback:
+                    fallbacks.append(path.name)
+            if has_cls:
+                row["predicted_class"] = result.predicted_class
+                row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
+            if has_seg:  # the PNG is encoded and written in the pool while the next images are predicted
+                name = f"{path.stem}{MASK_SUFFIX}"
+                args = (mask_dir / name, result.mask())
+                counted.append((row, pool.submit(_write_mask, *args) if pool is not None else _write_mask(*args)))
+                written.add(name)
+        for row, count in counted:
+            row["tumour_pixels"] = count.result() if pool is not None else count
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     stale = remove_stale_masks(mask_dir, written) if has_seg else 0
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)

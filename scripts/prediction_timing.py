@@ -55,11 +55,12 @@ def linked_folder(files: list[Path], folder: Path) -> Path:
     return folder
 
 
-def time_folder(checkpoint: Path, folder: Path, out: Path, runtime: str, batch_size: Optional[int]) -> float:
+def time_folder(checkpoint: Path, folder: Path, out: Path, runtime: str, batch_size: Optional[int],
+                workers: Optional[int] = None) -> float:
     from prediction.folder import predict_folder
 
     start = time.perf_counter()
-    failed = predict_folder(checkpoint, folder, out, "cpu", runtime=runtime, batch_size=batch_size)
+    failed = predict_folder(checkpoint, folder, out, "cpu", runtime=runtime, batch_size=batch_size, workers=workers)
     seconds = time.perf_counter() - start
     if failed:
         raise SystemExit(f"{len(failed)} images could not be predicted ({failed[:3]} ...)")
@@ -109,6 +110,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--side", type=positive_int, default=None, help="only square files of this side (e.g. 512)")
     parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"], choices=RUNTIME_CHOICES)
     parser.add_argument("--batch-size", type=positive_int, default=None, help="test.py --batch-size (default: config)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, -1],
+                        help="test.py --input reader/writer threads to time, each (0: one step after another, the "
+                             "path before threads; -1: the default)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     import torch
@@ -119,19 +123,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         folder = linked_folder(files, Path(scratch) / "input")
         for runtime in args.runtimes:
             export_s = prepare_export(args.checkpoint, runtime)
-            folder_s = time_folder(args.checkpoint, folder, Path(scratch) / f"out_{runtime}", runtime, args.batch_size)
             uploads = time_uploads(args.checkpoint, files[:args.uploads], runtime)
-            results.append({"runtime": runtime, "export_s": export_s, "folder_s": folder_s,
-                            "folder_img_s": len(files) / folder_s, "upload_ms_median": statistics.median(uploads),
-                            "upload_ms_p95": sorted(uploads)[int(0.95 * (len(uploads) - 1))]})
+            for workers in args.workers:
+                out = Path(scratch) / f"out_{runtime}_{workers}"
+                folder_s = time_folder(args.checkpoint, folder, out, runtime, args.batch_size,
+                                       None if workers < 0 else workers)
+                results.append({"runtime": runtime, "workers": "default" if workers < 0 else workers,
+                                "export_s": export_s, "folder_s": folder_s, "folder_img_s": len(files) / folder_s,
+                                "upload_ms_median": statistics.median(uploads),
+                                "upload_ms_p95": sorted(uploads)[int(0.95 * (len(uploads) - 1))]})
     base = results[0]
-    rows = [[r["runtime"], f"{r['export_s']:.1f}", f"{r['folder_s']:.1f}", f"{r['folder_img_s']:.1f}",
+    rows = [[r["runtime"], str(r["workers"]), f"{r['export_s']:.1f}", f"{r['folder_s']:.1f}", f"{r['folder_img_s']:.1f}",
              f"{base['folder_s'] / r['folder_s']:.2f}x", f"{r['upload_ms_median']:.1f}", f"{r['upload_ms_p95']:.1f}",
              f"{base['upload_ms_median'] / r['upload_ms_median']:.2f}x"] for r in results]
     sizes = f" of {args.side}x{args.side} px" if args.side else ""
     print(f"\n{len(files)} images{sizes} from {args.images} (folder prediction), {min(args.uploads, len(files))} uploads; "
-          f"CPU, {torch.get_num_threads()} threads; speed-up against {base['runtime']}\n")
-    print(markdown_table(["runtime", "export (s, once)", "folder (s)", "folder img/s", "folder speed-up",
+          f"CPU, {torch.get_num_threads()} threads; speed-up against {base['runtime']} with "
+          f"{base['workers']} folder threads\n")
+    print(markdown_table(["runtime", "folder threads", "export (s, once)", "folder (s)", "folder img/s", "folder speed-up",
                           "upload ms (median)", "upload ms (p95)", "upload speed-up"], rows))
     if args.json:
         args.json.write_text(json.dumps({"images": len(files), "threads": torch.get_num_threads(),

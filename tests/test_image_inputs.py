@@ -226,3 +226,24 @@ def test_check_reports_sixteen_bit_and_tiny_images(data_copy):
     report = check_dataset(data_copy)
     assert report.warnings["16-bit image (scaled to 8 bits by its bit depth in use)"] == [str(deep)]
     assert any(files[1].name in d for d in report.errors[f"image below {MIN_IMAGE_SIDE} px"])
+
+
+def test_the_evaluation_transform_is_built_once_per_settings_and_thread():
+    """Prediction calls it per image; building the albumentations pipeline each time cost as much as running it."""
+    import threading
+
+    from datasets.transforms import inference_transform
+
+    prep = config_from_dict({"data": {"preprocess": {"image_size": 64}}}).data.preprocess
+    first = inference_transform(prep)
+    assert inference_transform(prep) is first
+    other = config_from_dict({"data": {"preprocess": {"image_size": 32}}}).data.preprocess
+    assert inference_transform(other) is not first
+    elsewhere = []
+    worker = threading.Thread(target=lambda: elsewhere.append(inference_transform(prep)))
+    worker.start()
+    worker.join()
+    assert elsewhere[0] is not first  # a thread of its own gets its own pipeline
+    grey = np.full((64, 64), 100, np.uint8)
+    empty = np.zeros((64, 64), np.uint8)
+    assert torch.equal(first(grey, empty)[0], elsewhere[0](grey, empty)[0])

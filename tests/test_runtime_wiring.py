@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -225,8 +226,34 @@ def test_prediction_timing_script_times_each_runtime_on_the_same_files(checkpoin
     assert run_main(timing.main, ["--checkpoint", str(checkpoint), "--images", str(images), "--count", "3",
                                   "--uploads", "2", "--json", str(tmp_path / "t.json")]) == 0
     figures = json.loads((tmp_path / "t.json").read_text())
-    assert figures["images"] == 3 and [r["runtime"] for r in figures["results"]] == ["torch", "onnxruntime"]
+    assert figures["images"] == 3
+    assert [(r["runtime"], r["workers"]) for r in figures["results"]] == [
+        ("torch", 0), ("torch", "default"), ("onnxruntime", 0), ("onnxruntime", "default")]
     assert all(r["folder_s"] > 0 and r["upload_ms_median"] > 0 for r in figures["results"])
-    assert "| onnxruntime |" in capsys.readouterr().out
+    assert "| onnxruntime | default |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no images of 12345x12345 pixels"):
         timing.image_files(images, 5, side=12345)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_threaded_folder_prediction_writes_what_the_serial_one_writes(checkpoint: Path, tiny_brisc: Path,
+                                                                       tmp_path: Path, workers: int) -> None:
+    """Decoding ahead and writing masks in threads changes the speed only: same CSV, same mask files, and an
+    unreadable file still listed in order."""
+    from prediction.folder import predict_folder
+
+    folder = tmp_path / "in"
+    shutil.copytree(tiny_brisc / "classification_task" / "test" / "glioma", folder)
+    (folder / "0_broken.png").write_bytes(b"not a png")
+    serial = predict_folder(checkpoint, folder, tmp_path / "serial", "cpu", runtime="torch", batch_size=2, workers=0)
+    threaded = predict_folder(checkpoint, folder, tmp_path / "threaded", "cpu", runtime="torch", batch_size=2,
+                              workers=workers)
+    assert serial == threaded == ["0_broken.png"]
+    csv_of = lambda name: (tmp_path / name / "predictions.csv").read_text().splitlines()
+    assert csv_of("serial") == csv_of("threaded") and len(csv_of("serial")) == 1 + len(list(folder.iterdir()))
+    masks = sorted(p.name for p in (tmp_path / "serial" / "masks").iterdir())
+    assert masks == sorted(p.name for p in (tmp_path / "threaded" / "masks").iterdir()) and masks
+    for name in masks:
+        a = cv2.imread(str(tmp_path / "serial" / "masks" / name), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(tmp_path / "threaded" / "masks" / name), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(a, b)
