@@ -187,8 +187,7 @@ def layout_settings(data: DataConfig, overrides: Sequence[str]) -> LayoutConfig:
     (`data.layout.mask_suffix=_mask`, ...) applied and validated by the schema."""
     paths = []
     for text in overrides:
-        path, value = parse_override(text)
-        path = current_key_path(path, f"from --layout {text}")
+        path = current_key_path(parse_override(text)[0], f"from --layout {text}")
         if len(path) < 3 or path[:2] != ["data", "layout"]:
             keys = ", ".join(f"data.layout.{f.name}" for f in dataclasses.fields(LayoutConfig))
             raise ConfigError(f"--layout {text}: --layout sets the other dataset's layout keys only ({keys})")

@@ -589,7 +589,8 @@ def read_yaml_file(path: Path, what: str, missing_hint: str = "") -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} '{path}' is not valid YAML: {exc}") from exc
+        where = " ".join(str(exc).split())  # the parser's message spans lines: the user sees one
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {where}") from exc
 
 
 def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: Optional[str] = None) -> Config:
@@ -616,14 +617,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist (see configs/ for the shipped experiments)")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                raw = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as exc:
-                where = " ".join(str(exc).split())  # the parser's message spans lines: the user sees one
-                raise ConfigError(f"config file '{path}' is not valid YAML: {where}") from exc
+        raw = read_yaml_file(path, "config file", " (see configs/ for the shipped experiments)") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
         if saved_by_a_run and isinstance(raw.get("data"), dict):
