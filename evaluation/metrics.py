@@ -79,6 +79,16 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
+def logit_of(threshold: float) -> float:
+    """The logit cut of a probability threshold: sigmoid(x) >= t  <=>  x >= log(t / (1 - t)), so masks are made by
+    comparing logits, with no sigmoid (t <= 0: every pixel, t >= 1: none)."""
+    if threshold <= 0.0:
+        return -math.inf
+    if threshold >= 1.0:
+        return math.inf
+    return math.log(threshold / (1.0 - threshold))
+
+
 class MultiTaskMetrics:
     """Accumulates classification and segmentation counts over batches; `compute()` gives the figures.
 
@@ -101,8 +111,7 @@ class MultiTaskMetrics:
         self.num_classes = num_classes
         self.class_names = list(class_names)
         self.threshold = float(threshold)
-        # sigmoid(x) >= t  <=>  x >= log(t / (1 - t)): compare logits directly, no sigmoid needed.
-        self._logit_threshold = math.log(threshold / (1.0 - threshold))
+        self._logit_threshold = logit_of(threshold)
         self.keep_per_image = keep_per_image
         self.reset()
 

@@ -21,6 +21,7 @@ from datasets.decode import read_grey
 from datasets.geometry import Placement, logits_to_original
 from datasets.index import Sample
 from evaluation.boundary import boundary_distances
+from evaluation.metrics import logit_of
 
 
 def original_mask(sample: Sample) -> Optional[np.ndarray]:
@@ -56,8 +57,7 @@ class NativeCounts:
         self.placement = placement
         self.samples = {s.stem: s for s in samples}
         self.thresholds = [float(t) for t in thresholds]
-        # sigmoid(x) >= t  <=>  x >= log(t / (1 - t))
-        self._logit_thresholds = [math.log(t / (1.0 - t)) for t in self.thresholds]
+        self._logit_thresholds = [logit_of(t) for t in self.thresholds]
         self.resize_mode = resize_mode
         self._rows: dict[str, Optional[torch.Tensor]] = {}
         self.boundary, self.spacing = boundary, tuple(float(v) for v in spacing)

@@ -45,6 +45,14 @@ def load_model_from_checkpoint(path: Union[str, Path], device: Union[str, torch.
     Returns (model in eval mode on `device`, config, raw checkpoint dict).
     """
     ckpt = read_checkpoint(path)
+    model, cfg = model_from_checkpoint(ckpt, path, device, use_ema)
+    return model, cfg, ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                          use_ema: bool = True) -> tuple[nn.Module, Config]:
+    """(model in eval mode on `device`, config) from a checkpoint's contents (`read_checkpoint(path)`); `path`
+    names it in errors."""
     cfg = config_of(ckpt, path)
     try:
         model = build_model(cfg.model.name, **model_kwargs(cfg, pretrained=False))
@@ -56,7 +64,7 @@ def load_model_from_checkpoint(path: Union[str, Path], device: Union[str, torch.
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     load_weights(model, weights, str(path), ckpt.get("model_name"))
     assign_tasks(model, cfg)
-    return model.to(device).eval(), cfg, ckpt
+    return model.to(device).eval(), cfg
 
 
 TASKS = ("cls", "seg")

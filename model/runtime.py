@@ -27,6 +27,7 @@ INT8 (ONNX Runtime), with the call contract of the eager model in eval mode.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,11 +39,12 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from utils.checkpoint import config_of, read_checkpoint
 from utils.errors import InputError
 
 from . import export
 from .export import RuntimeMismatchError, output_agreement  # noqa: F401 (part of this module's API)
-from .loading import load_model_from_checkpoint
+from .loading import model_from_checkpoint
 from .registry import model_tasks
 
 RUNTIMES = ("torch", "onnxruntime", "torchscript")
@@ -50,7 +52,7 @@ PRECISIONS = ("fp32", "int8-dynamic", "int8-static")
 FORMAT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript"}
 EXPORT_ATOL = 1e-4  # fp32 exports reproduce PyTorch to about 1e-6 on these models
 DEFAULT_PIXEL_BUDGET = 2 * 512 * 512
-CACHE_VERSION = 1  # bump when what a cached file holds changes
+CACHE_VERSION = 2  # bump when what a cached file or its record holds changes (2: the record names the tasks)
 Forward = Callable[[torch.Tensor], dict]
 
 
@@ -239,10 +241,11 @@ def _remove_stale(folder: Path, prefix: str, keep: str) -> None:
             old.unlink(missing_ok=True)
 
 
-def exported_file(checkpoint: Path, model: nn.Module, cfg, runtime: str, precision: str, use_ema: bool,
-                  tasks: Sequence[str], cache_dir: Path, atol: float, calibration=None) -> tuple[Path, dict]:
+def exported_file(checkpoint: Path, eager_model: Callable[[], nn.Module], cfg, runtime: str, precision: str,
+                  use_ema: bool, cache_dir: Path, atol: float, calibration=None) -> tuple[Path, dict]:
     """The cached file for this checkpoint, runtime and precision (exported and checked when missing) and its
-    record (the key, the parity figures, the file size, `cached`)."""
+    record (the key, the tasks, the parity figures, the file size, `cached`). `eager_model()` builds the
+    checkpoint's eager model; it is called only to export (a cached file needs no model)."""
     fmt = FORMAT_OF[runtime]
     calibration_key = getattr(calibration, "key", None) if precision == "int8-static" else None
     if precision == "int8-static" and calibration is not None and calibration_key is None:
@@ -259,9 +262,11 @@ def exported_file(checkpoint: Path, model: nn.Module, cfg, runtime: str, precisi
             record = json.loads(record_path.read_text())
         except (OSError, json.JSONDecodeError):  # a damaged record: export again rather than trust the file
             record = {}
-        if record.get("key") == key:
+        if record.get("key") == key and isinstance(record.get("tasks"), list):
             return path, dict(record, cached=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    model = eager_model()
+    tasks = model_tasks(model)
     if precision == "fp32":
         parity = _export_checked(model, cfg, path, fmt, tasks, atol)
     else:
@@ -273,7 +278,8 @@ def exported_file(checkpoint: Path, model: nn.Module, cfg, runtime: str, precisi
             parity = quantize_checked(fp32, path, model, cfg, tasks, precision, calibration)
         finally:
             fp32.unlink(missing_ok=True)
-    record = {"key": key, "file": path.name, "size_bytes": path.stat().st_size, "parity": parity}
+    record = {"key": key, "tasks": list(tasks), "file": path.name, "size_bytes": path.stat().st_size,
+              "parity": parity}
     _write_record(record_path, record)
     _remove_stale(cache_dir, prefix, name)
     return path, dict(record, cached=False)
@@ -293,7 +299,8 @@ def check_runtime(runtime: str, precision: str) -> None:
 def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device: Union[str, torch.device] = "cpu",
                    use_ema: bool = True, precision: str = "fp32", cache_dir: Optional[Union[str, Path]] = None,
                    pixel_budget: Optional[int] = -1, threads: int = 0, keep_memory: bool = True,
-                   atol: float = EXPORT_ATOL, calibration: Optional[Iterable[torch.Tensor]] = None) -> Predictor:
+                   atol: float = EXPORT_ATOL, calibration: Optional[Iterable[torch.Tensor]] = None,
+                   loaded: Optional[dict] = None) -> Predictor:
     """The checkpoint's model behind `runtime` ('torch', 'onnxruntime', 'torchscript') at `precision` ('fp32';
     'int8-dynamic' / 'int8-static' with onnxruntime), on `device`.
 
@@ -301,7 +308,9 @@ def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device:
     forward (-1: DEFAULT_PIXEL_BUDGET on a CPU, none on a GPU; None or 0: never split). `threads`: ONNX Runtime's
     intra-op threads (0: torch's count). `calibration` (int8-static only): batches of normalised images, e.g.
     `datasets.calibration.TrainCalibration(checkpoint)` (a few hundred images of the run's training split); an
-    object with a `key` attribute names itself in the cache key, plain tensors are hashed.
+    object with a `key` attribute names itself in the cache key, plain tensors are hashed. `loaded`: the
+    checkpoint's contents when the caller has read them already (`utils.checkpoint.read_checkpoint`). A cached
+    export loads without building the eager model.
     Raises InputError for a runtime, precision or device that does not fit, CheckpointError for the checkpoint,
     RuntimeMismatchError when an export does not reproduce PyTorch.
     """
@@ -313,15 +322,21 @@ def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device:
     device = torch.device(device)
     if pixel_budget == -1:
         pixel_budget = DEFAULT_PIXEL_BUDGET if device.type == "cpu" else None
-    model, cfg, _ = load_model_from_checkpoint(checkpoint, "cpu", use_ema=use_ema)
-    tasks = model_tasks(model)
+    ckpt = loaded if loaded is not None else read_checkpoint(checkpoint)
+    cfg = config_of(ckpt, checkpoint)
+
+    @functools.cache
+    def eager_model() -> nn.Module:  # on the CPU; built only for runtime torch or to export
+        return model_from_checkpoint(ckpt, checkpoint, "cpu", use_ema)[0]
+
     if runtime == "torch":
-        model = model.to(device)
-        return Predictor(_eager_forward(model, tasks), runtime, precision, tasks, device, pixel_budget,
-                         keep_memory, net=model, info={"file": checkpoint.name, "cached": False})
+        model = eager_model().to(device)
+        return Predictor(_eager_forward(model, model_tasks(model)), runtime, precision, model_tasks(model), device,
+                         pixel_budget, keep_memory, net=model, info={"file": checkpoint.name, "cached": False})
     folder = Path(cache_dir) if cache_dir is not None else checkpoint.parent / "exports"
-    path, record = exported_file(checkpoint, model, cfg, runtime, precision, use_ema, tasks, folder, atol,
+    path, record = exported_file(checkpoint, eager_model, cfg, runtime, precision, use_ema, folder, atol,
                                  calibration)
+    tasks = tuple(record["tasks"])
     if runtime == "onnxruntime":
         forward = _onnx_forward(path, tasks, device, threads)
     else:
@@ -331,6 +346,7 @@ def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device:
         size = cfg.data.preprocess.image_size
         inputs = export.check_inputs(cfg.data.preprocess.in_channels, size, size, 1, True)
         runner = forward_as_runner(forward, tasks)
+        model = eager_model()
         try:
             record["parity"]["max_abs_diff_optimised"] = export.check_export(runner, model.to(device), [
                 x.to(device) for x in inputs], atol, "optimised torchscript", tasks)

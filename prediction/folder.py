@@ -4,7 +4,8 @@ and probabilities.
 Every readable image is predicted; an unreadable one (empty, truncated, not an image, below the minimum size)
 is listed with its reason in the CSV and on the console, and the caller exits non-zero. Masks are made at each
 image's own size from bilinearly upsampled logits (`datasets.geometry.logits_to_original` with the image's
-`Placement`: stretched, letterboxed or cropped to the head as in training, `data.preprocess.resize`), then thresholded.
+`Placement`: stretched, letterboxed or cropped to the head as in training, `data.preprocess.resize`), then
+thresholded on the logits as test.py scores them (sigmoid(x) >= t <=> x >= log(t / (1 - t))).
 `predict_batch` does this for several images at once with an eager model or any `model.runtime` predictor
 (`predict_image`: one image) (the folder loop and the web demo call it; the predictor splits a batch into chunks
 that never cost more per image than batch 1). On a CPU it predicts with the ONNX Runtime export of the checkpoint
@@ -30,6 +31,7 @@ from datasets import CLASS_NAMES, DataError
 from datasets.geometry import Placement, logits_to_original
 from datasets.index import IMAGE_SUFFIXES
 from evaluation.inference import predict
+from evaluation.metrics import logit_of
 from model import model_tasks
 from utils.runtime import select_device
 
@@ -60,12 +62,19 @@ class ImagePrediction:
     """One image's prediction at its own size."""
 
     probabilities: np.ndarray  # (num_classes,) softmax of the class logits
-    tumour_probability: Optional[np.ndarray]  # (height, width) float32 sigmoid; None for classification-only models
+    tumour_logits: Optional[np.ndarray]  # (height, width) float32 segmentation logits; None: classification only
     threshold: float  # the segmentation threshold `mask` applies
     model_input: torch.Tensor  # the normalised (C, S, S) input the model saw (for Grad-CAM)
     size: tuple[int, int]  # the image's own (width, height)
     seconds: float  # the model's time for this image (forward pass, TTA included, and the softmax/sigmoid)
     placement: Placement  # where the image sat on the model's input: what maps the mask and Grad-CAM back
+
+    @property
+    def tumour_probability(self) -> Optional[np.ndarray]:
+        """(height, width) float32 sigmoid of the tumour logits; None for classification-only models."""
+        if self.tumour_logits is None:
+            return None
+        return torch.sigmoid(torch.from_numpy(self.tumour_logits)).numpy()
 
     @property
     def class_index(self) -> Optional[int]:
@@ -82,10 +91,10 @@ class ImagePrediction:
 
     def mask(self, threshold: Optional[float] = None) -> Optional[np.ndarray]:
         """The 0/255 uint8 tumour mask at `threshold` (default: the prediction's own)."""
-        if self.tumour_probability is None:
+        if self.tumour_logits is None:
             return None
-        cut = self.threshold if threshold is None else threshold
-        return (self.tumour_probability >= cut).astype(np.uint8) * 255
+        cut = logit_of(self.threshold if threshold is None else threshold)
+        return (self.tumour_logits >= cut).astype(np.uint8) * 255
 
 
 def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], threshold: Optional[float] = None,
@@ -147,18 +156,18 @@ def predict_loaded(model: nn.Module, cfg, loaded: Sequence[Union[tuple[torch.Ten
     # .cpu() waits for the device; a segmentation-only run has no class output
     probs = torch.softmax(outputs["cls"].float(), 1).cpu().numpy() if "cls" in outputs else None
 
-    def tumour(index: int) -> Optional[np.ndarray]:  # one image's probabilities at its own size
+    def tumour(index: int) -> Optional[np.ndarray]:  # one image's logits at its own size
         if not has_seg:
             return None
         placement = readable[index][1]
-        logits = logits_to_original(outputs["seg"][index:index + 1], placement.original_hw, placement)
-        return torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32)
+        logits = logits_to_original(outputs["seg"][index:index + 1].cpu(), placement.original_hw, placement)
+        return logits[0, 0].numpy().astype(np.float32, copy=False)
 
     indices = range(len(readable))
     tumours = list(pool.map(tumour, indices) if pool is not None else map(tumour, indices))
     seconds = (time.perf_counter() - start) / len(readable)
     cut = cfg.eval.threshold if threshold is None else float(threshold)
-    done = iter(ImagePrediction(probabilities=None if probs is None else probs[i], tumour_probability=tumours[i],
+    done = iter(ImagePrediction(probabilities=None if probs is None else probs[i], tumour_logits=tumours[i],
                                 threshold=cut, model_input=readable[i][0],
                                 size=(readable[i][1].original_hw[1], readable[i][1].original_hw[0]),
                                 seconds=seconds, placement=readable[i][1])
@@ -194,7 +203,7 @@ def _write_mask(path: Path, mask: np.ndarray) -> int:
 
     if not cv2.imwrite(str(path), mask):
         raise DataError(f"could not write the mask '{path}' (disk full or folder not writable?)")
-    return int((mask > 0).sum())
+    return cv2.countNonZero(mask)
 
 
 def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], device_name: str = "auto",
@@ -220,9 +229,11 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     from utils.checkpoint import config_of, read_checkpoint
 
     device = select_device(device_name, key="--device")
-    cfg = config_of(read_checkpoint(checkpoint), checkpoint)
+    loaded = read_checkpoint(checkpoint)
+    cfg = config_of(loaded, checkpoint)
     runtime, precision, automatic = prediction_runtime(cfg.eval, runtime, precision, device)
-    model = prediction_predictor(checkpoint, runtime, precision, automatic, device, use_ema)
+    model = prediction_predictor(checkpoint, runtime, precision, automatic, device, use_ema, loaded)
+    del loaded  # the weights and optimizer state are not needed while predicting
     print(runtime_label(model))
     batch_size = batch_size or cfg.eval.batch_size
     out_dir = Path(out_dir) if out_dir else fresh_output_dir(checkpoint, input_dir)

@@ -6,13 +6,16 @@ latency (`prediction.folder.predict_image` on a decoded upload, as app.py calls 
         --images ../shared/data/brisc2025/classification_task/train --side 512 --count 1000 --uploads 50
 
 Each runtime's export is made (and checked against PyTorch) before the clock starts: its time is reported on its
-own, as a user pays it once per checkpoint. Timings depend on the machine's load: run it on a quiet machine and
-quote the threads. Results: a Markdown table on stdout, and `--json FILE`.
+own, as a user pays it once per checkpoint. The folder timings are repeated `--repeats` times, the settings taking
+turns (so a slow minute of the machine hits them all), and reported as the median with the range. Timings depend
+on the machine's load: run it on a quiet machine and quote the threads. Results: a Markdown table on stdout, and
+`--json FILE`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -113,33 +116,43 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--workers", nargs="+", type=int, default=[0, -1],
                         help="test.py --input reader/writer threads to time, each (0: one step after another, the "
                              "path before threads; -1: the default)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="folder timings per setting (median)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     import torch
 
     files = image_files(args.images, args.count, args.side)
-    results = []
+    settings = [(runtime, workers) for runtime in args.runtimes for workers in args.workers]
+    exports, uploads, folder_s = {}, {}, {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory() as scratch:
         folder = linked_folder(files, Path(scratch) / "input")
         for runtime in args.runtimes:
-            export_s = prepare_export(args.checkpoint, runtime)
-            uploads = time_uploads(args.checkpoint, files[:args.uploads], runtime)
-            for workers in args.workers:
-                out = Path(scratch) / f"out_{runtime}_{workers}"
-                folder_s = time_folder(args.checkpoint, folder, out, runtime, args.batch_size,
-                                       None if workers < 0 else workers)
-                results.append({"runtime": runtime, "workers": "default" if workers < 0 else workers,
-                                "export_s": export_s, "folder_s": folder_s, "folder_img_s": len(files) / folder_s,
-                                "upload_ms_median": statistics.median(uploads),
-                                "upload_ms_p95": sorted(uploads)[int(0.95 * (len(uploads) - 1))]})
+            exports[runtime] = prepare_export(args.checkpoint, runtime)
+            uploads[runtime] = time_uploads(args.checkpoint, files[:args.uploads], runtime)
+        for repeat in range(args.repeats):
+            for runtime, workers in settings:
+                out = Path(scratch) / f"out_{runtime}_{workers}_{repeat}"
+                folder_s[runtime, workers].append(time_folder(args.checkpoint, folder, out, runtime, args.batch_size,
+                                                              None if workers < 0 else workers))
+                shutil.rmtree(out)
+    results = []
+    for runtime, workers in settings:
+        seconds = statistics.median(folder_s[runtime, workers])
+        results.append({"runtime": runtime, "workers": "default" if workers < 0 else workers,
+                        "export_s": exports[runtime], "folder_s": seconds, "folder_s_all": folder_s[runtime, workers],
+                        "folder_img_s": len(files) / seconds, "upload_ms_median": statistics.median(uploads[runtime]),
+                        "upload_ms_p95": sorted(uploads[runtime])[int(0.95 * (len(uploads[runtime]) - 1))]})
     base = results[0]
-    rows = [[r["runtime"], str(r["workers"]), f"{r['export_s']:.1f}", f"{r['folder_s']:.1f}", f"{r['folder_img_s']:.1f}",
-             f"{base['folder_s'] / r['folder_s']:.2f}x", f"{r['upload_ms_median']:.1f}", f"{r['upload_ms_p95']:.1f}",
-             f"{base['upload_ms_median'] / r['upload_ms_median']:.2f}x"] for r in results]
+    rows = []
+    for r in results:
+        folder = f"{r['folder_s']:.2f} ({min(r['folder_s_all']):.2f}-{max(r['folder_s_all']):.2f})"
+        rows.append([r["runtime"], str(r["workers"]), f"{r['export_s']:.1f}", folder, f"{r['folder_img_s']:.1f}",
+                     f"{base['folder_s'] / r['folder_s']:.2f}x", f"{r['upload_ms_median']:.1f}",
+                     f"{r['upload_ms_p95']:.1f}", f"{base['upload_ms_median'] / r['upload_ms_median']:.2f}x"])
     sizes = f" of {args.side}x{args.side} px" if args.side else ""
     print(f"\n{len(files)} images{sizes} from {args.images} (folder prediction), {min(args.uploads, len(files))} uploads; "
           f"CPU, {torch.get_num_threads()} threads; speed-up against {base['runtime']} with "
-          f"{base['workers']} folder threads\n")
+          f"{base['workers']} folder threads; folder: median (range) of {args.repeats} runs\n")
     print(markdown_table(["runtime", "folder threads", "export (s, once)", "folder (s)", "folder img/s", "folder speed-up",
                           "upload ms (median)", "upload ms (p95)", "upload speed-up"], rows))
     if args.json:

@@ -73,8 +73,14 @@ def test_export_is_cached_and_redone_when_the_checkpoint_changes(run_dir: Path, 
     checkpoint.write_bytes((run_dir / "best.pth").read_bytes())
     first = rt.load_predictor(checkpoint, "onnxruntime")
     assert not first.info["cached"] and Path(first.info["path"]).parent == tmp_path / "exports"
-    again = rt.load_predictor(checkpoint, "onnxruntime")
-    assert again.info["cached"] and again.info["path"] == first.info["path"]
+    def no_eager_model(*args, **kwargs):
+        raise AssertionError("a cached export was loaded by building the eager model")
+
+    with pytest.MonkeyPatch.context() as patch:  # a cached export loads from its file and record alone
+        patch.setattr(rt, "model_from_checkpoint", no_eager_model)
+        again = rt.load_predictor(checkpoint, "onnxruntime")
+    assert again.info["cached"] and again.info["path"] == first.info["path"] and again.tasks == first.tasks
+    torch.testing.assert_close(again(_images())["seg"], first(_images())["seg"], atol=0, rtol=0)
 
     # new weights under the same name: the old export no longer describes them
     saved = torch.load(checkpoint, weights_only=True)
@@ -164,6 +170,7 @@ def test_a_single_task_run_exports_its_one_output(tiny_brisc: Path, tmp_path: Pa
     torch.save(saved, checkpoint)
     predictor = rt.load_predictor(checkpoint, "onnxruntime")
     assert predictor.tasks == ("seg",)
+    assert rt.load_predictor(checkpoint, "onnxruntime").tasks == ("seg",)  # from the cached export's record
     out = predictor(_images())
     assert set(out) == {"seg"}
     model, _, _ = load_model_from_checkpoint(checkpoint, "cpu")

@@ -224,12 +224,14 @@ def test_prediction_timing_script_times_each_runtime_on_the_same_files(checkpoin
     spec.loader.exec_module(timing)
     images = tiny_brisc / "classification_task" / "test"
     assert run_main(timing.main, ["--checkpoint", str(checkpoint), "--images", str(images), "--count", "3",
-                                  "--uploads", "2", "--json", str(tmp_path / "t.json")]) == 0
+                                  "--uploads", "2", "--repeats", "2", "--json", str(tmp_path / "t.json")]) == 0
     figures = json.loads((tmp_path / "t.json").read_text())
     assert figures["images"] == 3
     assert [(r["runtime"], r["workers"]) for r in figures["results"]] == [
         ("torch", 0), ("torch", "default"), ("onnxruntime", 0), ("onnxruntime", "default")]
     assert all(r["folder_s"] > 0 and r["upload_ms_median"] > 0 for r in figures["results"])
+    assert all(len(r["folder_s_all"]) == 2 and min(r["folder_s_all"]) <= r["folder_s"] <= max(r["folder_s_all"])
+               for r in figures["results"])
     assert "| onnxruntime | default |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no images of 12345x12345 pixels"):
         timing.image_files(images, 5, side=12345)
