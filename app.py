@@ -168,7 +168,7 @@ def _show_results(model, cfg, info: dict, prediction, grey, record: dict, opacit
     from prediction import demo
     from utils.errors import UserError
 
-    name, threshold, has_seg = record["file"], record.get("threshold"), prediction.tumour_logits is not None
+    name, threshold, has_seg = record["file"], record.get("threshold"), prediction.seg_logits is not None
     if prediction.placement.fallback:  # a head-geometry run that could not find the head in this slice
         st.info("No head found in this slice: it was letterboxed instead of cropped to the head, unlike training.")
     summary, mask_column, cam_column = st.columns(3)

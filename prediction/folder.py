@@ -18,7 +18,7 @@ import csv
 import os
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -59,22 +59,32 @@ def remove_stale_masks(mask_dir: Path, written: set[str]) -> int:
 
 @dataclass
 class ImagePrediction:
-    """One image's prediction at its own size."""
+    """One image's prediction; its tumour logits at its own size are mapped back from the model's on first use
+    (`tumour_logits`, `mask`), so a caller can do that where it uses them (the folder loop: in its threads)."""
 
     probabilities: np.ndarray  # (num_classes,) softmax of the class logits
-    tumour_logits: Optional[np.ndarray]  # (height, width) float32 segmentation logits; None: classification only
+    seg_logits: Optional[torch.Tensor]  # (1, 1, S, S) CPU segmentation logits at the model's size; None: no seg
     threshold: float  # the segmentation threshold `mask` applies
     model_input: torch.Tensor  # the normalised (C, S, S) input the model saw (for Grad-CAM)
     size: tuple[int, int]  # the image's own (width, height)
-    seconds: float  # the model's time for this image (forward pass, TTA included, and the softmax/sigmoid)
+    seconds: float  # the model's time for this image (forward pass, TTA included, and the softmax)
     placement: Placement  # where the image sat on the model's input: what maps the mask and Grad-CAM back
+    _own_size_logits: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def tumour_logits(self) -> Optional[np.ndarray]:
+        """(height, width) float32 segmentation logits at the image's own size (bilinear through its placement,
+        `logits_to_original`); None for classification-only models. Computed once."""
+        if self._own_size_logits is None and self.seg_logits is not None:
+            logits = logits_to_original(self.seg_logits, self.placement.original_hw, self.placement)
+            self._own_size_logits = logits[0, 0].numpy().astype(np.float32, copy=False)
+        return self._own_size_logits
 
     @property
     def tumour_probability(self) -> Optional[np.ndarray]:
         """(height, width) float32 sigmoid of the tumour logits; None for classification-only models."""
-        if self.tumour_logits is None:
-            return None
-        return torch.sigmoid(torch.from_numpy(self.tumour_logits)).numpy()
+        logits = self.tumour_logits
+        return None if logits is None else torch.sigmoid(torch.from_numpy(logits)).numpy()
 
     @property
     def class_index(self) -> Optional[int]:
@@ -90,11 +100,11 @@ class ImagePrediction:
         return "letterbox (no head found)" if self.placement.fallback else self.placement.mode
 
     def mask(self, threshold: Optional[float] = None) -> Optional[np.ndarray]:
-        """The 0/255 uint8 tumour mask at `threshold` (default: the prediction's own)."""
-        if self.tumour_logits is None:
+        """The 0/255 uint8 tumour mask at the image's own size at `threshold` (default: the prediction's own)."""
+        logits = self.tumour_logits
+        if logits is None:
             return None
-        cut = logit_of(self.threshold if threshold is None else threshold)
-        return (self.tumour_logits >= cut).astype(np.uint8) * 255
+        return (logits >= logit_of(self.threshold if threshold is None else threshold)).astype(np.uint8) * 255
 
 
 def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], threshold: Optional[float] = None,
@@ -141,37 +151,25 @@ def load_images(images: Sequence[Union[str, Path, np.ndarray]], data_cfg,
 
 @torch.no_grad()
 def predict_loaded(model: nn.Module, cfg, loaded: Sequence[Union[tuple[torch.Tensor, Placement], DataError]],
-                   threshold: Optional[float] = None, tta: bool = False,
-                   pool: Optional[Executor] = None) -> list[Union[ImagePrediction, DataError]]:
+                   threshold: Optional[float] = None, tta: bool = False) -> list[Union[ImagePrediction, DataError]]:
     """`load_images`' output through one call of `model` (an eager model or a `model.runtime` predictor, which
-    splits the batch under its pixel budget): per image its ImagePrediction, or its DataError. With `pool`, the
-    masks are mapped back to each image's own size in its threads. `seconds` is the image's share of the
-    batch's model time."""
+    splits the batch under its pixel budget): per image its ImagePrediction, or its DataError. `seconds` is the
+    image's share of the batch's model time."""
     readable = [item for item in loaded if not isinstance(item, DataError)]
     if not readable:
         return list(loaded)
-    has_seg = "seg" in model_tasks(model)
     start = time.perf_counter()
     outputs = predict(model, torch.stack([item[0] for item in readable]).to(model_device(model)), tta=tta)
-    # .cpu() waits for the device; a segmentation-only run has no class output
+    # .cpu() waits for the device; a segmentation-only run has no class output, a classification-only one no seg
     probs = torch.softmax(outputs["cls"].float(), 1).cpu().numpy() if "cls" in outputs else None
-
-    def tumour(index: int) -> Optional[np.ndarray]:  # one image's logits at its own size
-        if not has_seg:
-            return None
-        placement = readable[index][1]
-        logits = logits_to_original(outputs["seg"][index:index + 1].cpu(), placement.original_hw, placement)
-        return logits[0, 0].numpy().astype(np.float32, copy=False)
-
-    indices = range(len(readable))
-    tumours = list(pool.map(tumour, indices) if pool is not None else map(tumour, indices))
+    seg = outputs["seg"].float().cpu() if "seg" in outputs else None
     seconds = (time.perf_counter() - start) / len(readable)
     cut = cfg.eval.threshold if threshold is None else float(threshold)
-    done = iter(ImagePrediction(probabilities=None if probs is None else probs[i], tumour_logits=tumours[i],
-                                threshold=cut, model_input=readable[i][0],
-                                size=(readable[i][1].original_hw[1], readable[i][1].original_hw[0]),
-                                seconds=seconds, placement=readable[i][1])
-                for i in indices)
+    done = iter(ImagePrediction(probabilities=None if probs is None else probs[i],
+                                seg_logits=None if seg is None else seg[i:i + 1], threshold=cut,
+                                model_input=image, size=(placement.original_hw[1], placement.original_hw[0]),
+                                seconds=seconds, placement=placement)
+                for i, (image, placement) in enumerate(readable))
     return [item if isinstance(item, DataError) else next(done) for item in loaded]
 
 
@@ -197,11 +195,14 @@ def _prefetched(batches: list[list[Path]], data_cfg, pool: Optional[Executor]
             yield loaded
 
 
-def _write_mask(path: Path, mask: np.ndarray) -> int:
-    """Write one 0/255 mask PNG; its tumour pixel count."""
+def _write_mask(path: Path, prediction: ImagePrediction) -> int:
+    """Map one prediction's mask back to its image's size and write it as a 0/255 PNG; its tumour pixel count."""
     import cv2
 
-    if not cv2.imwrite(str(path), mask):
+    mask = prediction.mask()
+    # no PNG row filters: a 0/255 mask compresses as well without them (smaller files, measured) and libpng's
+    # default tries five filters per row, a fifth of the encoding time
+    if not cv2.imwrite(str(path), mask, [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]):
         raise DataError(f"could not write the mask '{path}' (disk full or folder not writable?)")
     return cv2.countNonZero(mask)
 
@@ -250,7 +251,7 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     pool = ThreadPoolExecutor(workers, thread_name_prefix="predict") if workers > 0 else None
     batches = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
     results = (result for loaded in _prefetched(batches, cfg.data, pool)
-               for result in predict_loaded(model, cfg, loaded, threshold, tta, pool))
+               for result in predict_loaded(model, cfg, loaded, threshold, tta))
     try:
         for path, result in zip(files, results):
             row = dict.fromkeys(columns, "")
@@ -269,9 +270,9 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
             if has_cls:
                 row["predicted_class"] = result.predicted_class
                 row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
-            if has_seg:  # the PNG is encoded and written in the pool while the next images are predicted
+            if has_seg:  # mapped back, encoded and written in the pool while the next images are predicted
                 name = f"{path.stem}{MASK_SUFFIX}"
-                args = (mask_dir / name, result.mask())
+                args = (mask_dir / name, result)
                 counted.append((row, pool.submit(_write_mask, *args) if pool is not None else _write_mask(*args)))
                 written.add(name)
         for row, count in counted:

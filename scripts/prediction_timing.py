@@ -1,6 +1,6 @@
 """Prediction speed as a user meets it, per inference runtime, side by side in one run: `test.py --input` on a
 folder of N images (decoding, prediction, mask PNGs and the CSV included) and the web demo's per-upload model
-latency (`prediction.folder.predict_image` on a decoded upload, as app.py calls it).
+latency (`prediction.folder.predict_image` on a decoded upload and its mask, as app.py calls them).
 
     python scripts/prediction_timing.py --checkpoint runs/brisc_cpu/latest/best.pth \
         --images ../shared/data/brisc2025/classification_task/train --side 512 --count 1000 --uploads 50
@@ -71,7 +71,7 @@ def time_folder(checkpoint: Path, folder: Path, out: Path, runtime: str, batch_s
 
 
 def time_uploads(checkpoint: Path, files: list[Path], runtime: str) -> list[float]:
-    """Milliseconds of `predict_image` per upload with the demo's predictor (decoding excluded)."""
+    """Milliseconds of `predict_image` and its mask per upload with the demo's predictor (decoding excluded)."""
     import torch
 
     from evaluation.predictor import prediction_predictor, prediction_runtime
@@ -88,7 +88,7 @@ def time_uploads(checkpoint: Path, files: list[Path], runtime: str) -> list[floa
     times = []
     for grey in greys:
         start = time.perf_counter()
-        predict_image(predictor, cfg, grey)
+        predict_image(predictor, cfg, grey).mask()  # the page shows the mask at the upload's size
         times.append(1000 * (time.perf_counter() - start))
     return times
 
