@@ -48,15 +48,15 @@ def prediction_runtime(cfg_eval, runtime: Optional[str], precision: Optional[str
 
 def prediction_predictor(checkpoint: Union[str, Path], runtime: str, precision: str, automatic: bool,
                          device: Union[str, torch.device] = "cpu", use_ema: bool = True,
-                         loaded: Optional[dict] = None) -> Predictor:
+                         loaded: Optional[dict] = None, threads: int = 0) -> Predictor:
     """`inference_predictor`; when the runtime was chosen automatically and its export cannot be made here (no
     onnxruntime, a run folder that cannot be written, an export that disagrees with PyTorch), eager PyTorch
     with one line that says why. A runtime asked for by name fails with its own error instead. `loaded`: the
-    checkpoint's contents, when read already."""
+    checkpoint's contents, when read already; `threads`: ONNX Runtime's threads per call (0: torch's count)."""
     if not automatic or runtime == "torch":
-        return inference_predictor(checkpoint, runtime, precision, device, use_ema, loaded=loaded)
+        return inference_predictor(checkpoint, runtime, precision, device, use_ema, loaded=loaded, threads=threads)
     try:
-        return inference_predictor(checkpoint, runtime, precision, device, use_ema, loaded=loaded)
+        return inference_predictor(checkpoint, runtime, precision, device, use_ema, loaded=loaded, threads=threads)
     except (ImportError, OSError, RuntimeError, InputError) as exc:
         print(f"note: the {runtime} export is not available here ({type(exc).__name__}: {exc}); predicting with "
               "eager PyTorch instead (--runtime torch says so explicitly)", flush=True)
@@ -65,10 +65,12 @@ def prediction_predictor(checkpoint: Union[str, Path], runtime: str, precision: 
 
 def inference_predictor(checkpoint: Union[str, Path], runtime: str, precision: str,
                         device: Union[str, torch.device] = "cpu", use_ema: bool = True,
-                        data_root: Optional[str] = None, loaded: Optional[dict] = None) -> Predictor:
+                        data_root: Optional[str] = None, loaded: Optional[dict] = None,
+                        threads: int = 0) -> Predictor:
     """The checkpoint behind `runtime` at `precision` (checked with `chosen_runtime` first), exported on first use
     into `<run>/exports`. int8-static calibrates on 256 images of the run's training split (`data_root`: where
-    that data lives now, when it moved). `loaded`: the checkpoint's contents, when read already."""
+    that data lives now, when it moved). `loaded`: the checkpoint's contents, when read already; `threads`:
+    ONNX Runtime's threads per call (0: torch's count)."""
     calibration = None
     if precision == "int8-static":
         from datasets.calibration import TrainCalibration
@@ -78,7 +80,7 @@ def inference_predictor(checkpoint: Union[str, Path], runtime: str, precision: s
         print(f"runtime {runtime} ({precision}): loading the export of {Path(checkpoint).name} "
               "(exported and checked against PyTorch on first use)", flush=True)
     return load_predictor(checkpoint, runtime, device, use_ema=use_ema, precision=precision,
-                          calibration=calibration, loaded=loaded)
+                          calibration=calibration, loaded=loaded, threads=threads)
 
 
 def runtime_record(predictor: torch.nn.Module) -> dict:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import csv
 import os
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch.nn as nn
 
@@ -36,6 +37,7 @@ from model import model_tasks
 from utils.runtime import select_device
 
 MASK_SUFFIX = "_mask.png"
+T, R = TypeVar("T"), TypeVar("R")
 
 
 def fresh_output_dir(checkpoint: Path, input_dir: Path) -> Path:
@@ -136,17 +138,17 @@ def _prepared(image: Union[str, Path, np.ndarray], data_cfg) -> tuple[torch.Tens
     return prepare_for_inference(image, data_cfg)
 
 
-def load_images(images: Sequence[Union[str, Path, np.ndarray]], data_cfg,
-                pool: Optional[Executor] = None) -> list[Union[tuple[torch.Tensor, Placement], DataError]]:
+def load_images(images: Sequence[Union[str, Path, np.ndarray]], data_cfg
+                ) -> list[Union[tuple[torch.Tensor, Placement], DataError]]:
     """Each image decoded and placed as in training (its model input and Placement), or the DataError that made
-    it unreadable; with `pool`, decoded in its threads (OpenCV releases the GIL while decoding)."""
+    it unreadable."""
     def one(image: Union[str, Path, np.ndarray]) -> Union[tuple[torch.Tensor, Placement], DataError]:
         try:
             return _prepared(image, data_cfg)
         except DataError as exc:
             return exc
 
-    return list(pool.map(one, images) if pool is not None else map(one, images))
+    return [one(image) for image in images]
 
 
 @torch.no_grad()
@@ -179,20 +181,23 @@ def predict_batch(model: nn.Module, cfg, images: Sequence[Union[str, Path, np.nd
     return predict_loaded(model, cfg, load_images(images, cfg.data), threshold, tta)
 
 
-def _prefetched(batches: list[list[Path]], data_cfg, pool: Optional[Executor]
-                ) -> Iterator[list[Union[tuple[torch.Tensor, Placement], DataError]]]:
-    """The loaded images of each batch, in order; with `pool`, the next batch is decoded while the caller
-    predicts the current one (a reader thread of its own hands the decoding to `pool`)."""
-    if pool is None:
-        yield from (load_images(batch, data_cfg) for batch in batches)
+def _in_order(work: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """`work(item)` for each item, yielded in order; with `workers` > 0, up to that many items run at once in
+    threads (and at most one more result waits), else one after another in this thread."""
+    if workers == 0:
+        yield from map(work, items)
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="reader") as reader:
-        pending = reader.submit(load_images, batches[0], data_cfg, pool) if batches else None
-        for index in range(len(batches)):
-            loaded = pending.result()
-            if index + 1 < len(batches):
-                pending = reader.submit(load_images, batches[index + 1], data_cfg, pool)
-            yield loaded
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="predict")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # an error (a full disk, Ctrl-C) stops the batches not yet started
+        pool.shutdown(cancel_futures=True)
 
 
 def _write_mask(path: Path, prediction: ImagePrediction) -> int:
@@ -207,6 +212,28 @@ def _write_mask(path: Path, prediction: ImagePrediction) -> int:
     return cv2.countNonZero(mask)
 
 
+def _predict_files(model: nn.Module, cfg, paths: list[Path], columns: list[str], mask_dir: Path,
+                   threshold: Optional[float], tta: bool) -> list[dict]:
+    """One batch of files predicted in one call of the model, its masks mapped back and written; its CSV rows."""
+    rows = []
+    for path, result in zip(paths, predict_batch(model, cfg, paths, threshold, tta)):
+        row = dict.fromkeys(columns, "")
+        row["file"] = path.name
+        rows.append(row)
+        if isinstance(result, DataError):
+            row.update(status="failed", error=str(result))
+            continue
+        row["status"] = "ok"
+        if "placement" in row:
+            row["placement"] = result.placement_label
+        if "predicted_class" in row:
+            row["predicted_class"] = result.predicted_class
+            row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
+        if "tumour_pixels" in row:
+            row["tumour_pixels"] = _write_mask(mask_dir / f"{path.stem}{MASK_SUFFIX}", result)
+    return rows
+
+
 def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], device_name: str = "auto",
                    threshold: Optional[float] = None, tta: bool = False, use_ema: bool = True,
                    runtime: Optional[str] = None, precision: Optional[str] = None,
@@ -215,9 +242,10 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
 
     `runtime` / `precision`: the inference runtime (None: eval.predict_runtime / eval.runtime_precision of the
     run: onnxruntime fp32 on a CPU, eager torch on a GPU); `batch_size` images are read and predicted per call
-    (default: eval.batch_size). `workers` threads decode the next batch while the model predicts the current one,
-    map masks back and write them (default: the CPU count, at most 4; 0: everything in this thread, one step
-    after another); the files written are the same either way.
+    (default: eval.batch_size). `workers` batches are in flight at once, each in a thread of its own: decoded,
+    predicted, masks mapped back and written (default: the CPU count, at most 4; 0: one batch after another in
+    this thread); ONNX Runtime then runs each call on its share of the threads. The files written are the same
+    either way.
     Returns the names of the files that could not be predicted (also in the CSV with their reason).
     """
     input_dir = Path(input_dir)
@@ -233,7 +261,10 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     loaded = read_checkpoint(checkpoint)
     cfg = config_of(loaded, checkpoint)
     runtime, precision, automatic = prediction_runtime(cfg.eval, runtime, precision, device)
-    model = prediction_predictor(checkpoint, runtime, precision, automatic, device, use_ema, loaded)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    # the batches in flight share the cores: ONNX Runtime gets its share of torch's thread count in each
+    threads = max(1, torch.get_num_threads() // max(1, workers))
+    model = prediction_predictor(checkpoint, runtime, precision, automatic, device, use_ema, loaded, threads)
     del loaded  # the weights and optimizer state are not needed while predicting
     print(runtime_label(model))
     batch_size = batch_size or cfg.eval.batch_size
@@ -246,40 +277,22 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
     columns = ["file", *(["predicted_class"] if has_cls else []), *(["tumour_pixels"] if has_seg else []),
                *(f"p_{n}" for n in (CLASS_NAMES if has_cls else [])), *(["placement"] if head else []),
                "status", "error"]
-    rows, failed, written, fallbacks, counted = [], [], set(), [], []
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="predict") if workers > 0 else None
     batches = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
-    results = (result for loaded in _prefetched(batches, cfg.data, pool)
-               for result in predict_loaded(model, cfg, loaded, threshold, tta))
-    try:
-        for path, result in zip(files, results):
-            row = dict.fromkeys(columns, "")
-            row["file"] = path.name
-            rows.append(row)
-            if isinstance(result, DataError):
-                row.update(status="failed", error=str(result))
-                failed.append(path.name)
-                print(f"failed: {path.name}: {result}")
-                continue
-            row["status"] = "ok"
-            if head:
-                row["placement"] = result.placement_label
-                if result.placement.fallback:
-                    fallbacks.append(path.name)
-            if has_cls:
-                row["predicted_class"] = result.predicted_class
-                row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
-            if has_seg:  # mapped back, encoded and written in the pool while the next images are predicted
-                name = f"{path.stem}{MASK_SUFFIX}"
-                args = (mask_dir / name, result)
-                counted.append((row, pool.submit(_write_mask, *args) if pool is not None else _write_mask(*args)))
-                written.add(name)
-        for row, count in counted:
-            row["tumour_pixels"] = count.result() if pool is not None else count
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    rows, failed, written, fallbacks = [], [], set(), []
+
+    def predict_and_write(batch: list[Path]) -> list[dict]:
+        return _predict_files(model, cfg, batch, columns, mask_dir, threshold, tta)
+
+    for row in (row for batch_rows in _in_order(predict_and_write, batches, workers) for row in batch_rows):
+        rows.append(row)
+        if row["status"] == "failed":
+            failed.append(row["file"])
+            print(f"failed: {row['file']}: {row['error']}")
+            continue
+        if has_seg:
+            written.add(f"{Path(row['file']).stem}{MASK_SUFFIX}")
+        if head and row["placement"] == "letterbox (no head found)":
+            fallbacks.append(row["file"])
     stale = remove_stale_masks(mask_dir, written) if has_seg else 0
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)

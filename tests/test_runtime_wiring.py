@@ -237,18 +237,19 @@ def test_prediction_timing_script_times_each_runtime_on_the_same_files(checkpoin
         timing.image_files(images, 5, side=12345)
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("runtime,workers", [("torch", 1), ("torch", 3), ("onnxruntime", 3)])
 def test_threaded_folder_prediction_writes_what_the_serial_one_writes(checkpoint: Path, tiny_brisc: Path,
-                                                                       tmp_path: Path, workers: int) -> None:
-    """Decoding ahead and writing masks in threads changes the speed only: same CSV, same mask files, and an
-    unreadable file still listed in order."""
+                                                                       tmp_path: Path, runtime: str,
+                                                                       workers: int) -> None:
+    """Batches in flight in threads (ONNX Runtime then on one thread per call here) change the speed only: same
+    CSV, same mask files, and an unreadable file still listed in order."""
     from prediction.folder import predict_folder
 
     folder = tmp_path / "in"
     shutil.copytree(tiny_brisc / "classification_task" / "test" / "glioma", folder)
     (folder / "0_broken.png").write_bytes(b"not a png")
-    serial = predict_folder(checkpoint, folder, tmp_path / "serial", "cpu", runtime="torch", batch_size=2, workers=0)
-    threaded = predict_folder(checkpoint, folder, tmp_path / "threaded", "cpu", runtime="torch", batch_size=2,
+    serial = predict_folder(checkpoint, folder, tmp_path / "serial", "cpu", runtime=runtime, batch_size=2, workers=0)
+    threaded = predict_folder(checkpoint, folder, tmp_path / "threaded", "cpu", runtime=runtime, batch_size=2,
                               workers=workers)
     assert serial == threaded == ["0_broken.png"]
     csv_of = lambda name: (tmp_path / name / "predictions.csv").read_text().splitlines()
@@ -259,3 +260,31 @@ def test_threaded_folder_prediction_writes_what_the_serial_one_writes(checkpoint
         a = cv2.imread(str(tmp_path / "serial" / "masks" / name), cv2.IMREAD_UNCHANGED)
         b = cv2.imread(str(tmp_path / "threaded" / "masks" / name), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_batches_in_flight_come_back_in_order_and_an_error_stops_the_rest(workers: int) -> None:
+    import random
+    import threading
+    import time
+
+    from prediction.folder import _in_order
+
+    started, lock = [], threading.Lock()
+
+    def work(item: int) -> int:
+        with lock:
+            started.append(item)
+        time.sleep(random.Random(item).random() / 200)  # finishing out of order
+        if item == 5 and fail:
+            raise OSError("disk full")
+        return item * item
+
+    fail = False
+    assert list(_in_order(work, range(12), workers)) == [i * i for i in range(12)]
+    started.clear()
+    fail = True
+    with pytest.raises(OSError, match="disk full"):
+        list(_in_order(work, range(40), workers))
+    time.sleep(0.05)
+    assert 5 in started and len(started) <= 5 + 2 * workers + 1  # what was queued behind the error never ran
