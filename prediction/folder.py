@@ -15,6 +15,7 @@ docs/runtime.md); `--runtime torch` predicts with the eager model.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from collections import deque
@@ -103,10 +104,15 @@ class ImagePrediction:
 
     def mask(self, threshold: Optional[float] = None) -> Optional[np.ndarray]:
         """The 0/255 uint8 tumour mask at the image's own size at `threshold` (default: the prediction's own)."""
+        import cv2
+
         logits = self.tumour_logits
         if logits is None:
             return None
-        return (logits >= logit_of(self.threshold if threshold is None else threshold)).astype(np.uint8) * 255
+        cut = logit_of(self.threshold if threshold is None else threshold)
+        if math.isinf(cut):  # threshold 0 or 1: every pixel or none
+            return np.full(logits.shape, 255 if cut < 0 else 0, dtype=np.uint8)
+        return cv2.compare(logits, cut, cv2.CMP_GE)  # 255 where logits >= cut, else 0, in one pass
 
 
 def predict_image(model: nn.Module, cfg, image: Union[str, Path, np.ndarray], threshold: Optional[float] = None,

@@ -37,3 +37,29 @@ def test_thresholded_masks_agree_with_torch():
     got = resize_bilinear(logits, (512, 512)) >= 0
     want = F.interpolate(logits, size=(512, 512), mode="bilinear", align_corners=False) >= 0
     assert 0 < want.sum() < want.numel() and torch.equal(got, want)
+
+
+def test_a_prediction_maps_its_mask_back_once_and_thresholds_the_logits():
+    """ImagePrediction: the mask at the image's own size is the resized logits >= log(t / (1 - t)), the same
+    pixels as sigmoid >= t; threshold 0 keeps every pixel and 1 none."""
+    import numpy as np
+
+    from datasets.geometry import Placement, logits_to_original
+    from prediction.folder import ImagePrediction
+
+    torch.manual_seed(3)
+    seg = F.avg_pool2d(torch.randn(1, 1, 32, 32) * 20, 5, 1, 2)
+    placement = Placement("stretch", (90, 70), 32)
+    prediction = ImagePrediction(probabilities=np.full(4, 0.25), seg_logits=seg, threshold=0.4,
+                                 model_input=torch.zeros(3, 32, 32), size=(70, 90), seconds=0.0, placement=placement)
+    logits = logits_to_original(seg, (90, 70), placement)[0, 0].numpy()
+    assert prediction.tumour_logits.shape == (90, 70) and np.array_equal(prediction.tumour_logits, logits)
+    assert prediction.tumour_logits is prediction.tumour_logits  # mapped back once
+    probability = torch.sigmoid(torch.from_numpy(logits)).numpy()
+    assert np.allclose(prediction.tumour_probability, probability)
+    for threshold in (None, 0.05, 0.5, 0.93):
+        cut = 0.4 if threshold is None else threshold
+        mask = prediction.mask(threshold)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask > 0, probability >= cut) and 0 < (mask > 0).sum() < mask.size
+    assert (prediction.mask(0.0) == 255).all() and (prediction.mask(1.0) == 0).all()
