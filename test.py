@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.input is not None:
         failed = predict_folder(checkpoint, args.input, args.out, args.device, args.threshold, args.tta,
                                 use_ema=not args.no_ema, runtime=args.runtime, precision=args.precision,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, workers=args.num_workers)
         return 1 if failed else 0
     options = TestOptions(
         checkpoint=checkpoint, split=args.split, data_root=args.data_root, tta=args.tta,

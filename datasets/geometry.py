@@ -65,8 +65,9 @@ def letterbox_box(original_hw: Sequence[int], size: int) -> tuple[int, int, int,
     return (size - inner_h) // 2, (size - inner_w) // 2, inner_h, inner_w
 
 
-def _foreground(grey: np.ndarray) -> Optional[np.ndarray]:
-    """Labels of the largest bright component (uint8 0/1) or None when there is none worth the name."""
+def _largest_component(grey: np.ndarray) -> Optional[tuple[np.ndarray, int, np.ndarray]]:
+    """(labels, label, stats row) of the largest bright component (`cv2.connectedComponentsWithStats`), or None
+    when there is none worth the name."""
     grey = np.ascontiguousarray(grey, dtype=np.uint8)
     blurred = cv2.GaussianBlur(grey, (5, 5), 0)
     if int(blurred.max()) <= int(blurred.min()):
@@ -79,16 +80,18 @@ def _foreground(grey: np.ndarray) -> Optional[np.ndarray]:
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if stats[largest, cv2.CC_STAT_AREA] < HEAD_MIN_AREA * grey.size:
         return None
-    return (labels == largest).astype(np.uint8)
+    return labels, largest, stats[largest]
 
 
 def find_head(grey: np.ndarray) -> Optional[np.ndarray]:
     """The head of a uint8 greyscale slice as a bool mask: the largest connected component (8-connected) of the
     pixels above half of Otsu's threshold (on a 5x5 Gaussian blur), with its holes filled; None when the image
     is flat or that component covers under `HEAD_MIN_AREA` of it."""
-    component = _foreground(grey)
-    if component is None:
+    found = _largest_component(grey)
+    if found is None:
         return None
+    labels, largest, _ = found
+    component = (labels == largest).astype(np.uint8)
     # holes: background pixels not reachable from the border of a one-pixel frame around the image
     framed = cv2.copyMakeBorder(component, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     flood = framed.copy()
@@ -98,11 +101,12 @@ def find_head(grey: np.ndarray) -> Optional[np.ndarray]:
 
 def head_box(grey: np.ndarray, margin: float) -> Optional[tuple[int, int, int]]:
     """(top, left, side) of the square around the head (see module doc), or None when no head is found."""
-    component = _foreground(grey)
-    if component is None:
+    found = _largest_component(grey)
+    if found is None:
         return None
-    rows, cols = np.flatnonzero(component.any(1)), np.flatnonzero(component.any(0))
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    stats = found[2]  # the component's bounding box, as OpenCV counted it with its pixels
+    top, left = int(stats[cv2.CC_STAT_TOP]), int(stats[cv2.CC_STAT_LEFT])
+    bottom, right = top + int(stats[cv2.CC_STAT_HEIGHT]), left + int(stats[cv2.CC_STAT_WIDTH])
     side = max(1, int(round(max(bottom - top, right - left) * (1.0 + 2.0 * margin))))
     # integer offsets of the head move the square by the same integers: the crop does not depend on the canvas
     centre_2y, centre_2x = top + bottom, left + right  # twice the centre, exact

@@ -124,7 +124,8 @@ def test_folder_prediction_with_onnxruntime_equals_torch(checkpoint: Path, tiny_
     folder = copy_test_images(tiny_brisc, tmp_path / "in", count=3)
     (folder / "broken.png").write_text("not an image")
     common = ["--checkpoint", str(checkpoint), "--input", str(folder), "--device", "cpu", "--batch-size", "2"]
-    assert run_main(entry.main, [*common, "--runtime", "torch", "--out", str(tmp_path / "torch")]) == 1  # broken file
+    assert run_main(entry.main, [*common, "--runtime", "torch", "--num-workers", "0",  # one batch after another
+                                 "--out", str(tmp_path / "torch")]) == 1  # broken file
     assert run_main(entry.main, [*common, "--out", str(tmp_path / "onnx")]) == 1  # prediction's default on a CPU
     assert "runtime onnxruntime fp32" in capsys.readouterr().out
     eager, exported = _rows(tmp_path / "torch" / "predictions.csv"), _rows(tmp_path / "onnx" / "predictions.csv")

@@ -135,7 +135,9 @@ def add_eval_flags(parser: argparse.ArgumentParser, flags: Sequence[str] = EVAL_
         "device": (("--device",), dict(default="auto", help="auto | cpu | cuda | cuda:N")),
         "batch_size": (("--batch-size",), dict(type=positive_int, default=batch_default,
                                                help=f">= 1 (default: {batch_default or 'config'})")),
-        "num_workers": (("--num-workers",), dict(type=non_negative_int, default=None, help=">= 0 (default: config)")),
+        "num_workers": (("--num-workers",), dict(type=non_negative_int, default=None,
+                                                  help=">= 0 (default: config); with --input: batches predicted at "
+                                                       "once in threads (default: CPU count, at most 4)")),
         "runtime": (("--runtime",), dict(default=None, choices=RUNTIME_CHOICES,
                                          help="inference runtime: torch (eager), onnxruntime or torchscript, exported "
                                               "into <run>/exports on first use and checked against PyTorch "
