@@ -11,7 +11,8 @@ threads, 2 n^3 FLOPs per product. A row's achieved rate is the model's FLOPs per
 convolutions and matrix products, at that size) times its throughput; its share of the peak says how far the
 runtime is from what the hardware does on the friendliest workload (depthwise convolutions and element-wise
 passes cannot reach it). INT8 rows are measured against the fp32 peak. Timings are medians of `repeats` calls
-after `warmup` untimed ones, on the predictor as a user calls it (chunking included, see `pixel_budgets`).
+after `warmup` untimed ones, the batch sizes of one size taking turns call by call, on the predictor as a user
+calls it (chunking included, see `pixel_budgets`).
 """
 from __future__ import annotations
 
@@ -52,22 +53,25 @@ def matmul_peak_gflops(device: Union[str, torch.device] = "cpu", size: Optional[
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def _time(predictor, pool: torch.Tensor, batch: int, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds per call of `predictor` on `batch` images, each call taking the next `batch` images of `pool`
-    (cyclically): batch 1 reads as many distinct images over the calls as batch 8 reads at once. Repeating one
-    image would keep it in the CPU cache and flatter batch 1 (measured: ~5 % at 640 px)."""
+def _time(predictor, pool: torch.Tensor, batch_sizes: Sequence[int], warmup: int, repeats: int
+          ) -> dict[int, list[float]]:
+    """Milliseconds per call of `predictor` for each batch size, the batch sizes taking turns call by call (so a
+    slow second of the machine hits each of them, not the one timed then); each call takes the next `batch`
+    images of `pool` (cyclically): batch 1 reads as many distinct images over the calls as batch 8 reads at once.
+    Repeating one image would keep it in the CPU cache and flatter batch 1 (measured: ~5 % at 640 px)."""
     from utils.flops import synchronize
 
-    times = []
+    times: dict[int, list[float]] = {batch: [] for batch in batch_sizes}
     with torch.no_grad():
         for call in range(warmup + repeats):
-            start_index = (call * batch) % pool.shape[0]
-            images = pool[start_index:start_index + batch]
-            start = time.perf_counter()
-            predictor(images)
-            synchronize(images.device)
-            if call >= warmup:
-                times.append(1000 * (time.perf_counter() - start))
+            for batch in batch_sizes:
+                start_index = (call * batch) % pool.shape[0]
+                images = pool[start_index:start_index + batch]
+                start = time.perf_counter()
+                predictor(images)
+                synchronize(images.device)
+                if call >= warmup:
+                    times[batch].append(1000 * (time.perf_counter() - start))
     return times
 
 
@@ -115,8 +119,9 @@ def runtime_table(checkpoint: Union[str, Path], runtimes: Sequence[str] = RUNTIM
                     pool_size = math.lcm(*batch_sizes)
                     pool = torch.randn(pool_size, cfg.data.preprocess.in_channels, size, size,
                                        generator=torch.Generator().manual_seed(size)).to(device)
+                    times = _time(predictor, pool, batch_sizes, warmup, repeats)
                     for batch in batch_sizes:
-                        median_ms = statistics.median(_time(predictor, pool, batch, warmup, repeats))
+                        median_ms = statistics.median(times[batch])
                         per_image = median_ms / batch
                         rows.append({
                             "runtime": runtime, "precision": precision, "device": device.type,
@@ -130,8 +135,8 @@ def runtime_table(checkpoint: Union[str, Path], runtimes: Sequence[str] = RUNTIM
                             print(f"  {runtime:11s} {precision:12s} {size:4d} px batch {batch:3d}: "
                                   f"{per_image:8.2f} ms/img")
     environment = {"device": device.type, "threads": torch.get_num_threads(), "warmup": warmup,
-                   "repeats": repeats, "timing": "median latency of a predictor call; calls cycle through one pool of "
-                   "distinct images per size"}
+                   "repeats": repeats, "timing": "median latency of a predictor call; the batch sizes take turns call by call; "
+                   "calls cycle through one pool of distinct images per size"}
     if hasattr(os, "getloadavg"):
         environment["load_average_1min"] = round(os.getloadavg()[0], 2)
     from utils.allocator import allocator_state
