@@ -9,7 +9,7 @@ thresholded on the logits as test.py scores them (sigmoid(x) >= t <=> x >= log(t
 `predict_batch` does this for several images at once with an eager model or any `model.runtime` predictor
 (`predict_image`: one image) (the folder loop and the web demo call it; the predictor splits a batch into chunks
 that never cost more per image than batch 1). On a CPU it predicts with the ONNX Runtime export of the checkpoint
-by default (eval.predict_runtime: auto; 3-4x faster than eager PyTorch with identical validation figures,
+by default (eval.predict_runtime: auto; 2.5-3x faster than eager PyTorch with identical validation figures,
 docs/runtime.md); `--runtime torch` predicts with the eager model.
 """
 from __future__ import annotations

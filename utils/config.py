@@ -306,7 +306,7 @@ class EvalConfig:
     # (docs/runtime.md). torch/fp32 is the eager model the README's figures used.
     runtime: str = spec("torch", choices=("torch", "onnxruntime", "torchscript"))
     runtime_precision: str = spec("fp32", choices=("fp32", "int8-dynamic", "int8-static"))
-    # Runtime of prediction (`test.py --input`, the web demo): auto = onnxruntime on a CPU (3-4x faster than eager,
+    # Runtime of prediction (`test.py --input`, the web demo): auto = onnxruntime on a CPU (2.5-3x faster than eager,
     # identical validation figures: docs/runtime.md), eager torch on a GPU; falls back to torch if the export fails
     predict_runtime: str = spec("auto", choices=("auto", "torch", "onnxruntime", "torchscript"))
 
