@@ -229,7 +229,7 @@ def _load_model(path: str, mtime: float, runtime: str | None = None, precision: 
         model, cfg, ckpt = load_model_from_checkpoint(path, device)
         runtime, precision, automatic = prediction_runtime(cfg.eval, runtime, precision, device)
         predictor = (model if runtime == "torch" else
-                     prediction_predictor(path, runtime, precision, automatic, device))
+                     prediction_predictor(path, runtime, precision, automatic, device, loaded=ckpt))
         epoch = f", epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ""
         info = {"name": cfg.model.name, "params": sum(p.numel() for p in model.parameters()), "device": str(device),
                 "weights": "EMA" if ckpt.get("ema") is not None else "raw", "epoch": epoch,

@@ -207,7 +207,7 @@ def run_test(opts: TestOptions) -> dict:
     # every prediction below comes from the chosen runtime; the eager model stays for Grad-CAM and the parameter count
     predictor = model if runtime == "torch" else inference_predictor(
         opts.checkpoint, runtime, precision, device, opts.use_ema,
-        data_root=opts.data_root if opts.data_format is None else None)
+        data_root=opts.data_root if opts.data_format is None else None, loaded=ckpt)
     threshold, tuning, temperature = fit_on_validation(predictor, cfg, run_dir / "split.json", device, opts, has_cls,
                                                        has_seg)
     out_dir = Path(opts.out_dir) if opts.out_dir else run_dir / source.folder(output_folder_name(

@@ -167,10 +167,10 @@ def run_shift_benchmark(checkpoint: Path, split: str = "val", shifts: Sequence[s
             raise InputError(f"severity {s} is outside (0, {MAX_SEVERITY:g}]")
     reference_result = json.loads(Path(reference).read_text(encoding="utf-8")) if reference else None
     device = select_device(device_name)
-    model, cfg, _ = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
+    model, cfg, ckpt = load_model_from_checkpoint(checkpoint, device, use_ema=use_ema)
     runtime, precision = chosen_runtime(cfg.eval, runtime, precision)
     if runtime != "torch":
-        model = inference_predictor(checkpoint, runtime, precision, device, use_ema, data_root)
+        model = inference_predictor(checkpoint, runtime, precision, device, use_ema, data_root, loaded=ckpt)
     if data_root:
         cfg.data.root, cfg.data.generated.enabled = data_root, False
     run_dir = Path(checkpoint).resolve().parent

@@ -333,8 +333,9 @@ def load_predictor(checkpoint: Union[str, Path], runtime: str = "torch", device:
 
     if runtime == "torch":
         model = eager_model().to(device)
-        return Predictor(_eager_forward(model, model_tasks(model)), runtime, precision, model_tasks(model), device,
-                         pixel_budget, keep_memory, net=model, info={"file": checkpoint.name, "cached": False})
+        tasks = model_tasks(model)
+        return Predictor(_eager_forward(model, tasks), runtime, precision, tasks, device, pixel_budget, keep_memory,
+                         net=model, info={"file": checkpoint.name, "cached": False})
     folder = Path(cache_dir) if cache_dir is not None else checkpoint.parent / "exports"
     path, record = exported_file(checkpoint, eager_model, cfg, runtime, precision, use_ema, folder, atol,
                                  calibration)

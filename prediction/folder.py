@@ -38,6 +38,7 @@ from model import model_tasks
 from utils.runtime import select_device
 
 MASK_SUFFIX = "_mask.png"
+NO_HEAD_PLACEMENT = "letterbox (no head found)"  # the placement column of a head run's fallback
 T, R = TypeVar("T"), TypeVar("R")
 
 
@@ -50,6 +51,11 @@ def fresh_output_dir(checkpoint: Path, input_dir: Path) -> Path:
         n += 1
         out = base.with_name(f"{base.name}-{n}")
     return out
+
+
+def mask_name(file_name: str) -> str:
+    """The mask file of an input image: `<stem>_mask.png`."""
+    return f"{Path(file_name).stem}{MASK_SUFFIX}"
 
 
 def remove_stale_masks(mask_dir: Path, written: set[str]) -> int:
@@ -100,7 +106,7 @@ class ImagePrediction:
     @property
     def placement_label(self) -> str:
         """How the image was placed: stretch, letterbox, head, or `letterbox (no head found)` for a head fallback."""
-        return "letterbox (no head found)" if self.placement.fallback else self.placement.mode
+        return NO_HEAD_PLACEMENT if self.placement.fallback else self.placement.mode
 
     def mask(self, threshold: Optional[float] = None) -> Optional[np.ndarray]:
         """The 0/255 uint8 tumour mask at the image's own size at `threshold` (default: the prediction's own)."""
@@ -236,7 +242,7 @@ def _predict_files(model: nn.Module, cfg, paths: list[Path], columns: list[str],
             row["predicted_class"] = result.predicted_class
             row.update({f"p_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, result.probabilities)})
         if "tumour_pixels" in row:
-            row["tumour_pixels"] = _write_mask(mask_dir / f"{path.stem}{MASK_SUFFIX}", result)
+            row["tumour_pixels"] = _write_mask(mask_dir / mask_name(path.name), result)
     return rows
 
 
@@ -296,8 +302,8 @@ def predict_folder(checkpoint: Path, input_dir: Path, out_dir: Optional[Path], d
             print(f"failed: {row['file']}: {row['error']}")
             continue
         if has_seg:
-            written.add(f"{Path(row['file']).stem}{MASK_SUFFIX}")
-        if head and row["placement"] == "letterbox (no head found)":
+            written.add(mask_name(row["file"]))
+        if head and row["placement"] == NO_HEAD_PLACEMENT:
             fallbacks.append(row["file"])
     stale = remove_stale_masks(mask_dir, written) if has_seg else 0
     with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:

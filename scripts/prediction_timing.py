@@ -80,9 +80,10 @@ def time_uploads(checkpoint: Path, files: list[Path], runtime: str) -> list[floa
     from prediction.folder import predict_image
 
     device = torch.device("cpu")
-    model, cfg, _ = load_model_from_checkpoint(checkpoint, device)
+    model, cfg, ckpt = load_model_from_checkpoint(checkpoint, device)
     chosen, precision, automatic = prediction_runtime(cfg.eval, runtime, None, device)
-    predictor = model if chosen == "torch" else prediction_predictor(checkpoint, chosen, precision, automatic, device)
+    predictor = model if chosen == "torch" else prediction_predictor(checkpoint, chosen, precision, automatic, device,
+                                                                     loaded=ckpt)
     greys = [read_upload(path.read_bytes(), path.name) for path in files]
     predict_image(predictor, cfg, greys[0])  # warm-up
     times = []
@@ -114,8 +115,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"], choices=RUNTIME_CHOICES)
     parser.add_argument("--batch-size", type=positive_int, default=None, help="test.py --batch-size (default: config)")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, -1],
-                        help="test.py --input reader/writer threads to time, each (0: one step after another, the "
-                             "path before threads; -1: the default)")
+                        help="test.py --input batches in flight to time, each (0: one batch after another, the "
+                             "eager path's way; -1: the default)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="folder timings per setting (median)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
